@@ -1,14 +1,44 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! fedmcp: a federation proxy for MCP servers, in one thread.
+//!
+//! Servers register with the proxy (HTTP, admin token), hold a WebSocket control channel to it
+//! (federation token), and send each other JSON-RPC messages that the proxy routes with
+//! delivery confirmation. The wire contract is `PROTOCOL.md`; `docs/ARCHITECTURE.md` maps
+//! each of its sections to the code.
+//!
+//! # Layers
+//!
+//! - [`reactor`]: the `mio` loop. Accept, readiness, per-connection read budgets, the single
+//!   deadline structure ([`timer`]), one flush per connection per turn, signals.
+//! - [`conn`]: a connection's socket, readiness, output buffer and state enum
+//!   (`Http` → `Ws` on upgrade → `Closing`).
+//! - Protocol, all sans-io (bytes in, bytes out, time passed in):
+//!   [`http`] (request heads, chunked bodies, responses), [`ws`] (tungstenite over our
+//!   buffers), [`jsonrpc`] (envelopes and the error table), [`jwt`] (HS256).
+//! - Semantics, as `impl Proxy` blocks over the shared state in [`proxy`]:
+//!   [`api`] (HTTP routes and the upgrade), [`control`] (control sessions), [`router`]
+//!   (send, deliver, answer, queue, broadcast).
+//! - State: [`registry`] (fixed-capacity server table), [`session`], [`metrics`], [`audit`],
+//!   [`store`] (the generated secret), [`config`] (every variable, validated once).
+//!
+//! # Invariants
+//!
+//! No peer input can panic the loop or grow memory past a configured bound; the loop never
+//! blocks on a socket; an idle proxy sleeps until its nearest deadline.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod conn;
+pub mod control;
+pub mod http;
+pub mod jsonrpc;
+pub mod jwt;
+pub mod metrics;
+pub mod proxy;
+pub mod reactor;
+pub mod registry;
+pub mod router;
+pub mod session;
+pub mod store;
+pub mod timer;
+pub mod ws;

@@ -1,0 +1,808 @@
+//! The HTTP/1.1 side of a connection (contract §3): requests in order, answers in order.
+//!
+//! Owns request framing on an HTTP connection (head, then a `Content-Length` or chunked JSON
+//! body, keep-alive, pipelining, `Connection: close`, `Expect: 100-continue`), the request
+//! deadlines (the whole request within the handshake timeout: `408`; keep-alive idle timeout:
+//! silent close), the route table, authentication of each route, and the upgrade of
+//! `GET /v1/control` into a control session.
+//!
+//! Bounds: a head is at most `MAX_HEAD_BYTES` (`431`), a JSON body at most
+//! `FEDMCP_MAX_MESSAGE_BYTES` (`413`); no further request is read while an answer is owed
+//! (pipelined requests wait in the socket, not in memory). Parsing is the sans-io `http`
+//! module's; this module never touches a socket.
+
+use crate::audit::Event;
+use crate::conn::{ConnId, ConnState, HttpPhase};
+use crate::http::chunked::{ChunkedDecoder, Progress};
+use crate::http::parse::{self, BodyKind, Method, RequestHead};
+use crate::http::response;
+use crate::jsonrpc::RpcError;
+use crate::jwt::{self, TokenType};
+use crate::metrics::Gauges;
+use crate::proxy::{AuthError, Proxy, Want, now_secs};
+use crate::registry::{Entry, RegistryError, State};
+use crate::router::{Reply, ReplyTo};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Output owed on an HTTP connection above which no further pipelined request is processed
+/// until the peer reads.
+const HTTP_OUT_BOUND: usize = 256 * 1024;
+
+/// The subprotocol a control client may offer.
+const SUBPROTOCOL: &str = "fedmcp.v1";
+
+/// An answer to one request.
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(status: u16, body: impl Into<Vec<u8>>) -> Resp {
+        Resp {
+            status,
+            headers: vec![("Content-Type", "application/json".into())],
+            body: body.into(),
+        }
+    }
+
+    fn error(status: u16, code: &str, message: &str) -> Resp {
+        Resp::json(status, response::error_body(code, message))
+    }
+
+    fn no_content() -> Resp {
+        Resp {
+            status: 204,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    fn auth(e: &AuthError) -> Resp {
+        let mut r = Resp::error(e.status, e.code, e.message());
+        if e.status == 401 {
+            r.headers
+                .push(("WWW-Authenticate", "Bearer error=\"invalid_token\"".into()));
+        }
+        r
+    }
+
+    fn method_not_allowed(allow: &str) -> Resp {
+        let mut r = Resp::error(
+            405,
+            "method_not_allowed",
+            "this path does not take that method",
+        );
+        r.headers.push(("Allow", allow.into()));
+        r
+    }
+}
+
+/// What a request turned into.
+enum Outcome {
+    Respond(Resp),
+    /// A send awaiting its recipient: the answer comes through `http_async_answer`.
+    Later,
+    /// The connection became a control session.
+    Upgraded,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody<'a> {
+    #[serde(rename = "serverId")]
+    server_id: String,
+    #[serde(default, borrow)]
+    endpoints: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    capabilities: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Endpoints {
+    #[serde(default)]
+    control: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+}
+
+fn url_ok(url: &str, schemes: &[&str]) -> bool {
+    schemes.iter().any(|s| {
+        url.strip_prefix(s)
+            .and_then(|rest| rest.strip_prefix("://"))
+            .is_some_and(|rest| {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                !host.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+            })
+    })
+}
+
+fn bearer(head: &RequestHead) -> Option<&str> {
+    let v = head.header("authorization")?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Proxy {
+    /// Bytes from the socket for an HTTP connection.
+    pub fn http_input(&mut self, id: ConnId, data: &[u8]) {
+        if let Some(conn) = self.conn_mut(id)
+            && let ConnState::Http(h) = &mut conn.state
+        {
+            h.inbuf.extend_from_slice(data);
+        }
+        self.http_process(id);
+    }
+
+    /// Whether the loop may read more from this HTTP connection now.
+    pub fn http_wants_input(&self, id: ConnId) -> bool {
+        match self.conn(id) {
+            Some(c) => match &c.state {
+                ConnState::Http(h) => {
+                    !matches!(h.phase, HttpPhase::Waiting { .. })
+                        && !h.close_after
+                        && c.unsent() <= HTTP_OUT_BOUND
+                }
+                _ => true,
+            },
+            None => false,
+        }
+    }
+
+    /// Processes every complete request in the buffer, in order, until one is incomplete,
+    /// asynchronous, or ends the connection.
+    pub fn http_process(&mut self, id: ConnId) {
+        let now = Instant::now();
+        loop {
+            let handshake = self.cfg.handshake_timeout;
+            let max_body = self.cfg.max_message_bytes as u64;
+            let Some(conn) = self.conn_mut(id) else {
+                return;
+            };
+            let unsent = conn.unsent();
+            let ConnState::Http(h) = &mut conn.state else {
+                return;
+            };
+            if h.close_after || unsent > HTTP_OUT_BOUND {
+                return;
+            }
+            let complete = match &mut h.phase {
+                HttpPhase::Waiting { .. } => return,
+                HttpPhase::Head { idle } => {
+                    if h.inbuf.is_empty() {
+                        return;
+                    }
+                    if *idle {
+                        *idle = false;
+                        h.deadline = now + handshake;
+                    }
+                    match parse::parse_head(&h.inbuf) {
+                        Ok(None) => return,
+                        Err(e) => {
+                            let status = e.status();
+                            let r = Resp::error(status, e.code(), &e.to_string());
+                            h.close_after = true;
+                            return self.respond(id, r, false, false);
+                        }
+                        Ok(Some((head, n))) => {
+                            h.inbuf.drain(..n);
+                            match head.body {
+                                BodyKind::None | BodyKind::Length(0) => Some((head, Vec::new())),
+                                BodyKind::Length(len) if len > max_body => {
+                                    h.close_after = true;
+                                    let r = Resp::error(
+                                        413,
+                                        "payload_too_large",
+                                        "the request body is over FEDMCP_MAX_MESSAGE_BYTES",
+                                    );
+                                    return self.respond(id, r, false, false);
+                                }
+                                BodyKind::Length(len) => {
+                                    let cont = head.expect_continue;
+                                    h.phase = HttpPhase::Body {
+                                        head: Box::new(head),
+                                        body: Vec::new(),
+                                        chunked: None,
+                                        left: len,
+                                    };
+                                    if cont {
+                                        conn.out
+                                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                                        self.dirty.push(id);
+                                    }
+                                    continue;
+                                }
+                                BodyKind::Chunked => {
+                                    let cont = head.expect_continue;
+                                    let dec = ChunkedDecoder::new(max_body);
+                                    h.phase = HttpPhase::Body {
+                                        head: Box::new(head),
+                                        body: Vec::new(),
+                                        chunked: Some(dec),
+                                        left: 0,
+                                    };
+                                    if cont {
+                                        conn.out
+                                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                                        self.dirty.push(id);
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                }
+                HttpPhase::Body {
+                    body,
+                    chunked,
+                    left,
+                    ..
+                } => {
+                    let done = match chunked {
+                        None => {
+                            let take = (*left).min(h.inbuf.len() as u64) as usize;
+                            body.extend_from_slice(&h.inbuf[..take]);
+                            h.inbuf.drain(..take);
+                            *left -= take as u64;
+                            *left == 0
+                        }
+                        Some(dec) => match dec.decode(&h.inbuf, body, usize::MAX) {
+                            Ok((used, p)) => {
+                                h.inbuf.drain(..used);
+                                matches!(p, Progress::Done)
+                            }
+                            Err(e) => {
+                                let status =
+                                    if matches!(e, crate::http::chunked::ChunkError::TooLarge) {
+                                        413
+                                    } else {
+                                        400
+                                    };
+                                let code = if status == 413 {
+                                    "payload_too_large"
+                                } else {
+                                    "bad_request"
+                                };
+                                h.close_after = true;
+                                let r = Resp::error(status, code, &e.to_string());
+                                return self.respond(id, r, false, false);
+                            }
+                        },
+                    };
+                    if !done {
+                        return;
+                    }
+                    match std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false }) {
+                        HttpPhase::Body { head, body, .. } => Some((*head, body)),
+                        _ => None,
+                    }
+                }
+            };
+            let Some((head, body)) = complete else { return };
+            let keep_alive = head.keep_alive;
+            let head_only = head.method == Method::Head;
+            self.metrics.http_requests_total += 1;
+            let peer = match self.conn(id) {
+                Some(c) => c.peer,
+                None => return,
+            };
+            match self.route(id, peer, &head, &body) {
+                Outcome::Respond(r) => self.respond(id, r, keep_alive, head_only),
+                Outcome::Later => {
+                    if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                        h.phase = HttpPhase::Waiting { keep_alive };
+                    }
+                    self.rearm(id);
+                    return;
+                }
+                // Bytes after the upgrade request were handed to the session.
+                Outcome::Upgraded => return,
+            }
+        }
+    }
+
+    /// Writes an answer and moves the connection to its next request (or to closing).
+    fn respond(&mut self, id: ConnId, r: Resp, keep_alive: bool, head_only: bool) {
+        let now = Instant::now();
+        let idle = self.cfg.idle_timeout;
+        let handshake = self.cfg.handshake_timeout;
+        let draining = self.draining.is_some();
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        let keep = keep_alive && !h.close_after && !draining;
+        if !keep {
+            h.close_after = true;
+        }
+        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        response::write_response(
+            &mut conn.out,
+            r.status,
+            &headers,
+            &r.body,
+            head_only,
+            keep,
+            now_secs() as u64,
+        );
+        if !h.close_after {
+            if h.inbuf.is_empty() {
+                h.phase = HttpPhase::Head { idle: true };
+                h.deadline = now + idle;
+            } else {
+                h.phase = HttpPhase::Head { idle: false };
+                h.deadline = now + handshake;
+            }
+        }
+        self.dirty.push(id);
+        self.rearm(id);
+    }
+
+    /// The answer to a `POST /v1/messages` that waited for its recipient.
+    pub fn http_async_answer(&mut self, id: ConnId, r: Result<String, RpcError>) {
+        let keep_alive = match self.conn(id).map(|c| &c.state) {
+            Some(ConnState::Http(h)) => match h.phase {
+                HttpPhase::Waiting { keep_alive } => keep_alive,
+                _ => return,
+            },
+            _ => return,
+        };
+        let resp = match r {
+            Ok(body) => Resp::json(200, body),
+            Err(e) => rpc_error_resp(&e),
+        };
+        self.respond(id, resp, keep_alive, false);
+        self.resume.push(id);
+    }
+
+    /// An HTTP connection's deadline fired: idle keep-alive close, or `408`.
+    pub fn http_timer(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        if now < h.deadline {
+            return;
+        }
+        match h.phase {
+            HttpPhase::Waiting { .. } => {}
+            HttpPhase::Head { idle: true } if h.inbuf.is_empty() => {
+                self.drop_conn(id, "keep-alive idle timeout");
+            }
+            _ => {
+                h.close_after = true;
+                h.inbuf.clear();
+                let r = Resp::error(
+                    408,
+                    "request_timeout",
+                    "the request did not arrive within the handshake timeout",
+                );
+                // Force the answer even though close_after is set.
+                let headers: Vec<(&str, &str)> =
+                    r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                response::write_response(
+                    &mut conn.out,
+                    408,
+                    &headers,
+                    &r.body,
+                    false,
+                    false,
+                    now_secs() as u64,
+                );
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn route(&mut self, id: ConnId, peer: SocketAddr, head: &RequestHead, body: &[u8]) -> Outcome {
+        let path = head.path.as_str();
+        let m = head.method;
+        let get = matches!(m, Method::Get | Method::Head);
+        use Outcome::Respond as R;
+        match path {
+            "/healthz" if get => R(Resp::json(200, "{\"status\":\"ok\"}")),
+            "/readyz" if get => R(if self.ready() {
+                Resp::json(200, "{\"status\":\"ready\"}")
+            } else {
+                Resp::error(503, "draining", "the proxy is shutting down")
+            }),
+            "/metrics" if get => {
+                let text = self.metrics.render(&self.gauges());
+                R(Resp {
+                    status: 200,
+                    headers: vec![(
+                        "Content-Type",
+                        "text/plain; version=0.0.4; charset=utf-8".into(),
+                    )],
+                    body: text.into_bytes(),
+                })
+            }
+            "/healthz" | "/readyz" | "/metrics" => R(Resp::method_not_allowed("GET, HEAD")),
+            "/v1/servers" => match m {
+                Method::Post => R(self
+                    .admin(head, peer)
+                    .map_or_else(|e| e, |_| self.register(body, peer))),
+                Method::Get | Method::Head => R(self
+                    .admin(head, peer)
+                    .map_or_else(|e| e, |_| self.list_servers())),
+                _ => R(Resp::method_not_allowed("GET, HEAD, POST")),
+            },
+            "/v1/token" => match m {
+                Method::Post => R(match self.federation(head, peer) {
+                    Ok(claims) => self.issue_token(&claims.server_id, peer),
+                    Err(e) => e,
+                }),
+                _ => R(Resp::method_not_allowed("POST")),
+            },
+            "/v1/messages" => match m {
+                Method::Post => match self.federation(head, peer) {
+                    Ok(claims) => self.post_message(id, &claims.server_id, body),
+                    Err(e) => R(e),
+                },
+                _ => R(Resp::method_not_allowed("POST")),
+            },
+            "/v1/control" => match m {
+                Method::Get => self.upgrade(id, peer, head),
+                _ => R(Resp::method_not_allowed("GET")),
+            },
+            "/v1/resources" => R(Resp::error(
+                501,
+                "not_implemented",
+                "resources are not implemented yet",
+            )),
+            p if p.starts_with("/v1/resources/") => R(Resp::error(
+                501,
+                "not_implemented",
+                "resources are not implemented yet",
+            )),
+            p if p.starts_with("/v1/servers/") => {
+                let raw = &p["/v1/servers/".len()..];
+                match m {
+                    Method::Get | Method::Head => R(self
+                        .admin(head, peer)
+                        .map_or_else(|e| e, |_| self.get_server(raw))),
+                    Method::Delete => R(self
+                        .admin(head, peer)
+                        .map_or_else(|e| e, |_| self.remove_server(raw, peer))),
+                    _ => R(Resp::method_not_allowed("GET, HEAD, DELETE")),
+                }
+            }
+            _ => R(Resp::error(404, "not_found", "no such path")),
+        }
+    }
+
+    fn admin(&mut self, head: &RequestHead, peer: SocketAddr) -> Result<jwt::Claims, Resp> {
+        self.authenticate(bearer(head), Want::Admin, peer)
+            .map_err(|e| Resp::auth(&e))
+    }
+
+    fn federation(&mut self, head: &RequestHead, peer: SocketAddr) -> Result<jwt::Claims, Resp> {
+        self.authenticate(bearer(head), Want::Federation, peer)
+            .map_err(|e| Resp::auth(&e))
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            ready: self.ready(),
+            pending_deliveries: self.pending.len(),
+            ..Gauges::default()
+        };
+        for (_, c) in self.conns.iter() {
+            match c.state.label() {
+                "http" => g.conns_http += 1,
+                "online" => g.conns_online += 1,
+                "connecting" => g.conns_connecting += 1,
+                _ => g.conns_closing += 1,
+            }
+        }
+        for e in self.registry.entries() {
+            g.servers_registered += 1;
+            g.queue_messages += e.queue.len();
+            if e.state == State::Online {
+                g.servers_online += 1;
+            }
+        }
+        g
+    }
+
+    fn register(&mut self, body: &[u8], peer: SocketAddr) -> Resp {
+        let bad = |m: &str| Resp::error(400, "invalid_request", m);
+        let Ok(text) = std::str::from_utf8(body) else {
+            return bad("the body is not UTF-8");
+        };
+        let b: RegisterBody = match serde_json::from_str(text) {
+            Ok(b) => b,
+            Err(e) => return bad(&format!("the body is not a registration: {e}")),
+        };
+        if !jwt::valid_server_id(&b.server_id) {
+            return bad("serverId must be 1 to 64 of A-Z a-z 0-9 . _ : -");
+        }
+        if let Some(ep) = b.endpoints {
+            let e: Endpoints = match serde_json::from_str(ep.get()) {
+                Ok(e) => e,
+                Err(_) => {
+                    return bad(
+                        "endpoints must be an object with optional \"control\" and \"data\" URLs",
+                    );
+                }
+            };
+            if e.control
+                .as_deref()
+                .is_some_and(|u| !url_ok(u, &["ws", "wss"]))
+            {
+                return bad("endpoints.control must be a ws:// or wss:// URL");
+            }
+            if e.data
+                .as_deref()
+                .is_some_and(|u| !url_ok(u, &["http", "https"]))
+            {
+                return bad("endpoints.data must be an http:// or https:// URL");
+            }
+        }
+        if b.capabilities.is_some_and(|c| !c.get().starts_with('{')) {
+            return bad("capabilities must be an object");
+        }
+        let status = match self.registry.find(&b.server_id) {
+            Some(slot) => {
+                let Some(e) = self.registry.get_mut(slot) else {
+                    return bad("registry changed");
+                };
+                let was_registered = e.registered;
+                e.registered = true;
+                if let Some(ep) = b.endpoints {
+                    e.endpoints = ep.get().to_string();
+                }
+                if let Some(c) = b.capabilities {
+                    e.capabilities = c.get().to_string();
+                }
+                if was_registered { 200 } else { 201 }
+            }
+            None => {
+                let mut e = Entry::new(b.server_id.clone(), self.signing_key(&b.server_id));
+                e.registered = true;
+                if let Some(ep) = b.endpoints {
+                    e.endpoints = ep.get().to_string();
+                }
+                if let Some(c) = b.capabilities {
+                    e.capabilities = c.get().to_string();
+                }
+                match self.registry.insert(e) {
+                    Ok(_) => 201,
+                    Err(RegistryError::Full) => {
+                        return Resp::error(
+                            507,
+                            "registry_full",
+                            "the registry is at FEDMCP_MAX_SERVERS",
+                        );
+                    }
+                }
+            }
+        };
+        self.audit(
+            Event::ServerRegistered,
+            Some(&b.server_id),
+            Some(peer),
+            None,
+        );
+        let (token, exp) = self.mint(&b.server_id, TokenType::Federation);
+        self.audit(
+            Event::TokenIssued,
+            Some(&b.server_id),
+            Some(peer),
+            Some("registration"),
+        );
+        let key =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.signing_key(&b.server_id));
+        Resp::json(
+            status,
+            format!(
+                "{{\"serverId\":\"{}\",\"token\":\"{token}\",\"expiresAt\":{},\"signingKey\":\"{key}\"}}",
+                b.server_id,
+                exp * 1000
+            ),
+        )
+    }
+
+    fn entry_json(e: &Entry) -> String {
+        let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
+        let online = e.session.is_some();
+        format!(
+            "{{\"serverId\":\"{}\",\"state\":\"{}\",\"direction\":{},\"endpoints\":{},\"capabilities\":{},\"connectedAt\":{},\"lastSeenAt\":{},\"queued\":{},\"stats\":{{\"sent\":{},\"received\":{}}}}}",
+            e.server_id,
+            e.state.as_str(),
+            if online { "\"inbound\"" } else { "null" },
+            e.endpoints,
+            e.capabilities,
+            if online {
+                opt(e.connected_at_ms)
+            } else {
+                "null".into()
+            },
+            opt(e.last_seen_at_ms),
+            e.queue.len(),
+            e.sent,
+            e.received
+        )
+    }
+
+    fn list_servers(&self) -> Resp {
+        let items: Vec<String> = self.registry.entries().map(Self::entry_json).collect();
+        Resp::json(200, format!("{{\"servers\":[{}]}}", items.join(",")))
+    }
+
+    fn get_server(&self, raw: &str) -> Resp {
+        match parse::percent_decode(raw)
+            .and_then(|id| self.registry.by_id(&id).map(Self::entry_json))
+        {
+            Some(j) => Resp::json(200, j),
+            None => Resp::error(404, "unknown_server", "no server with that id"),
+        }
+    }
+
+    fn remove_server(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+        let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
+            return Resp::error(404, "unknown_server", "no server with that id");
+        };
+        if let Some(conn) = self.registry.get(slot).and_then(|e| e.session) {
+            self.ws_close(conn, 4001, "server removed");
+        }
+        self.drop_queue(slot);
+        if let Some(e) = self.registry.remove(slot, now_secs()) {
+            self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
+        }
+        Resp::no_content()
+    }
+
+    fn issue_token(&mut self, server_id: &str, peer: SocketAddr) -> Resp {
+        let (token, exp) = self.mint(server_id, TokenType::Federation);
+        self.audit(
+            Event::TokenIssued,
+            Some(server_id),
+            Some(peer),
+            Some("http"),
+        );
+        Resp::json(
+            200,
+            format!("{{\"token\":\"{token}\",\"expiresAt\":{}}}", exp * 1000),
+        )
+    }
+
+    fn post_message(&mut self, id: ConnId, from: &str, body: &[u8]) -> Outcome {
+        let parsed = std::str::from_utf8(body)
+            .ok()
+            .and_then(|t| serde_json::from_str::<&RawValue>(t).ok());
+        let Some(params) = parsed else {
+            return Outcome::Respond(Resp::error(
+                400,
+                "parse_error",
+                "the body is not valid JSON",
+            ));
+        };
+        match self.send(from, Some(params), Some(ReplyTo::Http { conn: id })) {
+            Reply::Now(Ok(r)) => Outcome::Respond(Resp::json(200, r)),
+            Reply::Now(Err(e)) => Outcome::Respond(rpc_error_resp(&e)),
+            Reply::Later => Outcome::Later,
+            Reply::None => Outcome::Respond(Resp::no_content()),
+        }
+    }
+
+    /// `GET /v1/control`: token (header or `?token=`), then the RFC 6455 upgrade checks, then
+    /// `101` and the session.
+    fn upgrade(&mut self, id: ConnId, peer: SocketAddr, head: &RequestHead) -> Outcome {
+        let token = bearer(head)
+            .map(str::to_string)
+            .or_else(|| head.query_param("token"));
+        let claims = match self.authenticate(token.as_deref(), Want::Federation, peer) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Respond(Resp::auth(&e)),
+        };
+        if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
+            let mut r = Resp::error(
+                426,
+                "upgrade_required",
+                "this path takes a WebSocket upgrade",
+            );
+            r.headers.push(("Upgrade", "websocket".into()));
+            return Outcome::Respond(r);
+        }
+        if head.header("sec-websocket-version") != Some("13") {
+            let mut r = Resp::error(
+                426,
+                "unsupported_websocket_version",
+                "only WebSocket version 13 is supported",
+            );
+            r.headers.push(("Sec-WebSocket-Version", "13".into()));
+            return Outcome::Respond(r);
+        }
+        let key = head.header("sec-websocket-key").unwrap_or("");
+        let key_ok = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16);
+        if !key_ok {
+            return Outcome::Respond(Resp::error(
+                400,
+                "bad_request",
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ));
+        }
+        if self.draining.is_some() {
+            return Outcome::Respond(Resp::error(503, "draining", "the proxy is shutting down"));
+        }
+        if self.registry.find(&claims.server_id).is_none()
+            && self.registry.len() >= self.registry.capacity()
+        {
+            return Outcome::Respond(Resp::error(
+                507,
+                "registry_full",
+                "the registry is at FEDMCP_MAX_SERVERS",
+            ));
+        }
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let offered = head
+            .header("sec-websocket-protocol")
+            .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+        let mut resp = String::with_capacity(200);
+        resp.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+        resp.push_str(&accept);
+        resp.push_str("\r\n");
+        if offered {
+            resp.push_str("Sec-WebSocket-Protocol: fedmcp.v1\r\n");
+        }
+        resp.push_str("\r\n");
+        let leftover = match self.conn_mut(id) {
+            Some(conn) => {
+                conn.out.extend_from_slice(resp.as_bytes());
+                match &mut conn.state {
+                    ConnState::Http(h) => std::mem::take(&mut h.inbuf),
+                    _ => Vec::new(),
+                }
+            }
+            None => return Outcome::Upgraded,
+        };
+        self.dirty.push(id);
+        if self.open_session(id, &claims).is_err() {
+            self.drop_conn(id, "registry full");
+            return Outcome::Upgraded;
+        }
+        if !leftover.is_empty() {
+            self.ws_input(id, &leftover);
+        }
+        Outcome::Upgraded
+    }
+}
+
+/// A proxy error as an HTTP answer to `POST /v1/messages`.
+fn rpc_error_resp(e: &RpcError) -> Resp {
+    let mut r = Resp::error(e.http_status(), e.reason(), &e.to_string());
+    if let RpcError::RateLimited { retry_after_ms } = e {
+        r.headers
+            .push(("Retry-After", retry_after_ms.div_ceil(1000).to_string()));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls_are_checked() {
+        assert!(url_ok("ws://a:1/x", &["ws", "wss"]));
+        assert!(url_ok("wss://a", &["ws", "wss"]));
+        assert!(!url_ok("http://a", &["ws", "wss"]));
+        assert!(!url_ok("ws://", &["ws", "wss"]));
+        assert!(!url_ok("ws:///x", &["ws", "wss"]));
+        assert!(!url_ok("ws://a b", &["ws", "wss"]));
+        assert!(url_ok("https://h/p", &["http", "https"]));
+    }
+}

@@ -1,0 +1,188 @@
+//! A connection: its socket, its readiness, its output buffer and its protocol state.
+//!
+//! Owns the byte movement between a non-blocking socket and the protocol layers: reads are
+//! drained into a caller-supplied scratch buffer until `WouldBlock` (or a per-wake budget),
+//! writes go from [`Conn::out`] to the socket when it is writable. Readiness is tracked here
+//! (`readable`/`writable` are cleared only on `WouldBlock`), because mio is edge-triggered.
+//!
+//! The state is an explicit enum: an HTTP connection (`Http`), an upgraded control session
+//! (`Ws`), or a connection that is finishing (`Closing`: flush, half-close, wait for EOF).
+//! This module never interprets protocol bytes and never blocks; a TLS transport will sit
+//! between the socket and these buffers without changing the protocol layers.
+
+use crate::http::chunked::ChunkedDecoder;
+use crate::http::parse::RequestHead;
+use crate::session::Session;
+use crate::timer::TimerId;
+use mio::Token;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// A connection's slab index plus a generation, so a stale reference never reaches a newer
+/// connection that reused the slot. Packed into the mio `Token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub idx: u32,
+    pub generation: u32,
+}
+
+impl ConnId {
+    pub fn token(self) -> Token {
+        Token(((self.generation as usize) << 32) | self.idx as usize)
+    }
+
+    pub fn from_token(t: Token) -> ConnId {
+        ConnId {
+            idx: (t.0 & 0xffff_ffff) as u32,
+            generation: (t.0 >> 32) as u32,
+        }
+    }
+}
+
+/// What one read attempt produced.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    Data(usize),
+    WouldBlock,
+    Eof,
+    Failed(io::Error),
+}
+
+/// HTTP request progress on a connection.
+#[derive(Debug)]
+pub enum HttpPhase {
+    /// Waiting for (more of) a request head; `idle` while no byte of it has arrived.
+    Head { idle: bool },
+    /// Reading a JSON body.
+    Body {
+        head: Box<RequestHead>,
+        body: Vec<u8>,
+        chunked: Option<ChunkedDecoder>,
+        left: u64,
+    },
+    /// A request is being answered asynchronously (a send awaiting its recipient).
+    Waiting { keep_alive: bool },
+}
+
+#[derive(Debug)]
+pub struct HttpConn {
+    /// Unparsed request bytes (bounded by the head limit plus the body limit).
+    pub inbuf: Vec<u8>,
+    pub phase: HttpPhase,
+    /// Head/body deadline (handshake timeout) or keep-alive idle deadline.
+    pub deadline: Instant,
+    /// Close once the output is flushed (`Connection: close`, or an error answered).
+    pub close_after: bool,
+}
+
+pub struct WsConn {
+    pub ctx: tungstenite::protocol::WebSocketContext,
+    pub sess: Session,
+}
+
+#[derive(Debug)]
+pub struct Closing {
+    pub deadline: Instant,
+    pub fin_sent: bool,
+}
+
+pub enum ConnState {
+    Http(HttpConn),
+    Ws(Box<WsConn>),
+    Closing(Closing),
+}
+
+impl ConnState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ConnState::Http(_) => "http",
+            ConnState::Ws(w) if w.sess.is_online() => "online",
+            ConnState::Ws(_) => "connecting",
+            ConnState::Closing(_) => "closing",
+        }
+    }
+}
+
+pub struct Conn {
+    pub id: ConnId,
+    pub sock: TcpStream,
+    pub peer: SocketAddr,
+    pub state: ConnState,
+    /// Bytes owed to the peer, from `out_pos` on.
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer sent EOF (or the socket failed): nothing more will be read.
+    pub read_closed: bool,
+    /// The conn's armed deadline in the loop's timer structure.
+    pub timer: Option<TimerId>,
+}
+
+/// Output capacity kept across flushes; a larger buffer is released once empty.
+const OUT_KEEP_CAPACITY: usize = 16 * 1024;
+
+impl Conn {
+    pub fn unsent(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// One non-blocking read into `buf`.
+    pub fn read_some(&mut self, buf: &mut [u8]) -> ReadOutcome {
+        loop {
+            match self.sock.read(buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => return ReadOutcome::Data(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
+    }
+
+    /// Writes owed bytes until done or `WouldBlock`. `Ok(true)` when nothing is left.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.out_pos < self.out.len() {
+            if !self.writable {
+                return Ok(false);
+            }
+            match self.sock.write(&self.out[self.out_pos..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket wrote 0 bytes",
+                    ));
+                }
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.out.capacity() > OUT_KEEP_CAPACITY {
+            self.out = Vec::new();
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_id_round_trips_through_a_token() {
+        let id = ConnId {
+            idx: 12345,
+            generation: 0xfeed_beef,
+        };
+        assert_eq!(ConnId::from_token(id.token()), id);
+    }
+}

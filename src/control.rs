@@ -1,0 +1,486 @@
+//! Control sessions (contract §4): from the accepted upgrade to the close code.
+//!
+//! Owns what a session does with what arrives: text frames are JSON-RPC messages or batches
+//! (answered with one array), binary frames close 1003, oversize messages 1009, bad UTF-8
+//! 1007, protocol violations 1002. It runs the welcome handshake (`connecting` until the
+//! server answers), the rate limit (`-32029` with `retryAfterMs`, notifications dropped,
+//! abuse closed 1008), the methods a server calls (`federation/send`, `servers`, `refresh`),
+//! and the session's deadlines: welcome timeout (1008), heartbeat pings and the two-interval
+//! silence drop, `tokenExpiring`, and token expiry (4002).
+//!
+//! It never touches a socket: input arrives as byte slices from the loop, output goes through
+//! [`Proxy::ws_send`] into the connection's buffer.
+
+use crate::audit::Event;
+use crate::conn::{ConnId, ConnState, WsConn};
+use crate::jsonrpc::{self, Frame, Msg, RpcError};
+use crate::jwt::{Claims, TokenType};
+use crate::metrics::MsgResult;
+use crate::proxy::{Proxy, now_ms, now_secs};
+use crate::registry::{Entry, State};
+use crate::router::{Reply, ReplyTo};
+use crate::session::{Batch, Bucket, Session};
+use crate::ws::{self, WsIo};
+use serde_json::value::RawValue;
+use std::time::{Duration, Instant};
+use tungstenite::protocol::{Role, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
+
+/// Rate-limited messages in a row after which a session is closed 1008 for abuse,
+/// as a multiple of the burst size.
+const ABUSE_FACTOR: u32 = 2;
+
+impl Proxy {
+    /// Turns an authenticated upgrade into a session: registry entry (created if the server
+    /// is only known by its token), replacement of an older session (4003), the welcome.
+    /// Returns false when the registry is full.
+    pub fn open_session(
+        &mut self,
+        id: ConnId,
+        claims: &Claims,
+    ) -> Result<(), crate::registry::RegistryError> {
+        let slot = match self.registry.find(&claims.server_id) {
+            Some(s) => s,
+            None => {
+                let key = self.signing_key(&claims.server_id);
+                self.registry
+                    .insert(Entry::new(claims.server_id.clone(), key))?
+            }
+        };
+        if let Some(old) = self.registry.get(slot).and_then(|e| e.session)
+            && old != id
+        {
+            self.ws_close(old, 4003, "replaced by a newer session");
+        }
+        let now = Instant::now();
+        let now_s = now_secs();
+        let welcome_id = self.next_seq();
+        let hb = self.cfg.heartbeat;
+        let expires_in = Duration::from_secs((claims.exp - now_s).max(0) as u64);
+        let sess = Session {
+            server_id: claims.server_id.clone(),
+            slot,
+            session_id: self.session_id(),
+            welcome: Some((welcome_id, now + self.cfg.handshake_timeout)),
+            expires_at: now + expires_in,
+            expires_at_secs: claims.exp,
+            expiring_at: Some(Session::expiring_notice(now, now_s, claims.iat, claims.exp)),
+            last_rx: now,
+            next_ping: now + hb,
+            heartbeat: hb,
+            bucket: Bucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now),
+            refused_in_a_row: 0,
+            inflight: 0,
+            batches: Default::default(),
+            next_batch: 0,
+        };
+        let welcome = format!(
+            "{{\"serverId\":\"{}\",\"sessionId\":\"{}\",\"expiresAt\":{},\"heartbeatMs\":{},\"limits\":{{\"maxMessageBytes\":{},\"ratePerSec\":{},\"burst\":{}}}}}",
+            sess.server_id,
+            sess.session_id,
+            claims.exp * 1000,
+            hb.as_millis(),
+            self.cfg.max_message_bytes,
+            self.cfg.rate_per_sec,
+            self.cfg.rate_burst
+        );
+        let ctx = WebSocketContext::new(Role::Server, Some(ws::config(self.cfg.max_message_bytes)));
+        let peer = match self.conn_mut(id) {
+            Some(conn) => {
+                conn.state = ConnState::Ws(Box::new(WsConn { ctx, sess }));
+                conn.peer
+            }
+            None => return Ok(()),
+        };
+        if let Some(e) = self.registry.get_mut(slot) {
+            e.session = Some(id);
+            e.state = State::Connecting;
+            e.connected_at_ms = Some(now_ms());
+            e.last_seen_at_ms = Some(now_ms());
+        }
+        self.metrics.sessions_opened_total += 1;
+        self.audit(
+            Event::SessionOpened,
+            Some(&claims.server_id),
+            Some(peer),
+            None,
+        );
+        self.ws_send(
+            id,
+            jsonrpc::request(
+                Some(&welcome_id.to_string()),
+                "federation/welcome",
+                &welcome,
+            ),
+        );
+        self.rearm(id);
+        Ok(())
+    }
+
+    /// Bookkeeping when a session ends for any reason (called once per session).
+    pub fn end_session(&mut self, id: ConnId, sess: Session, reason: &str) {
+        let mut was_current = false;
+        if let Some(e) = self.registry.get_mut(sess.slot)
+            && e.session == Some(id)
+        {
+            e.session = None;
+            e.state = State::Offline;
+            was_current = true;
+        }
+        let _ = was_current;
+        self.fail_deliveries_to(id);
+        let peer = self.conn(id).map(|c| c.peer);
+        self.audit(
+            Event::SessionClosed,
+            Some(&sess.server_id),
+            peer,
+            Some(reason),
+        );
+    }
+
+    /// Bytes from the socket for the session on `id`; every complete message is handled.
+    pub fn ws_input(&mut self, id: ConnId, mut input: &[u8]) {
+        let now = Instant::now();
+        let slot = match self.conn_mut(id).map(|c| &mut c.state) {
+            Some(ConnState::Ws(ws)) => {
+                ws.sess.last_rx = now;
+                ws.sess.slot
+            }
+            _ => return,
+        };
+        if let Some(e) = self.registry.get_mut(slot) {
+            e.last_seen_at_ms = Some(now_ms());
+        }
+        loop {
+            let r = {
+                let Some(conn) = self.conn_mut(id) else {
+                    return;
+                };
+                let ConnState::Ws(ws) = &mut conn.state else {
+                    return;
+                };
+                let mut io = WsIo {
+                    input,
+                    out: &mut conn.out,
+                };
+                let r = ws.ctx.read(&mut io);
+                input = io.input;
+                r
+            };
+            match r {
+                Ok(Message::Text(t)) => self.on_text(id, t.as_str()),
+                Ok(Message::Binary(_)) => {
+                    return self.ws_close(id, 1003, "binary frames are not accepted");
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Ok(Message::Close(_)) => {
+                    self.flush_ws_replies(id);
+                    return self.ws_close(id, 1000, "closed by peer");
+                }
+                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(WsError::Capacity(_)) => return self.ws_close(id, 1009, "message too big"),
+                Err(WsError::Utf8(_)) => {
+                    return self.ws_close(id, 1007, "invalid UTF-8 in a text frame");
+                }
+                Err(WsError::Protocol(p)) => {
+                    log::debug!("conn {}: protocol error: {p}", id.idx);
+                    return self.ws_close(id, 1002, "protocol error");
+                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                    return self.ws_close(id, 1000, "closed");
+                }
+                Err(e) => {
+                    log::debug!("conn {}: websocket error: {e}", id.idx);
+                    return self.ws_close(id, 1011, "internal error");
+                }
+            }
+        }
+        self.flush_ws_replies(id);
+    }
+
+    /// Moves tungstenite's owed control frames (pongs, close replies) into the output.
+    fn flush_ws_replies(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id)
+            && let ConnState::Ws(ws) = &mut conn.state
+        {
+            let mut io = WsIo {
+                input: &[],
+                out: &mut conn.out,
+            };
+            let _ = ws.ctx.flush(&mut io);
+            if conn.unsent() > 0 {
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn session(&mut self, id: ConnId) -> Option<&mut Session> {
+        match &mut self.conn_mut(id)?.state {
+            ConnState::Ws(ws) => Some(&mut ws.sess),
+            _ => None,
+        }
+    }
+
+    /// One text frame: a message or a batch.
+    fn on_text(&mut self, id: ConnId, text: &str) {
+        match jsonrpc::parse_frame(text) {
+            Err(e) => {
+                self.ws_send(id, jsonrpc::error("null", &e));
+            }
+            Ok(Frame::Single(raw)) => {
+                if let Reply::Now(r) = self.on_message(id, raw, None) {
+                    self.ws_send(id, r.unwrap_or_else(|e| jsonrpc::error("null", &e)));
+                }
+            }
+            Ok(Frame::Batch(items)) => {
+                let Some(sess) = self.session(id) else { return };
+                sess.next_batch += 1;
+                let b = sess.next_batch;
+                sess.batches.insert(b, Batch::default());
+                let mut parts = Vec::new();
+                let mut waiting = 0usize;
+                for raw in items {
+                    match self.on_message(id, raw, Some(b)) {
+                        Reply::Now(r) => {
+                            parts.push(r.unwrap_or_else(|e| jsonrpc::error("null", &e)))
+                        }
+                        Reply::Later => waiting += 1,
+                        Reply::None => {}
+                    }
+                    if self.session(id).is_none() {
+                        return;
+                    }
+                }
+                let Some(sess) = self.session(id) else { return };
+                if waiting == 0 {
+                    sess.batches.remove(&b);
+                    if !parts.is_empty() {
+                        self.ws_send(id, format!("[{}]", parts.join(",")));
+                    }
+                } else if let Some(batch) = sess.batches.get_mut(&b) {
+                    // Answers that arrived while the batch was being read are already in
+                    // `batch.parts`; they count against `waiting`.
+                    let arrived = batch.parts.len();
+                    batch.parts.extend(parts);
+                    batch.waiting = waiting.saturating_sub(arrived);
+                    if batch.waiting == 0
+                        && let Some(done) = sess.batches.remove(&b)
+                    {
+                        self.ws_send(id, format!("[{}]", done.parts.join(",")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One JSON-RPC message. `Now` carries the full response text (result or error).
+    fn on_message(&mut self, id: ConnId, raw: &RawValue, batch: Option<u64>) -> Reply {
+        self.metrics.ws_messages_in_total += 1;
+        let msg = match jsonrpc::parse_msg(raw) {
+            Ok(m) => m,
+            Err(inv) => {
+                let rid = inv.id.map_or("null", |i| i.get());
+                return Reply::Now(Ok(jsonrpc::error(rid, &inv.error)));
+            }
+        };
+        let (rid, method, params) = match msg {
+            Msg::Response { id: rid, outcome } => {
+                self.on_response(id, rid, outcome);
+                return Reply::None;
+            }
+            Msg::Request {
+                id: rid,
+                method,
+                params,
+            } => (Some(rid), method, params),
+            Msg::Notification { method, params } => (None, method, params),
+        };
+        // Rate limit (requests and notifications; answers to the proxy are not counted).
+        let now = Instant::now();
+        let burst = self.cfg.rate_burst;
+        let Some(sess) = self.session(id) else {
+            return Reply::None;
+        };
+        match sess.bucket.take(now) {
+            Ok(()) => sess.refused_in_a_row = 0,
+            Err(retry_after_ms) => {
+                sess.refused_in_a_row += 1;
+                let refused = sess.refused_in_a_row;
+                let server = sess.server_id.clone();
+                self.metrics.rate_limited_total += 1;
+                self.metrics.message(MsgResult::RateLimited);
+                if refused == 1 {
+                    let peer = self.conn(id).map(|c| c.peer);
+                    self.audit(
+                        Event::RateLimited,
+                        Some(&server),
+                        peer,
+                        Some("rate_limited"),
+                    );
+                }
+                if refused > burst.saturating_mul(ABUSE_FACTOR) {
+                    self.ws_close(id, 1008, "rate limit abuse");
+                    return Reply::None;
+                }
+                return match rid {
+                    Some(rid) => Reply::Now(Ok(jsonrpc::error(
+                        rid.get(),
+                        &RpcError::RateLimited { retry_after_ms },
+                    ))),
+                    None => {
+                        self.metrics.notifications_dropped_total += 1;
+                        Reply::None
+                    }
+                };
+            }
+        }
+        let from = sess.server_id.clone();
+        let answer = |r: Result<String, RpcError>| match (rid, r) {
+            (None, _) => Reply::None,
+            (Some(rid), Ok(res)) => Reply::Now(Ok(jsonrpc::result(rid.get(), &res))),
+            (Some(rid), Err(e)) => Reply::Now(Ok(jsonrpc::error(rid.get(), &e))),
+        };
+        match method.as_ref() {
+            "federation/send" => {
+                let reply_to = rid.map(|r| ReplyTo::Ws {
+                    conn: id,
+                    id: r.get().to_string(),
+                    batch,
+                });
+                match self.send(&from, params, reply_to) {
+                    Reply::Now(r) => answer(r),
+                    other => other,
+                }
+            }
+            "federation/servers" => answer(Ok(self.online_servers_json())),
+            "federation/refresh" => {
+                let r = self.refresh(id, &from);
+                answer(Ok(r))
+            }
+            _ => answer(Err(RpcError::MethodNotFound)),
+        }
+    }
+
+    fn online_servers_json(&self) -> String {
+        let mut s = String::from("{\"servers\":[");
+        let mut first = true;
+        for e in self.registry.entries().filter(|e| e.state == State::Online) {
+            if !first {
+                s.push(',');
+            }
+            first = false;
+            s.push_str(&format!(
+                "{{\"serverId\":\"{}\",\"capabilities\":{}}}",
+                e.server_id, e.capabilities
+            ));
+        }
+        s.push_str("]}");
+        s
+    }
+
+    /// `federation/refresh`: a new token; the session now ends at its expiry.
+    fn refresh(&mut self, id: ConnId, server_id: &str) -> String {
+        let (token, exp) = self.mint(server_id, TokenType::Federation);
+        let now = Instant::now();
+        let now_s = now_secs();
+        let iat = exp - self.cfg.token_ttl_secs as i64;
+        if let Some(sess) = self.session(id) {
+            sess.expires_at = now + Duration::from_secs((exp - now_s).max(0) as u64);
+            sess.expires_at_secs = exp;
+            sess.expiring_at = Some(Session::expiring_notice(now, now_s, iat, exp));
+        }
+        let peer = self.conn(id).map(|c| c.peer);
+        self.audit(Event::TokenIssued, Some(server_id), peer, Some("refresh"));
+        self.rearm(id);
+        format!("{{\"token\":\"{token}\",\"expiresAt\":{}}}", exp * 1000)
+    }
+
+    /// An answer from the server: to the welcome, or to a delivery.
+    fn on_response(&mut self, id: ConnId, rid: &RawValue, outcome: Result<&RawValue, &RawValue>) {
+        let Ok(n) = rid.get().parse::<u64>() else {
+            log::debug!("conn {}: answer with an id the proxy never sent", id.idx);
+            return;
+        };
+        let Some(sess) = self.session(id) else { return };
+        match sess.welcome {
+            Some((w, _)) if w == n => {
+                let slot = sess.slot;
+                if outcome.is_err() {
+                    self.ws_close(id, 1008, "welcome refused");
+                    return;
+                }
+                sess.welcome = None;
+                let caps = outcome.ok().and_then(capabilities_of);
+                if let Some(e) = self.registry.get_mut(slot) {
+                    e.state = State::Online;
+                    if let Some(c) = caps {
+                        e.capabilities = c;
+                    }
+                }
+                self.pump(slot);
+            }
+            _ => self.on_delivery_answer(id, n, outcome),
+        }
+    }
+
+    /// A session's deadline fired: welcome, heartbeat, token expiry.
+    pub fn session_timer(&mut self, id: ConnId, now: Instant) {
+        let Some(sess) = self.session(id) else { return };
+        if sess.welcome.is_some_and(|(_, d)| now >= d) {
+            return self.ws_close(id, 1008, "welcome not answered in time");
+        }
+        if now >= sess.expires_at {
+            return self.ws_close(id, 4002, "token expired");
+        }
+        if now >= sess.last_rx + sess.heartbeat * 2 {
+            self.drop_conn(id, "heartbeat: silent for two intervals");
+            return;
+        }
+        if sess.expiring_at.is_some_and(|t| now >= t) {
+            sess.expiring_at = None;
+            let exp = sess.expires_at_secs;
+            self.ws_send(
+                id,
+                jsonrpc::request(
+                    None,
+                    "federation/tokenExpiring",
+                    &format!("{{\"expiresAt\":{}}}", exp * 1000),
+                ),
+            );
+        }
+        let Some(sess) = self.session(id) else { return };
+        if now >= sess.next_ping {
+            sess.next_ping = now + sess.heartbeat;
+            self.ws_ping(id);
+        }
+    }
+}
+
+/// The `capabilities` object of a welcome answer, as JSON text.
+fn capabilities_of(result: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct WelcomeAnswer<'a> {
+        #[serde(borrow)]
+        capabilities: Option<&'a RawValue>,
+    }
+    let a: WelcomeAnswer = serde_json::from_str(result.get()).ok()?;
+    let c = a.capabilities?;
+    c.get().starts_with('{').then(|| c.get().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_taken_only_as_an_object() {
+        let r: &RawValue = serde_json::from_str(r#"{"capabilities":{"tools":[]}}"#).unwrap();
+        assert_eq!(capabilities_of(r).as_deref(), Some(r#"{"tools":[]}"#));
+        let r: &RawValue = serde_json::from_str(r#"{"capabilities":5}"#).unwrap();
+        assert_eq!(capabilities_of(r), None);
+        let r: &RawValue = serde_json::from_str(r#"{}"#).unwrap();
+        assert_eq!(capabilities_of(r), None);
+        let r: &RawValue = serde_json::from_str(r#"null"#).unwrap();
+        assert_eq!(capabilities_of(r), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! The `fedmcp` binary: configuration → proxy → loop. Nothing else lives here.
+//!
+//! `fedmcp` (or `fedmcp serve`) runs the proxy; `fedmcp token --server-id ID [--admin]
+//! [--ttl SECS]` prints a token signed with the configured secret. A bad configuration ends
+//! the process with exit code 2 and one line on stderr.
+
+use fedmcp::audit::Audit;
+use fedmcp::config::Config;
+use fedmcp::jwt::{self, Claims, TokenType};
+use fedmcp::proxy::{Proxy, now_secs};
+use fedmcp::reactor::{self, Reactor};
+use std::io::Write;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: fedmcp [serve]\n       fedmcp token --server-id ID [--admin] [--ttl SECS]\n\nConfiguration comes from FEDMCP_* environment variables (see docs/CONFIGURATION.md).";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("serve") => serve(),
+        Some("token") => token(&args[1..]),
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("--version" | "-V") => {
+            println!("fedmcp {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("fedmcp: unknown command {other:?}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn config() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+/// The signing secret: configured, or generated and kept in the state dir.
+fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
+    if let Some(s) = &cfg.jwt_secret {
+        return Ok(s.clone());
+    }
+    match &cfg.state_dir {
+        Some(dir) => fedmcp::store::load_or_create_secret(dir).map_err(|e| {
+            eprintln!("FEDMCP_STATE_DIR: cannot keep the generated secret in {}: {e}; expected a writable directory", dir.display());
+            ExitCode::from(2)
+        }),
+        None => {
+            let mut raw = [0u8; 32];
+            if getrandom::fill(&mut raw).is_err() {
+                eprintln!("FEDMCP_JWT_SECRET: no secret is set and the OS gave no randomness; expected a secret of at least 32 bytes");
+                return Err(ExitCode::from(2));
+            }
+            log::warn!("no secret configured and no state dir: tokens will not survive a restart");
+            Ok(fedmcp::proxy::hex(&raw).into_bytes())
+        }
+    }
+}
+
+fn serve() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let secret = match secret(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let audit = match Audit::open(cfg.audit_log.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!(
+                "FEDMCP_AUDIT_LOG: cannot open for append: {e}; expected a writable file path"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match reactor::bind(cfg.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "FEDMCP_LISTEN: cannot listen on {}: {e}; expected a free local address:port",
+                cfg.listen
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("FEDMCP_LISTEN: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut reactor = match Reactor::new(listener) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fedmcp: cannot start the event loop: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut proxy = Proxy::new(cfg, secret, audit);
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    }
+    log::info!("fedmcp {} serving on {addr}", env!("CARGO_PKG_VERSION"));
+    match reactor.run(&mut proxy) {
+        Ok(()) => {
+            proxy.audit.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(args: &[String]) -> ExitCode {
+    let mut server_id = None;
+    let mut admin = false;
+    let mut ttl = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--server-id" => server_id = it.next().cloned(),
+            "--admin" => admin = true,
+            "--ttl" => match it
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| *v > 0)
+            {
+                Some(v) => ttl = Some(v),
+                None => {
+                    eprintln!("fedmcp token: --ttl takes a positive number of seconds");
+                    return ExitCode::from(2);
+                }
+            },
+            other => {
+                eprintln!("fedmcp token: unknown argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(server_id) = server_id.filter(|s| jwt::valid_server_id(s)) else {
+        eprintln!("fedmcp token: --server-id takes 1 to 64 of A-Z a-z 0-9 . _ : -");
+        return ExitCode::from(2);
+    };
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if cfg.jwt_secret.is_none() && cfg.state_dir.is_none() {
+        eprintln!(
+            "FEDMCP_JWT_SECRET: fedmcp token needs the proxy's secret; expected FEDMCP_JWT_SECRET, FEDMCP_JWT_SECRET_FILE or a state dir"
+        );
+        return ExitCode::from(2);
+    }
+    let secret = match secret(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let iat = now_secs();
+    let claims = Claims {
+        server_id,
+        token_type: if admin {
+            TokenType::Admin
+        } else {
+            TokenType::Federation
+        },
+        iat,
+        exp: iat + ttl.unwrap_or(cfg.token_ttl_secs) as i64,
+        nbf: None,
+        jti: None,
+    };
+    println!("{}", jwt::sign(&secret, &claims));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,425 @@
+//! The proxy's state and the operations every layer shares.
+//!
+//! Owns everything the loop serves: configuration, signing secrets, the connection slab, the
+//! registry, deliveries awaiting answers, the deadline structure, metrics and the audit trail.
+//! The protocol handlers are `impl Proxy` blocks in their own modules (`api` for HTTP routes,
+//! `control` for control sessions, `router` for federation semantics); the `reactor` owns the
+//! sockets' readiness and calls in. This module holds only shared plumbing: ids and clocks,
+//! writing to and closing connections, tokens and authentication.
+//!
+//! Invariant: a `ConnId` or `Slot` held anywhere is checked (generation) before use, so stale
+//! references are harmless. Nothing here blocks or panics on peer input.
+
+use crate::audit::{Audit, Event};
+use crate::config::Config;
+use crate::conn::{Closing, Conn, ConnId, ConnState};
+use crate::jwt::{self, Claims, JwtError, TokenType};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Slot};
+use crate::router::Pending;
+use crate::timer::Timers;
+use crate::ws::WsIo;
+use slab::Slab;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+/// How long a closing connection may linger for the peer's close reply or EOF.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// What a timer in the loop's deadline structure stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKey {
+    /// A connection's own nearest deadline (handshake, idle, heartbeat, token, linger).
+    Conn(ConnId),
+    /// A delivery's answer timeout.
+    Delivery(u64),
+    /// A queued message's TTL.
+    Ttl(Slot, u64),
+}
+
+/// An authentication failure, with the contract's status and code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthError {
+    pub status: u16,
+    pub code: &'static str,
+}
+
+impl AuthError {
+    fn new(status: u16, code: &'static str) -> AuthError {
+        AuthError { status, code }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self.code {
+            "missing_token" => "a bearer token is required",
+            "malformed_token" => {
+                "the token is not a well-formed HS256 JWT with the required claims"
+            }
+            "unsupported_alg" => "only HS256 tokens are accepted",
+            "bad_signature" => "the token signature does not verify",
+            "expired" => "the token has expired",
+            "not_yet_valid" => "the token is not valid yet",
+            "issued_in_future" => "the token was issued in the future",
+            "wrong_type" => "the token is of the wrong type for this endpoint",
+            "revoked" => "the token was revoked",
+            _ => "the token was rejected",
+        }
+    }
+}
+
+impl From<JwtError> for AuthError {
+    fn from(e: JwtError) -> AuthError {
+        AuthError::new(401, e.code())
+    }
+}
+
+/// Which tokens an endpoint takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Federation,
+    Admin,
+    Either,
+}
+
+pub struct Proxy {
+    pub cfg: Config,
+    /// Verification keys: the current secret first, then the previous one (rotation).
+    pub secrets: Vec<Vec<u8>>,
+    pub conns: Slab<Conn>,
+    next_generation: u32,
+    pub registry: Registry,
+    pub pending: HashMap<u64, Pending>,
+    pub timers: Timers<TimerKey>,
+    pub metrics: Metrics,
+    pub audit: Audit,
+    /// Connections with output to flush at the end of the turn.
+    pub dirty: Vec<ConnId>,
+    /// HTTP connections to process again (an asynchronous answer was written).
+    pub resume: Vec<ConnId>,
+    /// Set on SIGTERM/SIGINT: the instant the grace time ends.
+    pub draining: Option<Instant>,
+    seq: u64,
+    boot_id: String,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
+/// Random bytes from the OS; an unusable OS source falls back to time-derived bytes
+/// (only ever used for ids, never for secrets: `store` refuses to run without it).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if getrandom::fill(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (t >> ((i % 16) * 8)) as u8 ^ i as u8;
+        }
+    }
+    b
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl Proxy {
+    pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit) -> Proxy {
+        let mut secrets = vec![secret];
+        if let Some(prev) = cfg.jwt_previous_secret.clone() {
+            secrets.push(prev);
+        }
+        let conns = Slab::with_capacity(cfg.max_connections);
+        let registry = Registry::new(cfg.max_servers);
+        Proxy {
+            cfg,
+            secrets,
+            conns,
+            next_generation: 1,
+            registry,
+            pending: HashMap::new(),
+            timers: Timers::new(),
+            metrics: Metrics::default(),
+            audit,
+            dirty: Vec::new(),
+            resume: Vec::new(),
+            draining: None,
+            seq: 0,
+            boot_id: hex(&random_bytes::<4>()),
+        }
+    }
+
+    /// A fresh number for delivery ids and message ids.
+    pub fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// A message id unique across restarts: a per-boot prefix and a sequence number.
+    pub fn msg_id(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.boot_id)
+    }
+
+    pub fn session_id(&self) -> String {
+        hex(&random_bytes::<12>())
+    }
+
+    /// Inserts a connection, giving it a fresh generation; `None` at capacity.
+    pub fn insert_conn(&mut self, make: impl FnOnce(ConnId) -> Conn) -> Option<ConnId> {
+        if self.conns.len() >= self.cfg.max_connections {
+            return None;
+        }
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let entry = self.conns.vacant_entry();
+        let id = ConnId {
+            idx: entry.key() as u32,
+            generation,
+        };
+        entry.insert(make(id));
+        Some(id)
+    }
+
+    pub fn conn(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id.idx as usize).filter(|c| c.id == id)
+    }
+
+    pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.idx as usize).filter(|c| c.id == id)
+    }
+
+    pub fn mark_dirty(&mut self, id: ConnId) {
+        self.dirty.push(id);
+    }
+
+    /// The bound on a session's unsent bytes: two of the largest messages and some slack.
+    pub fn unsent_bound(&self) -> usize {
+        self.cfg
+            .max_message_bytes
+            .saturating_mul(2)
+            .saturating_add(64 * 1024)
+    }
+
+    /// Writes a text frame to a control session. False when the connection is gone or not a
+    /// session (the caller treats the peer as offline).
+    pub fn ws_send(&mut self, id: ConnId, text: String) -> bool {
+        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return false;
+        };
+        let ConnState::Ws(ws) = &mut conn.state else {
+            return false;
+        };
+        let mut io = WsIo {
+            input: &[],
+            out: &mut conn.out,
+        };
+        if let Err(e) = ws.ctx.write(&mut io, Message::text(text)) {
+            log::debug!("conn {}: write failed: {e}", id.idx);
+            return false;
+        }
+        self.dirty.push(id);
+        true
+    }
+
+    /// Sends a ping on a control session.
+    pub fn ws_ping(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id)
+            && let ConnState::Ws(ws) = &mut conn.state
+        {
+            let mut io = WsIo {
+                input: &[],
+                out: &mut conn.out,
+            };
+            let _ = ws.ctx.write(&mut io, Message::Ping(Default::default()));
+            self.dirty.push(id);
+        }
+    }
+
+    /// Closes a control session with a close code: the close frame is queued, the session
+    /// ends (registry, pending deliveries, audit), the connection lingers in `Closing`.
+    pub fn ws_close(&mut self, id: ConnId, code: u16, reason: &str) {
+        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return;
+        };
+        let deadline = Instant::now() + CLOSE_LINGER;
+        let old = std::mem::replace(
+            &mut conn.state,
+            ConnState::Closing(Closing {
+                deadline,
+                fin_sent: false,
+            }),
+        );
+        let ConnState::Ws(mut ws) = old else {
+            conn.state = old;
+            return;
+        };
+        let mut io = WsIo {
+            input: &[],
+            out: &mut conn.out,
+        };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        };
+        let _ = ws.ctx.close(&mut io, Some(frame));
+        self.dirty.push(id);
+        self.end_session(id, ws.sess, reason);
+        self.rearm(id);
+    }
+
+    /// Removes a connection now, ending its session if it had one.
+    pub fn drop_conn(&mut self, id: ConnId, why: &str) {
+        if self.conn(id).is_none() {
+            return;
+        }
+        let mut conn = self.conns.remove(id.idx as usize);
+        if let Some(t) = conn.timer.take() {
+            self.timers.cancel(t);
+        }
+        log::debug!("conn {} from {}: closed ({why})", id.idx, conn.peer);
+        let state = std::mem::replace(
+            &mut conn.state,
+            ConnState::Closing(Closing {
+                deadline: Instant::now(),
+                fin_sent: true,
+            }),
+        );
+        if let ConnState::Ws(ws) = state {
+            self.end_session(id, ws.sess, why);
+        }
+        // Deregistration happens implicitly when the socket is dropped (mio closes the fd,
+        // which removes it from epoll).
+        drop(conn);
+    }
+
+    /// Re-arms a connection's deadline when its nearest deadline moved earlier (or is unset).
+    /// A deadline that moved later is left armed: it fires early and is recomputed.
+    pub fn rearm(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(id.idx as usize).filter(|c| c.id == id) else {
+            return;
+        };
+        let want = match &conn.state {
+            ConnState::Http(h) => match h.phase {
+                crate::conn::HttpPhase::Waiting { .. } => None,
+                _ => Some(h.deadline),
+            },
+            ConnState::Ws(ws) => Some(ws.sess.deadline()),
+            ConnState::Closing(c) => Some(c.deadline),
+        };
+        let armed = conn.timer;
+        match (armed, want) {
+            (Some(t), Some(w)) if t.at <= w => {}
+            (armed, want) => {
+                if let Some(t) = armed {
+                    self.timers.cancel(t);
+                }
+                let new = want.map(|w| self.timers.insert(w, TimerKey::Conn(id)));
+                if let Some(c) = self.conns.get_mut(id.idx as usize) {
+                    c.timer = new;
+                }
+            }
+        }
+    }
+
+    /// The signing key of a server: `HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)`.
+    pub fn signing_key(&self, server_id: &str) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.secrets[0])
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"fedmcp/v1/sign/");
+        mac.update(server_id.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Mints a token for `server_id`. Its `iat` is after any removal of that id, so a token
+    /// issued now is never mistaken for one issued before the removal.
+    pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, i64) {
+        let now = now_secs();
+        let iat = match self.registry.removed_at(server_id) {
+            Some(r) if token_type == TokenType::Federation => now.max(r + 1),
+            _ => now,
+        };
+        let exp = iat + self.cfg.token_ttl_secs as i64;
+        let claims = Claims {
+            server_id: server_id.to_string(),
+            token_type,
+            iat,
+            exp,
+            nbf: None,
+            jti: None,
+        };
+        (jwt::sign(&self.secrets[0], &claims), exp)
+    }
+
+    /// Verifies a presented token for an endpoint; failures are counted and audited (never
+    /// with the token itself).
+    pub fn authenticate(
+        &mut self,
+        token: Option<&str>,
+        want: Want,
+        peer: SocketAddr,
+    ) -> Result<Claims, AuthError> {
+        let r = self.check_token(token, want);
+        if let Err(e) = &r {
+            self.metrics.auth_failure(e.code);
+            self.audit
+                .record(now_ms(), Event::AuthFailed, None, Some(peer), Some(e.code));
+        }
+        r
+    }
+
+    fn check_token(&self, token: Option<&str>, want: Want) -> Result<Claims, AuthError> {
+        let token = token.ok_or(AuthError::new(401, "missing_token"))?;
+        let keys: Vec<&[u8]> = self.secrets.iter().map(|s| s.as_slice()).collect();
+        let claims = jwt::verify(token, &keys, now_secs(), self.cfg.clock_skew_secs as i64)?;
+        let type_ok = match want {
+            Want::Federation => claims.token_type == TokenType::Federation,
+            Want::Admin => claims.token_type == TokenType::Admin,
+            Want::Either => true,
+        };
+        if !type_ok {
+            return Err(AuthError::new(403, "wrong_type"));
+        }
+        if claims.token_type == TokenType::Federation
+            && let Some(removed) = self.registry.removed_at(&claims.server_id)
+            && claims.iat <= removed
+        {
+            return Err(AuthError::new(401, "revoked"));
+        }
+        Ok(claims)
+    }
+
+    pub fn audit(
+        &mut self,
+        event: Event,
+        server_id: Option<&str>,
+        peer: Option<SocketAddr>,
+        reason: Option<&str>,
+    ) {
+        self.audit.record(now_ms(), event, server_id, peer, reason);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.draining.is_none()
+    }
+}

@@ -1,0 +1,438 @@
+//! The event loop: one thread, one `mio::Poll`, sockets in a slab, one deadline structure.
+//!
+//! Owns readiness and nothing else: it accepts (refusing at `FEDMCP_MAX_CONNECTIONS`), tracks
+//! each socket's readable/writable state (cleared only on `WouldBlock`, because mio is
+//! edge-triggered), reads into one scratch buffer with a per-connection budget per wake-up
+//! (a busy peer cannot starve the others; what is left is read on the next turn), hands the
+//! bytes to the connection's protocol state, fires due timers, and flushes every connection
+//! that has output once per turn. Signals arrive as readiness (signal-hook-mio): SIGTERM and
+//! SIGINT start the drain, SIGHUP asks for a certificate reload.
+//!
+//! It never interprets protocol bytes and never sleeps: the poll timeout is the nearest
+//! deadline, so an idle proxy makes no wake-ups at all.
+
+use crate::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
+use crate::proxy::{CLOSE_LINGER, Proxy, TimerKey};
+use crate::registry::State;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use std::io;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+
+/// Bytes read per `read` call (the shared scratch buffer).
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes one connection may read per wake-up before the others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Events taken per `poll`.
+const EVENTS_CAPACITY: usize = 1024;
+/// Retry delay for `accept` after a resource error (EMFILE and the like).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+pub struct Reactor {
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    scratch: Vec<u8>,
+    /// Connections with read budget left over (still readable) or resumed after a flush.
+    again: Vec<ConnId>,
+    accept_retry_at: Option<Instant>,
+}
+
+impl Reactor {
+    pub fn new(mut listener: TcpListener) -> io::Result<Reactor> {
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Ok(Reactor {
+            poll,
+            events: Events::with_capacity(EVENTS_CAPACITY),
+            listener: Some(listener),
+            signals,
+            scratch: vec![0; READ_CHUNK],
+            again: Vec::new(),
+            accept_retry_at: None,
+        })
+    }
+
+    /// Runs until a drain completes (all connections closed, or the grace time is over).
+    pub fn run(&mut self, proxy: &mut Proxy) -> io::Result<()> {
+        loop {
+            let now = Instant::now();
+            let mut timeout = proxy
+                .timers
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(now));
+            if let Some(at) = self.accept_retry_at {
+                let t = at.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(t, |x| x.min(t)));
+            }
+            if let Some(end) = proxy.draining {
+                let t = end.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(t, |x| x.min(t)));
+            }
+            if !self.again.is_empty() || !proxy.resume.is_empty() || !proxy.dirty.is_empty() {
+                timeout = Some(Duration::ZERO);
+            }
+            if let Err(e) = self.poll.poll(&mut self.events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e);
+            }
+            let tokens: Vec<(Token, bool, bool)> = self
+                .events
+                .iter()
+                .map(|ev| {
+                    let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                    (ev.token(), r, w)
+                })
+                .collect();
+            for (token, r, w) in tokens {
+                match token {
+                    LISTENER => self.accept(proxy),
+                    SIGNALS => self.signals(proxy),
+                    t => {
+                        let id = ConnId::from_token(t);
+                        let Some(conn) = proxy.conn_mut(id) else {
+                            continue;
+                        };
+                        conn.writable |= w;
+                        conn.readable |= r;
+                        if w {
+                            proxy.dirty.push(id);
+                        }
+                        if r {
+                            self.read(proxy, id);
+                        }
+                    }
+                }
+            }
+            if self.accept_retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.accept_retry_at = None;
+                self.accept(proxy);
+            }
+            for id in std::mem::take(&mut self.again) {
+                self.read(proxy, id);
+            }
+            for id in std::mem::take(&mut proxy.resume) {
+                proxy.http_process(id);
+                self.read(proxy, id);
+            }
+            let now = Instant::now();
+            while let Some(key) = proxy.timers.pop_due(now) {
+                match key {
+                    TimerKey::Conn(id) => {
+                        if let Some(c) = proxy.conn_mut(id) {
+                            c.timer = None;
+                        }
+                        conn_timer(proxy, id, now);
+                        proxy.rearm(id);
+                    }
+                    TimerKey::Delivery(seq) => proxy.on_delivery_timeout(seq),
+                    TimerKey::Ttl(slot, qseq) => proxy.on_ttl(slot, qseq),
+                }
+            }
+            self.flush(proxy);
+            proxy.audit.flush();
+            if let Some(end) = proxy.draining {
+                if proxy.conns.is_empty() {
+                    log::info!("drained: all connections closed");
+                    return Ok(());
+                }
+                if Instant::now() >= end {
+                    log::warn!(
+                        "grace time over with {} connections open; exiting",
+                        proxy.conns.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, proxy: &mut Proxy) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        loop {
+            let (mut sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors or similar: the edge will not fire again for the
+                    // connections already waiting, so come back on a timer.
+                    log::warn!("accept failed: {e}");
+                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    return;
+                }
+            };
+            if proxy.conns.len() >= proxy.cfg.max_connections {
+                proxy.metrics.refused_total += 1;
+                let _ = io::Write::write(&mut sock, REFUSED_503);
+                continue;
+            }
+            let _ = sock.set_nodelay(true);
+            let deadline = Instant::now() + proxy.cfg.handshake_timeout;
+            let id = proxy.insert_conn(|id| Conn {
+                id,
+                sock,
+                peer,
+                state: ConnState::Http(HttpConn {
+                    inbuf: Vec::new(),
+                    phase: HttpPhase::Head { idle: false },
+                    deadline,
+                    close_after: false,
+                }),
+                out: Vec::new(),
+                out_pos: 0,
+                readable: false,
+                writable: false,
+                read_closed: false,
+                timer: None,
+            });
+            let Some(id) = id else { continue };
+            proxy.metrics.accepted_total += 1;
+            let registered = match proxy.conn_mut(id) {
+                Some(c) => self.poll.registry().register(
+                    &mut c.sock,
+                    id.token(),
+                    Interest::READABLE | Interest::WRITABLE,
+                ),
+                None => continue,
+            };
+            if let Err(e) = registered {
+                log::warn!("register failed: {e}");
+                proxy.drop_conn(id, "register failed");
+                continue;
+            }
+            proxy.rearm(id);
+        }
+    }
+
+    fn signals(&mut self, proxy: &mut Proxy) {
+        let got: Vec<i32> = self.signals.pending().collect();
+        for sig in got {
+            match sig {
+                SIGTERM | SIGINT => self.begin_drain(proxy),
+                SIGHUP => log::info!("SIGHUP: no TLS certificate configured, nothing to reload"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stop accepting, answer `readyz` 503, close sessions 1001, let requests finish.
+    fn begin_drain(&mut self, proxy: &mut Proxy) {
+        if proxy.draining.is_some() {
+            return;
+        }
+        log::info!(
+            "draining: closing sessions, exiting within {:?}",
+            proxy.cfg.shutdown_grace
+        );
+        proxy.draining = Some(Instant::now() + proxy.cfg.shutdown_grace);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let ids: Vec<ConnId> = proxy.conns.iter().map(|(_, c)| c.id).collect();
+        for id in ids {
+            let Some(conn) = proxy.conn_mut(id) else {
+                continue;
+            };
+            let unsent = conn.unsent();
+            match &mut conn.state {
+                ConnState::Ws(_) => proxy.ws_close(id, 1001, "proxy shutting down"),
+                ConnState::Http(h) => {
+                    let idle = matches!(h.phase, HttpPhase::Head { .. })
+                        && h.inbuf.is_empty()
+                        && unsent == 0;
+                    if idle {
+                        proxy.drop_conn(id, "draining");
+                    } else {
+                        h.close_after = true;
+                    }
+                }
+                ConnState::Closing(_) => {}
+            }
+        }
+    }
+
+    /// Reads from a connection until `WouldBlock`, its budget, or backpressure.
+    fn read(&mut self, proxy: &mut Proxy, id: ConnId) {
+        let mut budget = READ_BUDGET;
+        loop {
+            if !wants_input(proxy, id) {
+                return;
+            }
+            let Some(conn) = proxy.conn_mut(id) else {
+                return;
+            };
+            if !conn.readable || conn.read_closed {
+                return;
+            }
+            if budget == 0 {
+                self.again.push(id);
+                return;
+            }
+            match conn.read_some(&mut self.scratch) {
+                ReadOutcome::Data(n) => {
+                    budget = budget.saturating_sub(n);
+                    let data = &self.scratch[..n];
+                    match conn.state {
+                        ConnState::Http(_) => proxy.http_input(id, data),
+                        ConnState::Ws(_) => proxy.ws_input(id, data),
+                        ConnState::Closing(_) => {}
+                    }
+                    proxy.rearm(id);
+                }
+                ReadOutcome::WouldBlock => {
+                    conn.readable = false;
+                    return;
+                }
+                ReadOutcome::Eof => {
+                    conn.read_closed = true;
+                    on_eof(proxy, id);
+                    return;
+                }
+                ReadOutcome::Failed(e) => {
+                    proxy.drop_conn(id, &format!("read failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes every connection's owed output; finishes closing connections.
+    fn flush(&mut self, proxy: &mut Proxy) {
+        let mut dirty = std::mem::take(&mut proxy.dirty);
+        dirty.sort_unstable_by_key(|id| (id.idx, id.generation));
+        dirty.dedup();
+        for id in dirty {
+            let Some(conn) = proxy.conn_mut(id) else {
+                continue;
+            };
+            let done = match conn.flush() {
+                Ok(done) => done,
+                Err(e) => {
+                    proxy.drop_conn(id, &format!("write failed: {e}"));
+                    continue;
+                }
+            };
+            if !done {
+                continue;
+            }
+            let readable = conn.readable && !conn.read_closed;
+            let read_closed = conn.read_closed;
+            match &mut conn.state {
+                ConnState::Http(h) if h.close_after => {
+                    let _ = conn.sock.shutdown(Shutdown::Write);
+                    if read_closed {
+                        proxy.drop_conn(id, "answered");
+                        continue;
+                    }
+                    conn.state = ConnState::Closing(Closing {
+                        deadline: Instant::now() + CLOSE_LINGER,
+                        fin_sent: true,
+                    });
+                    proxy.rearm(id);
+                }
+                ConnState::Closing(c) => {
+                    if !c.fin_sent {
+                        let _ = conn.sock.shutdown(Shutdown::Write);
+                        c.fin_sent = true;
+                    }
+                    if read_closed {
+                        proxy.drop_conn(id, "closed");
+                        continue;
+                    }
+                }
+                ConnState::Ws(ws) => {
+                    let slot = ws.sess.slot;
+                    let online = ws.sess.is_online();
+                    if readable {
+                        self.again.push(id);
+                    }
+                    let backlog = online
+                        && proxy.registry.get(slot).is_some_and(|e| {
+                            e.state == State::Online && e.queue.iter().any(|q| q.inflight.is_none())
+                        });
+                    if backlog {
+                        proxy.pump(slot);
+                    }
+                }
+                ConnState::Http(_) => {
+                    if readable {
+                        self.again.push(id);
+                    }
+                }
+            }
+        }
+        // Pumping may have produced output; it is flushed on the next turn (zero timeout).
+    }
+}
+
+/// A minimal answer for a connection refused at capacity.
+const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 85\r\nConnection: close\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"FEDMCP_MAX_CONNECTIONS reached\"}}\n";
+
+fn wants_input(proxy: &Proxy, id: ConnId) -> bool {
+    match proxy.conn(id) {
+        Some(c) => match &c.state {
+            ConnState::Http(_) => proxy.http_wants_input(id),
+            ConnState::Ws(_) => c.unsent() <= proxy.unsent_bound(),
+            ConnState::Closing(_) => true,
+        },
+        None => false,
+    }
+}
+
+fn on_eof(proxy: &mut Proxy, id: ConnId) {
+    let Some(conn) = proxy.conn_mut(id) else {
+        return;
+    };
+    let unsent = conn.unsent();
+    match &mut conn.state {
+        ConnState::Http(h) => {
+            let waiting = matches!(h.phase, HttpPhase::Waiting { .. });
+            if unsent == 0 && !waiting {
+                proxy.drop_conn(id, "peer closed");
+            } else {
+                // Answer what was asked, then close.
+                h.close_after = true;
+            }
+        }
+        ConnState::Ws(_) => proxy.drop_conn(id, "connection lost"),
+        ConnState::Closing(_) => {
+            if unsent == 0 {
+                proxy.drop_conn(id, "closed");
+            }
+        }
+    }
+}
+
+fn conn_timer(proxy: &mut Proxy, id: ConnId, now: Instant) {
+    let Some(conn) = proxy.conn(id) else { return };
+    match &conn.state {
+        ConnState::Http(_) => proxy.http_timer(id, now),
+        ConnState::Ws(_) => proxy.session_timer(id, now),
+        ConnState::Closing(c) => {
+            if now >= c.deadline {
+                proxy.drop_conn(id, "close linger over");
+            }
+        }
+    }
+}
+
+/// Binds the listener (non-blocking), for `main` to print the real address.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+}

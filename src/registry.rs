@@ -1,0 +1,299 @@
+//! The registry: a fixed-capacity table of servers, allocated once at start.
+//!
+//! Owns every server's entry (id, endpoints, capabilities, signing key, session pointer, state,
+//! statistics, and the queue of messages waiting for it) and the record of removals that keeps
+//! old tokens revoked. Slots are addressed by [`Slot`] (index + generation), so a handle kept
+//! by a timer or a pending delivery can never reach a newer server that reused the slot.
+//!
+//! Invariants: at most `capacity` entries; `by_id` maps exactly the occupied slots; a slot's
+//! generation changes whenever its entry is removed. It never does I/O and never panics on a
+//! peer-supplied id (lookups return `Option`).
+
+use crate::conn::ConnId;
+use crate::timer::TimerId;
+use std::collections::{HashMap, VecDeque};
+
+/// A registry position that stays valid only while the same entry occupies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
+    pub idx: u32,
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Offline,
+    Connecting,
+    Online,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Offline => "offline",
+            State::Connecting => "connecting",
+            State::Online => "online",
+        }
+    }
+}
+
+/// A message waiting for its recipient (contract §4 `queue: true`).
+#[derive(Debug)]
+pub struct Queued {
+    pub seq: u64,
+    pub msg_id: String,
+    pub from: String,
+    /// The `message` value exactly as the sender sent it.
+    pub message: String,
+    pub sent_at_ms: i64,
+    /// The TTL timer, when the send carried `ttlMs`.
+    pub ttl_timer: Option<TimerId>,
+    /// The delivery id while delivered and awaiting the recipient's answer.
+    pub inflight: Option<u64>,
+    /// Whether the sender awaits `federation/delivered` (false for queued notifications).
+    pub notify_sender: bool,
+}
+
+impl Queued {
+    pub fn bytes(&self) -> usize {
+        self.message.len() + self.msg_id.len() + self.from.len() + 64
+    }
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub server_id: String,
+    /// JSON text of the `endpoints` object (`{}` when none).
+    pub endpoints: String,
+    /// JSON text of the `capabilities` object (`{}` when none).
+    pub capabilities: String,
+    /// Registered by an admin (true) or known because it connected with a valid token.
+    pub registered: bool,
+    /// `K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)` (contract §6).
+    pub signing_key: [u8; 32],
+    /// Tokens with `iat <= revoked_through` were issued before a removal and stay revoked.
+    pub revoked_through: Option<i64>,
+    pub session: Option<ConnId>,
+    pub state: State,
+    pub connected_at_ms: Option<i64>,
+    pub last_seen_at_ms: Option<i64>,
+    pub queue: VecDeque<Queued>,
+    pub queue_bytes: usize,
+    pub sent: u64,
+    pub received: u64,
+}
+
+struct Cell {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegistryError {
+    Full,
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the registry is full (FEDMCP_MAX_SERVERS)")
+    }
+}
+
+pub struct Registry {
+    cells: Vec<Cell>,
+    free: Vec<u32>,
+    by_id: HashMap<String, u32>,
+    /// serverId → last removal time (unix seconds); bounded by `capacity` (oldest dropped).
+    removed: HashMap<String, i64>,
+    capacity: usize,
+}
+
+impl Registry {
+    /// Allocates the whole table now: `capacity` cells and index space.
+    pub fn new(capacity: usize) -> Registry {
+        let mut cells = Vec::with_capacity(capacity);
+        cells.resize_with(capacity, || Cell {
+            generation: 0,
+            entry: None,
+        });
+        Registry {
+            cells,
+            free: (0..capacity as u32).rev().collect(),
+            by_id: HashMap::with_capacity(capacity),
+            removed: HashMap::new(),
+            capacity,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn find(&self, server_id: &str) -> Option<Slot> {
+        let idx = *self.by_id.get(server_id)?;
+        Some(Slot {
+            idx,
+            generation: self.cells[idx as usize].generation,
+        })
+    }
+
+    pub fn get(&self, slot: Slot) -> Option<&Entry> {
+        let c = self.cells.get(slot.idx as usize)?;
+        if c.generation != slot.generation {
+            return None;
+        }
+        c.entry.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Entry> {
+        let c = self.cells.get_mut(slot.idx as usize)?;
+        if c.generation != slot.generation {
+            return None;
+        }
+        c.entry.as_mut()
+    }
+
+    pub fn by_id(&self, server_id: &str) -> Option<&Entry> {
+        self.find(server_id).and_then(|s| self.get(s))
+    }
+
+    pub fn by_id_mut(&mut self, server_id: &str) -> Option<&mut Entry> {
+        let s = self.find(server_id)?;
+        self.get_mut(s)
+    }
+
+    /// The last removal time of a server id, if it was ever removed (and not forgotten).
+    pub fn removed_at(&self, server_id: &str) -> Option<i64> {
+        self.removed.get(server_id).copied()
+    }
+
+    /// Inserts a new entry (the caller checked the id is absent).
+    pub fn insert(&mut self, mut entry: Entry) -> Result<Slot, RegistryError> {
+        let idx = self.free.pop().ok_or(RegistryError::Full)?;
+        entry.revoked_through = self.removed.get(&entry.server_id).copied();
+        self.by_id.insert(entry.server_id.clone(), idx);
+        let cell = &mut self.cells[idx as usize];
+        cell.entry = Some(entry);
+        Ok(Slot {
+            idx,
+            generation: cell.generation,
+        })
+    }
+
+    /// Removes an entry and records the removal time so older tokens stay revoked.
+    pub fn remove(&mut self, slot: Slot, now_secs: i64) -> Option<Entry> {
+        let cell = self.cells.get_mut(slot.idx as usize)?;
+        if cell.generation != slot.generation {
+            return None;
+        }
+        let entry = cell.entry.take()?;
+        cell.generation = cell.generation.wrapping_add(1);
+        self.by_id.remove(&entry.server_id);
+        self.free.push(slot.idx);
+        if self.removed.len() >= self.capacity && !self.removed.contains_key(&entry.server_id) {
+            // Bounded: forget the oldest removal record.
+            if let Some(oldest) = self
+                .removed
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+            {
+                self.removed.remove(&oldest);
+            }
+        }
+        self.removed.insert(entry.server_id.clone(), now_secs);
+        Some(entry)
+    }
+
+    /// All occupied slots, in slot order.
+    pub fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.cells
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.entry.is_some())
+            .map(|(i, c)| Slot {
+                idx: i as u32,
+                generation: c.generation,
+            })
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.cells.iter().filter_map(|c| c.entry.as_ref())
+    }
+}
+
+impl Entry {
+    pub fn new(server_id: String, signing_key: [u8; 32]) -> Entry {
+        Entry {
+            server_id,
+            endpoints: "{}".to_string(),
+            capabilities: "{}".to_string(),
+            registered: false,
+            signing_key,
+            revoked_through: None,
+            session: None,
+            state: State::Offline,
+            connected_at_ms: None,
+            last_seen_at_ms: None,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            sent: 0,
+            received: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_capacity_and_generations() {
+        let mut r = Registry::new(2);
+        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
+        let _b = r.insert(Entry::new("b".into(), [0; 32])).unwrap();
+        assert_eq!(
+            r.insert(Entry::new("c".into(), [0; 32])).unwrap_err(),
+            RegistryError::Full
+        );
+        assert_eq!(r.find("a"), Some(a));
+        assert!(r.remove(a, 100).is_some());
+        assert!(r.get(a).is_none(), "a stale slot reaches nothing");
+        assert_eq!(r.removed_at("a"), Some(100));
+        let c = r.insert(Entry::new("c".into(), [0; 32])).unwrap();
+        assert_eq!(c.idx, a.idx);
+        assert_ne!(c.generation, a.generation);
+        let a2 = r.insert(Entry::new("a".into(), [0; 32])).unwrap_err();
+        assert_eq!(a2, RegistryError::Full);
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn reinserted_entry_keeps_old_tokens_revoked() {
+        let mut r = Registry::new(4);
+        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
+        r.remove(a, 50);
+        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
+        assert_eq!(r.get(a).unwrap().revoked_through, Some(50));
+    }
+
+    #[test]
+    fn removal_records_are_bounded() {
+        let mut r = Registry::new(2);
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            let s = r.insert(Entry::new(name.to_string(), [0; 32])).unwrap();
+            r.remove(s, i as i64);
+        }
+        assert!(r.removed.len() <= 2);
+        assert_eq!(r.removed_at("d"), Some(3));
+        assert_eq!(r.removed_at("a"), None);
+    }
+}

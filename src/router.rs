@@ -1,0 +1,664 @@
+//! Federation semantics: send, deliver, answer, queue, broadcast (contract §4, §6).
+//!
+//! Owns the life of a message from the moment a sender's `federation/send` (or `POST
+//! /v1/messages`) is understood until its answer reaches the sender: routing to the online
+//! recipient with `federation/deliver`, matching the recipient's answer to the delivery,
+//! delivery timeouts, store-and-forward for offline recipients (`queue: true`, TTL expiry,
+//! `federation/delivered`), broadcast, signatures, and the slow-consumer bounds.
+//!
+//! Invariants: every `Pending` entry has exactly one owner of its answer (`ReplyTo`); a
+//! recipient's deliveries are written to its one output buffer in the order sent, so order
+//! per sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
+//! Bounds: unsent bytes per session ([`Proxy::unsent_bound`]), deliveries awaiting one
+//! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), queue length (`FEDMCP_QUEUE_MAX_MESSAGES`) and
+//! bytes ([`QUEUE_MAX_BYTES`]).
+
+use crate::conn::{ConnId, ConnState};
+use crate::jsonrpc::{self, RpcError};
+use crate::jwt;
+use crate::metrics::MsgResult;
+use crate::proxy::{Proxy, TimerKey, now_ms};
+use crate::registry::{Queued, Slot, State};
+use crate::timer::TimerId;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+/// Deliveries one recipient may hold unanswered before new sends to it are refused
+/// `recipient_overloaded`.
+pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
+
+/// Bytes of queued messages kept for one recipient (beside the message-count bound).
+pub const QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where the answer to a send goes.
+#[derive(Debug, Clone)]
+pub enum ReplyTo {
+    /// A JSON-RPC request on a control session; `id` is its JSON text; `batch` when it was
+    /// part of a batch whose array answer waits on it.
+    Ws {
+        conn: ConnId,
+        id: String,
+        batch: Option<u64>,
+    },
+    /// `POST /v1/messages` on an HTTP connection.
+    Http { conn: ConnId },
+}
+
+/// What the sender gets now.
+#[derive(Debug)]
+pub enum Reply {
+    /// Nothing (a notification, or a response).
+    None,
+    /// An answer available at once: a result's JSON text, or an error.
+    Now(Result<String, RpcError>),
+    /// The answer comes later through the `ReplyTo`.
+    Later,
+}
+
+#[derive(Debug)]
+pub enum PendingKind {
+    /// A direct send; `requeue` holds the message when the sender set `queue: true`, so a
+    /// recipient lost before answering gets it from its queue later.
+    Direct {
+        reply_to: ReplyTo,
+        msg_id: String,
+        requeue: Option<Queued>,
+    },
+    /// A delivery out of the recipient's queue (identified by its queue sequence number).
+    FromQueue { qseq: u64 },
+}
+
+#[derive(Debug)]
+pub struct Pending {
+    pub recipient: ConnId,
+    pub slot: Slot,
+    pub started: Instant,
+    pub timer: Option<TimerId>,
+    pub kind: PendingKind,
+}
+
+#[derive(Deserialize)]
+struct SendParams<'a> {
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    #[serde(borrow)]
+    message: &'a RawValue,
+    #[serde(default)]
+    queue: Option<bool>,
+    #[serde(default, rename = "ttlMs")]
+    ttl_ms: Option<u64>,
+    #[serde(default, borrow)]
+    sig: Option<Cow<'a, str>>,
+}
+
+/// The `federation/deliver` params; `msg_id` and `from` are of safe characters only.
+fn deliver_params(msg_id: &str, from: &str, message: &str, sent_at: i64, sig: &str) -> String {
+    let mut p = String::with_capacity(96 + msg_id.len() + from.len() + message.len() + sig.len());
+    p.push_str("{\"msgId\":\"");
+    p.push_str(msg_id);
+    p.push_str("\",\"from\":\"");
+    p.push_str(from);
+    p.push_str("\",\"message\":");
+    p.push_str(message);
+    p.push_str(",\"sentAt\":");
+    p.push_str(&sent_at.to_string());
+    p.push_str(",\"sig\":\"");
+    p.push_str(sig);
+    p.push_str("\"}");
+    p
+}
+
+/// `{"msgId", "status", "reply"|"error"}` from the recipient's answer.
+fn outcome_json(msg_id: &str, outcome: Result<&str, &str>) -> String {
+    let (status, key, v) = match outcome {
+        Ok(r) => ("delivered", "reply", r),
+        Err(e) => ("rejected", "error", e),
+    };
+    format!("{{\"msgId\":\"{msg_id}\",\"status\":\"{status}\",\"{key}\":{v}}}")
+}
+
+impl Proxy {
+    /// Handles `federation/send` (or `POST /v1/messages`) from `from`.
+    /// `reply_to` is `None` for a notification.
+    pub fn send(
+        &mut self,
+        from: &str,
+        params: Option<&RawValue>,
+        reply_to: Option<ReplyTo>,
+    ) -> Reply {
+        let is_request = reply_to.is_some();
+        let r = self.route_send(from, params, reply_to);
+        match r {
+            Reply::Now(Err(ref e)) => {
+                self.metrics.message(match e {
+                    RpcError::UnknownServer => MsgResult::UnknownServer,
+                    RpcError::ServerOffline => MsgResult::Offline,
+                    RpcError::RecipientOverloaded => MsgResult::Overloaded,
+                    RpcError::QueueFull => MsgResult::QueueFull,
+                    RpcError::BadSignature => MsgResult::BadSignature,
+                    _ => MsgResult::Invalid,
+                });
+                if !is_request {
+                    return Reply::None;
+                }
+                r
+            }
+            r if !is_request => {
+                drop(r);
+                Reply::None
+            }
+            r => r,
+        }
+    }
+
+    fn route_send(
+        &mut self,
+        from: &str,
+        params: Option<&RawValue>,
+        reply_to: Option<ReplyTo>,
+    ) -> Reply {
+        let Some(params) = params else {
+            return Reply::Now(Err(RpcError::InvalidParams("params are required".into())));
+        };
+        let p: SendParams = match serde_json::from_str(params.get()) {
+            Ok(p) => p,
+            Err(e) => return Reply::Now(Err(RpcError::InvalidParams(e.to_string()))),
+        };
+        if p.to != "*" && !jwt::valid_server_id(&p.to) {
+            return Reply::Now(Err(RpcError::InvalidParams(
+                "`to` is not a valid serverId or \"*\"".into(),
+            )));
+        }
+        let message = p.message.get();
+        // Signature of the sender: msgId and from are empty strings (contract §6).
+        match &p.sig {
+            Some(sig) => {
+                let key = self.signing_key(from);
+                if !jwt::hmac_verify_b64(&key, &[b"\n\n", message.as_bytes()], sig) {
+                    return Reply::Now(Err(RpcError::BadSignature));
+                }
+            }
+            None if self.cfg.require_signed => return Reply::Now(Err(RpcError::BadSignature)),
+            None => {}
+        }
+        if let Some(e) = self.registry.by_id_mut(from) {
+            e.sent += 1;
+        }
+        let seq = self.next_seq();
+        let msg_id = self.msg_id(seq);
+        let sent_at = now_ms();
+        if p.to == "*" {
+            let n = self.broadcast(from, &msg_id, message, sent_at);
+            self.metrics.message(MsgResult::Broadcast);
+            return Reply::Now(Ok(format!(
+                "{{\"msgId\":\"{msg_id}\",\"status\":\"broadcast\",\"recipients\":{n}}}"
+            )));
+        }
+        let Some(slot) = self.registry.find(&p.to) else {
+            return Reply::Now(Err(RpcError::UnknownServer));
+        };
+        let queue = p.queue.unwrap_or(false);
+        let is_request = reply_to.is_some();
+        let make_queued = |qseq: u64| Queued {
+            seq: qseq,
+            msg_id: msg_id.clone(),
+            from: from.to_string(),
+            message: message.to_string(),
+            sent_at_ms: sent_at,
+            ttl_timer: None,
+            inflight: None,
+            notify_sender: is_request,
+        };
+        match self.recipient_ready(slot, is_request) {
+            Ok(conn) => {
+                let Some(reply_to) = reply_to else {
+                    let params = self.deliver_params_for(slot, &msg_id, from, message, sent_at);
+                    self.ws_send(conn, jsonrpc::request(None, "federation/deliver", &params));
+                    self.count_received(slot);
+                    self.metrics.message(MsgResult::Forwarded);
+                    return Reply::None;
+                };
+                let requeue = queue.then(|| make_queued(seq));
+                let params = self.deliver_params_for(slot, &msg_id, from, message, sent_at);
+                let kind = PendingKind::Direct {
+                    reply_to,
+                    msg_id: msg_id.clone(),
+                    requeue,
+                };
+                self.deliver(conn, slot, seq, &params, kind);
+                Reply::Later
+            }
+            Err(online) => {
+                if !queue {
+                    return Reply::Now(Err(if online {
+                        RpcError::RecipientOverloaded
+                    } else {
+                        RpcError::ServerOffline
+                    }));
+                }
+                let mut q = make_queued(seq);
+                q.ttl_timer = p.ttl_ms.map(|t| {
+                    self.timers.insert(
+                        Instant::now() + Duration::from_millis(t),
+                        TimerKey::Ttl(slot, seq),
+                    )
+                });
+                if let Err(e) = self.enqueue(slot, q) {
+                    return Reply::Now(Err(e));
+                }
+                self.metrics.message(MsgResult::Queued);
+                // An online recipient with room may take it at once.
+                self.pump(slot);
+                Reply::Now(Ok(format!(
+                    "{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}"
+                )))
+            }
+        }
+    }
+
+    /// The recipient's session when it can take a delivery now; else whether it is online
+    /// (overloaded) or not.
+    fn recipient_ready(&self, slot: Slot, awaits_answer: bool) -> Result<ConnId, bool> {
+        let Some(entry) = self.registry.get(slot) else {
+            return Err(false);
+        };
+        let (State::Online, Some(conn)) = (entry.state, entry.session) else {
+            return Err(false);
+        };
+        let Some(c) = self.conn(conn) else {
+            return Err(false);
+        };
+        let ConnState::Ws(ws) = &c.state else {
+            return Err(false);
+        };
+        // Queued messages not yet written go first: a direct send must not overtake them.
+        let backlog = entry.queue.iter().any(|q| q.inflight.is_none());
+        let full = c.unsent() > self.unsent_bound()
+            || (awaits_answer && ws.sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT);
+        if backlog || full { Err(true) } else { Ok(conn) }
+    }
+
+    fn deliver_params_for(
+        &self,
+        slot: Slot,
+        msg_id: &str,
+        from: &str,
+        message: &str,
+        sent_at: i64,
+    ) -> String {
+        let key = self
+            .registry
+            .get(slot)
+            .map(|e| e.signing_key)
+            .unwrap_or([0; 32]);
+        let sig = jwt::hmac_b64(
+            &key,
+            &[
+                msg_id.as_bytes(),
+                b"\n",
+                from.as_bytes(),
+                b"\n",
+                message.as_bytes(),
+            ],
+        );
+        deliver_params(msg_id, from, message, sent_at, &sig)
+    }
+
+    fn count_received(&mut self, slot: Slot) {
+        if let Some(e) = self.registry.get_mut(slot) {
+            e.received += 1;
+        }
+    }
+
+    /// Writes a `federation/deliver` request with id `seq` and records it as pending.
+    fn deliver(&mut self, conn: ConnId, slot: Slot, seq: u64, params: &str, kind: PendingKind) {
+        let timer = match kind {
+            PendingKind::Direct { .. } => Some(self.timers.insert(
+                Instant::now() + self.cfg.delivery_timeout,
+                TimerKey::Delivery(seq),
+            )),
+            PendingKind::FromQueue { .. } => None,
+        };
+        self.ws_send(
+            conn,
+            jsonrpc::request(Some(&seq.to_string()), "federation/deliver", params),
+        );
+        self.count_received(slot);
+        if let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) {
+            ws.sess.inflight += 1;
+        }
+        self.pending.insert(
+            seq,
+            Pending {
+                recipient: conn,
+                slot,
+                started: Instant::now(),
+                timer,
+                kind,
+            },
+        );
+    }
+
+    fn broadcast(&mut self, from: &str, msg_id: &str, message: &str, sent_at: i64) -> usize {
+        let bound = self.unsent_bound();
+        let targets: Vec<(Slot, ConnId)> = self
+            .registry
+            .slots()
+            .filter_map(|s| {
+                let e = self.registry.get(s)?;
+                if e.server_id == from || e.state != State::Online {
+                    return None;
+                }
+                let c = e.session?;
+                (self.conn(c)?.unsent() <= bound).then_some((s, c))
+            })
+            .collect();
+        let mut n = 0;
+        for (slot, conn) in targets {
+            let params = self.deliver_params_for(slot, msg_id, from, message, sent_at);
+            if self.ws_send(conn, jsonrpc::request(None, "federation/deliver", &params)) {
+                self.count_received(slot);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<(), RpcError> {
+        let max = self.cfg.queue_max_messages;
+        let Some(e) = self.registry.get_mut(slot) else {
+            return Err(RpcError::UnknownServer);
+        };
+        if e.queue.len() >= max || e.queue_bytes + q.bytes() > QUEUE_MAX_BYTES {
+            if let Some(t) = q.ttl_timer {
+                self.timers.cancel(t);
+            }
+            return Err(RpcError::QueueFull);
+        }
+        e.queue_bytes += q.bytes();
+        // Keep the queue in send order (a requeued message goes back to its place).
+        let pos = e.queue.partition_point(|x| x.seq < q.seq);
+        e.queue.insert(pos, q);
+        Ok(())
+    }
+
+    /// Delivers queued messages to an online recipient while it has room, in order.
+    pub fn pump(&mut self, slot: Slot) {
+        loop {
+            let Some(entry) = self.registry.get(slot) else {
+                return;
+            };
+            let (State::Online, Some(conn)) = (entry.state, entry.session) else {
+                return;
+            };
+            let Some(i) = entry.queue.iter().position(|q| q.inflight.is_none()) else {
+                return;
+            };
+            let Some(c) = self.conn(conn) else { return };
+            let ConnState::Ws(ws) = &c.state else { return };
+            if c.unsent() > self.unsent_bound() || ws.sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT {
+                return;
+            }
+            let q = &entry.queue[i];
+            let params =
+                self.deliver_params_for(slot, &q.msg_id, &q.from, &q.message, q.sent_at_ms);
+            if q.notify_sender {
+                let qseq = q.seq;
+                let seq = self.next_seq();
+                if let Some(e) = self.registry.get_mut(slot) {
+                    e.queue[i].inflight = Some(seq);
+                }
+                self.deliver(conn, slot, seq, &params, PendingKind::FromQueue { qseq });
+            } else {
+                self.ws_send(conn, jsonrpc::request(None, "federation/deliver", &params));
+                self.count_received(slot);
+                self.metrics.message(MsgResult::Forwarded);
+                self.remove_queued(slot, i);
+            }
+        }
+    }
+
+    fn remove_queued(&mut self, slot: Slot, i: usize) -> Option<Queued> {
+        let e = self.registry.get_mut(slot)?;
+        let q = e.queue.remove(i)?;
+        e.queue_bytes = e.queue_bytes.saturating_sub(q.bytes());
+        if let Some(t) = q.ttl_timer {
+            self.timers.cancel(t);
+        }
+        Some(q)
+    }
+
+    fn find_queued(&self, slot: Slot, qseq: u64) -> Option<usize> {
+        let e = self.registry.get(slot)?;
+        e.queue.binary_search_by_key(&qseq, |q| q.seq).ok()
+    }
+
+    /// The recipient on `conn` answered delivery `seq`.
+    pub fn on_delivery_answer(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        outcome: Result<&RawValue, &RawValue>,
+    ) {
+        match self.pending.get(&seq) {
+            Some(p) if p.recipient == conn => {}
+            _ => {
+                log::debug!("conn {}: answer to unknown delivery {seq}", conn.idx);
+                return;
+            }
+        }
+        let Some(p) = self.pending.remove(&seq) else {
+            return;
+        };
+        if let Some(t) = p.timer {
+            self.timers.cancel(t);
+        }
+        if let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) {
+            ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
+        }
+        self.metrics
+            .observe_delivery(p.started.elapsed().as_secs_f64());
+        self.metrics.message(if outcome.is_ok() {
+            MsgResult::Delivered
+        } else {
+            MsgResult::Rejected
+        });
+        let outcome = outcome.map(|r| r.get()).map_err(|e| e.get());
+        match p.kind {
+            PendingKind::Direct {
+                reply_to, msg_id, ..
+            } => {
+                let body = outcome_json(&msg_id, outcome);
+                self.reply(reply_to, Ok(body));
+            }
+            PendingKind::FromQueue { qseq } => {
+                if let Some(i) = self.find_queued(p.slot, qseq)
+                    && let Some(q) = self.remove_queued(p.slot, i)
+                {
+                    let body = outcome_json(&q.msg_id, outcome);
+                    self.notify_sender(&q.from, body);
+                }
+                self.pump(p.slot);
+            }
+        }
+    }
+
+    /// `federation/delivered` to a sender, if it is online.
+    fn notify_sender(&mut self, sender: &str, params: String) {
+        let Some(conn) = self.registry.by_id(sender).and_then(|e| e.session) else {
+            return;
+        };
+        self.ws_send(
+            conn,
+            jsonrpc::request(None, "federation/delivered", &params),
+        );
+    }
+
+    /// A direct delivery's answer did not come in time.
+    pub fn on_delivery_timeout(&mut self, seq: u64) {
+        let Some(p) = self.pending.remove(&seq) else {
+            return;
+        };
+        if let Some(ConnState::Ws(ws)) = self.conn_mut(p.recipient).map(|c| &mut c.state) {
+            ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
+        }
+        self.metrics.message(MsgResult::Timeout);
+        if let PendingKind::Direct { reply_to, .. } = p.kind {
+            self.reply(reply_to, Err(RpcError::DeliveryTimeout));
+        }
+    }
+
+    /// A queued message's TTL ran out: drop it unless it is already delivered.
+    pub fn on_ttl(&mut self, slot: Slot, qseq: u64) {
+        let Some(i) = self.find_queued(slot, qseq) else {
+            return;
+        };
+        let Some(e) = self.registry.get_mut(slot) else {
+            return;
+        };
+        e.queue[i].ttl_timer = None;
+        if e.queue[i].inflight.is_some() {
+            return;
+        }
+        if let Some(q) = self.remove_queued(slot, i) {
+            self.metrics.message(MsgResult::Expired);
+            if q.notify_sender {
+                self.notify_sender(
+                    &q.from,
+                    format!("{{\"msgId\":\"{}\",\"status\":\"expired\"}}", q.msg_id),
+                );
+            }
+        }
+    }
+
+    /// The session on `conn` ended: its unanswered deliveries are settled. Direct sends
+    /// with `queue: true` go back to the queue (the sender is told `queued`); other direct
+    /// sends fail `server_offline`; queued deliveries become undelivered again.
+    pub fn fail_deliveries_to(&mut self, conn: ConnId) {
+        let seqs: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.recipient == conn)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut seqs = seqs;
+        seqs.sort_unstable();
+        for seq in seqs {
+            let Some(p) = self.pending.remove(&seq) else {
+                continue;
+            };
+            if let Some(t) = p.timer {
+                self.timers.cancel(t);
+            }
+            match p.kind {
+                PendingKind::Direct {
+                    reply_to,
+                    msg_id,
+                    requeue: Some(q),
+                } => match self.enqueue(p.slot, q) {
+                    Ok(()) => {
+                        self.metrics.message(MsgResult::Queued);
+                        self.reply(
+                            reply_to,
+                            Ok(format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}")),
+                        );
+                    }
+                    Err(e) => self.reply(reply_to, Err(e)),
+                },
+                PendingKind::Direct { reply_to, .. } => {
+                    self.metrics.message(MsgResult::Offline);
+                    self.reply(reply_to, Err(RpcError::ServerOffline));
+                }
+                PendingKind::FromQueue { qseq } => {
+                    if let Some(i) = self.find_queued(p.slot, qseq)
+                        && let Some(e) = self.registry.get_mut(p.slot)
+                    {
+                        e.queue[i].inflight = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops a removed server's queue.
+    pub fn drop_queue(&mut self, slot: Slot) {
+        while let Some(e) = self.registry.get(slot) {
+            if e.queue.is_empty() {
+                break;
+            }
+            if self.remove_queued(slot, 0).is_some() {
+                self.metrics.message(MsgResult::Dropped);
+            }
+        }
+    }
+
+    /// Sends an answer to whoever awaits it.
+    pub fn reply(&mut self, to: ReplyTo, r: Result<String, RpcError>) {
+        match to {
+            ReplyTo::Ws {
+                conn,
+                id,
+                batch: None,
+            } => {
+                let text = match r {
+                    Ok(res) => jsonrpc::result(&id, &res),
+                    Err(e) => jsonrpc::error(&id, &e),
+                };
+                self.ws_send(conn, text);
+            }
+            ReplyTo::Ws {
+                conn,
+                id,
+                batch: Some(b),
+            } => {
+                let text = match r {
+                    Ok(res) => jsonrpc::result(&id, &res),
+                    Err(e) => jsonrpc::error(&id, &e),
+                };
+                let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) else {
+                    return;
+                };
+                let Some(batch) = ws.sess.batches.get_mut(&b) else {
+                    return;
+                };
+                batch.parts.push(text);
+                batch.waiting = batch.waiting.saturating_sub(1);
+                if batch.waiting == 0
+                    && let Some(done) = ws.sess.batches.remove(&b)
+                {
+                    self.ws_send(conn, format!("[{}]", done.parts.join(",")));
+                }
+            }
+            ReplyTo::Http { conn } => self.http_async_answer(conn, r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliver_params_keep_message_bytes() {
+        let p = deliver_params("b-1", "alice", "{ \"x\" : 1.50 }", 7, "sig");
+        assert_eq!(
+            p,
+            r#"{"msgId":"b-1","from":"alice","message":{ "x" : 1.50 },"sentAt":7,"sig":"sig"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["sentAt"], 7);
+    }
+
+    #[test]
+    fn outcome_json_is_valid() {
+        let v: serde_json::Value = serde_json::from_str(&outcome_json("m", Ok("[1]"))).unwrap();
+        assert_eq!(v["status"], "delivered");
+        assert_eq!(v["reply"][0], 1);
+        let v: serde_json::Value =
+            serde_json::from_str(&outcome_json("m", Err("{\"code\":1}"))).unwrap();
+        assert_eq!(v["status"], "rejected");
+        assert_eq!(v["error"]["code"], 1);
+    }
+}

@@ -1,0 +1,140 @@
+//! A control session's own state: who it is, where it is in its lifetime, and its limits.
+//!
+//! Owns the per-session facts the router and the loop consult: the server id and registry
+//! slot, the welcome handshake (a session is `connecting` until the server answers the
+//! welcome), token expiry and the one-time `tokenExpiring` notice, heartbeat bookkeeping,
+//! the token bucket of the rate limit, deliveries awaiting this server's answer, and batches
+//! whose answer waits on deliveries. Times are passed in; nothing here does I/O.
+
+use crate::registry::Slot;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A batch whose answer array waits on asynchronous entries.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub waiting: usize,
+    pub parts: Vec<String>,
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst as f64,
+            last: now,
+            rate: rate_per_sec.max(1) as f64,
+            burst: burst.max(1) as f64,
+        }
+    }
+
+    /// Takes one token, or says in how many milliseconds one will be there.
+    pub fn take(&mut self, now: Instant) -> Result<(), u64> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / self.rate) * 1000.0).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub server_id: String,
+    pub slot: Slot,
+    pub session_id: String,
+    /// The welcome request's id and the deadline for its answer, while `connecting`.
+    pub welcome: Option<(u64, Instant)>,
+    /// When the token ends the session (close 4002), and its unix-seconds value.
+    pub expires_at: Instant,
+    pub expires_at_secs: i64,
+    /// When to send `federation/tokenExpiring`; `None` once sent.
+    pub expiring_at: Option<Instant>,
+    pub last_rx: Instant,
+    pub next_ping: Instant,
+    pub heartbeat: Duration,
+    pub bucket: Bucket,
+    /// Messages refused by the rate limit since the last one accepted.
+    pub refused_in_a_row: u32,
+    /// Deliveries written to this server and awaiting its answer.
+    pub inflight: usize,
+    pub batches: HashMap<u64, Batch>,
+    pub next_batch: u64,
+}
+
+impl Session {
+    pub fn is_online(&self) -> bool {
+        self.welcome.is_none()
+    }
+
+    /// The instant `federation/tokenExpiring` is due for a token valid from `iat` to `exp`:
+    /// when a tenth of its lifetime or 60 s, whichever is less, remains.
+    pub fn expiring_notice(now: Instant, now_secs: i64, iat: i64, exp: i64) -> Instant {
+        let lifetime = (exp - iat).max(0);
+        let lead = (lifetime / 10).min(60);
+        let at = exp - lead;
+        now + Duration::from_secs((at - now_secs).max(0) as u64)
+    }
+
+    /// The earliest instant at which this session needs the loop's attention.
+    pub fn deadline(&self) -> Instant {
+        let mut d = self
+            .next_ping
+            .min(self.expires_at)
+            .min(self.last_rx + self.heartbeat * 2);
+        if let Some((_, w)) = self.welcome {
+            d = d.min(w);
+        }
+        if let Some(e) = self.expiring_at {
+            d = d.min(e);
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, 3, t0);
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        let wait = b.take(t0).unwrap_err();
+        assert_eq!(wait, 100);
+        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn expiring_notice_is_a_tenth_or_sixty_seconds() {
+        let t0 = Instant::now();
+        // 100 s token: notice 10 s before the end.
+        assert_eq!(
+            Session::expiring_notice(t0, 1000, 1000, 1100),
+            t0 + Duration::from_secs(90)
+        );
+        // 1 day token: notice 60 s before the end.
+        assert_eq!(
+            Session::expiring_notice(t0, 0, 0, 86400),
+            t0 + Duration::from_secs(86340)
+        );
+        // Already inside the window: due now.
+        assert_eq!(Session::expiring_notice(t0, 1099, 1000, 1100), t0);
+    }
+}

@@ -1,0 +1,151 @@
+//! WebSocket framing for control sessions, over tungstenite's `WebSocketContext`.
+//!
+//! Owns the adapter between tungstenite and our buffers: tungstenite reads from a slice of
+//! bytes the loop already took off the socket ([`WsIo::input`]) and writes whole frames into
+//! the connection's output buffer ([`WsIo::out`]). It never touches a socket, so a session can
+//! be driven by a script of bytes in tests and fuzzing. When the slice is exhausted the adapter
+//! answers `WouldBlock`, which is how tungstenite says "no complete message yet".
+//!
+//! All of tungstenite's sizes come from our limits ([`config`]); the output bound is enforced by
+//! the router before a frame is written (slow-consumer check), so the adapter always accepts.
+
+use std::io::{self, Read, Write};
+use tungstenite::protocol::WebSocketConfig;
+
+/// Initial read-buffer capacity per session: small, because idle sessions dominate memory;
+/// tungstenite grows it for a large frame.
+pub const WS_READ_BUFFER: usize = 2048;
+
+/// tungstenite configuration from our limits.
+pub fn config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_message_bytes.saturating_mul(2).saturating_add(4096))
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+        .accept_unmasked_frames(false)
+}
+
+/// tungstenite's view of the connection: input from a slice, output into our buffer.
+pub struct WsIo<'i, 'o> {
+    pub input: &'i [u8],
+    pub out: &'o mut Vec<u8>,
+}
+
+impl Read for WsIo<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for WsIo<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::protocol::{Role, WebSocketContext};
+    use tungstenite::{Error, Message};
+
+    /// A masked client text frame.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        let mask = [1u8, 2, 3, 4];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    #[test]
+    fn reads_a_message_split_across_inputs() {
+        let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
+        let frame = client_frame(0x1, b"{\"a\":1}");
+        let mut out = Vec::new();
+        let (a, b) = frame.split_at(3);
+        let r = ctx.read(&mut WsIo {
+            input: a,
+            out: &mut out,
+        });
+        assert!(matches!(r, Err(Error::Io(ref e)) if e.kind() == io::ErrorKind::WouldBlock));
+        let m = ctx
+            .read(&mut WsIo {
+                input: b,
+                out: &mut out,
+            })
+            .unwrap();
+        assert_eq!(m, Message::text("{\"a\":1}"));
+    }
+
+    #[test]
+    fn oversize_message_is_a_capacity_error() {
+        let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
+        let frame = client_frame(0x1, &[b'x'; 2000]);
+        let mut out = Vec::new();
+        let r = ctx.read(&mut WsIo {
+            input: &frame,
+            out: &mut out,
+        });
+        assert!(matches!(r, Err(Error::Capacity(_))), "{r:?}");
+    }
+
+    #[test]
+    fn ping_is_answered_into_the_output_buffer() {
+        let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
+        let mut out = Vec::new();
+        let frame = client_frame(0x9, b"hi");
+        let m = ctx
+            .read(&mut WsIo {
+                input: &frame,
+                out: &mut out,
+            })
+            .unwrap();
+        assert!(matches!(m, Message::Ping(_)));
+        ctx.flush(&mut WsIo {
+            input: &[],
+            out: &mut out,
+        })
+        .unwrap();
+        assert_eq!(out, vec![0x8a, 2, b'h', b'i']);
+    }
+
+    #[test]
+    fn frames_are_written_whole_into_the_buffer() {
+        let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
+        let mut out = Vec::new();
+        ctx.write(
+            &mut WsIo {
+                input: &[],
+                out: &mut out,
+            },
+            Message::text("abc"),
+        )
+        .unwrap();
+        assert_eq!(out, vec![0x81, 3, b'a', b'b', b'c']);
+    }
+}
