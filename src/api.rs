@@ -12,14 +12,14 @@
 //! module's; this module never touches a socket.
 
 use crate::audit::Event;
-use crate::conn::{ConnId, ConnState, HttpPhase};
+use crate::conn::{Closing, ConnId, ConnState, HttpPhase};
 use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::http::response;
 use crate::jsonrpc::RpcError;
 use crate::jwt::{self, TokenType};
 use crate::metrics::Gauges;
-use crate::proxy::{AuthError, Proxy, Want, now_secs};
+use crate::proxy::{AuthError, CLOSE_LINGER, Proxy, Want, now_secs};
 use crate::registry::{Entry, RegistryError, State};
 use crate::router::{Reply, ReplyTo};
 use base64::Engine;
@@ -380,25 +380,21 @@ impl Proxy {
                 self.drop_conn(id, "keep-alive idle timeout");
             }
             _ => {
-                h.close_after = true;
-                h.inbuf.clear();
                 let r = Resp::error(
                     408,
                     "request_timeout",
                     "the request did not arrive within the handshake timeout",
                 );
-                // Force the answer even though close_after is set.
                 let headers: Vec<(&str, &str)> =
                     r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                response::write_response(
-                    &mut conn.out,
-                    408,
-                    &headers,
-                    &r.body,
-                    false,
-                    false,
-                    now_secs() as u64,
-                );
+                let date = now_secs() as u64;
+                response::write_response(&mut conn.out, 408, &headers, &r.body, false, false, date);
+                // Closing: the past deadline cannot fire this answer again.
+                let deadline = now + CLOSE_LINGER;
+                conn.state = ConnState::Closing(Closing {
+                    deadline,
+                    fin_sent: false,
+                });
                 self.dirty.push(id);
             }
         }

@@ -22,6 +22,7 @@ use crate::router::{Reply, ReplyTo};
 use crate::session::{Batch, Bucket, Session};
 use crate::ws::{self, WsIo};
 use serde_json::value::RawValue;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
@@ -118,18 +119,20 @@ impl Proxy {
     }
 
     /// Bookkeeping when a session ends for any reason (called once per session).
-    pub fn end_session(&mut self, id: ConnId, sess: Session, reason: &str) {
-        let mut was_current = false;
+    pub fn end_session(
+        &mut self,
+        id: ConnId,
+        sess: Session,
+        reason: &str,
+        peer: Option<SocketAddr>,
+    ) {
         if let Some(e) = self.registry.get_mut(sess.slot)
             && e.session == Some(id)
         {
             e.session = None;
             e.state = State::Offline;
-            was_current = true;
         }
-        let _ = was_current;
         self.fail_deliveries_to(id);
-        let peer = self.conn(id).map(|c| c.peer);
         self.audit(
             Event::SessionClosed,
             Some(&sess.server_id),

@@ -283,7 +283,8 @@ impl Proxy {
         };
         let _ = ws.ctx.close(&mut io, Some(frame));
         self.dirty.push(id);
-        self.end_session(id, ws.sess, reason);
+        let peer = self.conn(id).map(|c| c.peer);
+        self.end_session(id, ws.sess, reason, peer);
         self.rearm(id);
     }
 
@@ -305,7 +306,7 @@ impl Proxy {
             }),
         );
         if let ConnState::Ws(ws) = state {
-            self.end_session(id, ws.sess, why);
+            self.end_session(id, ws.sess, why, Some(conn.peer));
         }
         // Deregistration happens implicitly when the socket is dropped (mio closes the fd,
         // which removes it from epoll).

@@ -256,10 +256,9 @@ impl Reactor {
                     let idle = matches!(h.phase, HttpPhase::Head { .. })
                         && h.inbuf.is_empty()
                         && unsent == 0;
+                    // A request in progress finishes; its answer closes the connection.
                     if idle {
                         proxy.drop_conn(id, "draining");
-                    } else {
-                        h.close_after = true;
                     }
                 }
                 ConnState::Closing(_) => {}
@@ -334,7 +333,9 @@ impl Reactor {
             let readable = conn.readable && !conn.read_closed;
             let read_closed = conn.read_closed;
             match &mut conn.state {
-                ConnState::Http(h) if h.close_after => {
+                ConnState::Http(h)
+                    if h.close_after && !matches!(h.phase, HttpPhase::Waiting { .. }) =>
+                {
                     let _ = conn.sock.shutdown(Shutdown::Write);
                     if read_closed {
                         proxy.drop_conn(id, "answered");
