@@ -230,8 +230,8 @@ impl Proxy {
             Err(e) => {
                 self.ws_send(id, jsonrpc::error("null", &e));
             }
-            Ok(Frame::Single(raw)) => {
-                if let Reply::Now(r) = self.on_message(id, raw, None) {
+            Ok(Frame::Single(text)) => {
+                if let Reply::Now(r) = self.on_message(id, text, None) {
                     self.ws_send(id, r.unwrap_or_else(|e| jsonrpc::error("null", &e)));
                 }
             }
@@ -243,7 +243,7 @@ impl Proxy {
                 let mut parts = Vec::new();
                 let mut waiting = 0usize;
                 for raw in items {
-                    match self.on_message(id, raw, Some(b)) {
+                    match self.on_message(id, raw.get(), Some(b)) {
                         Reply::Now(r) => {
                             parts.push(r.unwrap_or_else(|e| jsonrpc::error("null", &e)))
                         }
@@ -277,9 +277,9 @@ impl Proxy {
     }
 
     /// One JSON-RPC message. `Now` carries the full response text (result or error).
-    fn on_message(&mut self, id: ConnId, raw: &RawValue, batch: Option<u64>) -> Reply {
+    fn on_message(&mut self, id: ConnId, text: &str, batch: Option<u64>) -> Reply {
         self.metrics.ws_messages_in_total += 1;
-        let msg = match jsonrpc::parse_msg(raw) {
+        let msg = match jsonrpc::parse_msg(text) {
             Ok(m) => m,
             Err(inv) => {
                 let rid = inv.id.map_or("null", |i| i.get());

@@ -163,7 +163,7 @@ pub enum Msg<'a> {
 /// What a text frame holds.
 #[derive(Debug)]
 pub enum Frame<'a> {
-    Single(&'a RawValue),
+    Single(&'a str),
     Batch(Vec<&'a RawValue>),
 }
 
@@ -211,8 +211,8 @@ pub fn parse_frame(text: &str) -> Result<Frame<'_>, RpcError> {
         }
         Ok(Frame::Batch(items))
     } else {
-        let one: &RawValue = serde_json::from_str(text).map_err(|_| RpcError::Parse)?;
-        Ok(Frame::Single(one))
+        // One pass: the envelope parse validates the JSON too (see `parse_msg`).
+        Ok(Frame::Single(text))
     }
 }
 
@@ -223,15 +223,21 @@ fn valid_id(id: &RawValue) -> bool {
     )
 }
 
-/// Classifies one already syntax-checked JSON value as a request, notification or response.
-pub fn parse_msg(raw: &RawValue) -> Result<Msg<'_>, Invalid<'_>> {
-    let env: Envelope = match serde_json::from_str(raw.get()) {
+/// Parses one message (a frame's text, or a batch entry) as a request, notification or
+/// response. Invalid JSON is `Parse`; valid JSON that is not a JSON-RPC message is
+/// `InvalidRequest` (told apart by a second, validating pass on the error path only).
+pub fn parse_msg(text: &str) -> Result<Msg<'_>, Invalid<'_>> {
+    let env: Envelope = match serde_json::from_str(text) {
         Ok(e) => e,
-        Err(_) => {
-            return Err(Invalid {
-                error: RpcError::InvalidRequest("not a JSON-RPC object"),
-                id: None,
-            });
+        Err(e) => {
+            let valid_json =
+                e.is_data() && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+            let error = if valid_json {
+                RpcError::InvalidRequest("not a JSON-RPC object")
+            } else {
+                RpcError::Parse
+            };
+            return Err(Invalid { error, id: None });
         }
     };
     let id = env.id.filter(|i| valid_id(i));
@@ -358,7 +364,7 @@ mod tests {
 
     fn one(text: &str) -> Result<String, RpcError> {
         match parse_frame(text)? {
-            Frame::Single(raw) => match parse_msg(raw) {
+            Frame::Single(text) => match parse_msg(text) {
                 Ok(Msg::Request { id, method, params }) => Ok(format!(
                     "req {} {} {}",
                     id.get(),
@@ -410,6 +416,20 @@ mod tests {
         assert_eq!(one("{").unwrap_err().code(), -32700);
         assert_eq!(one("").unwrap_err().code(), -32700);
         assert_eq!(one("[]").unwrap_err().code(), -32600);
+        // Invalid JSON is a parse error even when a field is also of the wrong type.
+        assert_eq!(one(r#"{"method":5, "x": }"#).unwrap_err().code(), -32700);
+        assert_eq!(
+            one(r#"{"jsonrpc":"2.0","method":"m"} x"#)
+                .unwrap_err()
+                .code(),
+            -32700
+        );
+        assert_eq!(
+            one(r#"[{"jsonrpc":"2.0","method":"m"},]"#)
+                .unwrap_err()
+                .code(),
+            -32700
+        );
         assert_eq!(one("5").unwrap_err().code(), -32600);
         assert_eq!(one(r#"{"id":1,"method":"m"}"#).unwrap_err().code(), -32600);
         assert_eq!(
