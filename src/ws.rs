@@ -6,8 +6,11 @@
 //! be driven by a script of bytes in tests and fuzzing. When the slice is exhausted the adapter
 //! answers `WouldBlock`, which is how tungstenite says "no complete message yet".
 //!
-//! All of tungstenite's sizes come from our limits ([`config`]); the output bound is enforced by
-//! the router before a frame is written (slow-consumer check), so the adapter always accepts.
+//! All of tungstenite's input sizes come from our limits ([`config`]). Its output buffer never
+//! holds more than the frame being written (write buffer size 0, and the adapter accepts every
+//! write), so its cap is left open: the output bound is ours, on `Conn::out`, enforced before
+//! a frame is written (the slow-consumer check) and by not reading from a peer that does not
+//! read. A frame is never refused half-way, so no answer is silently lost.
 
 use std::io::{self, Read, Write};
 use tungstenite::protocol::WebSocketConfig;
@@ -21,7 +24,7 @@ pub fn config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(0)
-        .max_write_buffer_size(max_message_bytes.saturating_mul(2).saturating_add(4096))
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
         .accept_unmasked_frames(false)
