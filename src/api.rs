@@ -333,14 +333,14 @@ impl Proxy {
             keep,
             now_secs() as u64,
         );
-        if !h.close_after {
-            if h.inbuf.is_empty() {
-                h.phase = HttpPhase::Head { idle: true };
-                h.deadline = now + idle;
-            } else {
-                h.phase = HttpPhase::Head { idle: false };
-                h.deadline = now + handshake;
-            }
+        // The request is answered: the connection waits for the next one (or, with
+        // `close_after`, is closed by the flush once the answer is out).
+        if h.inbuf.is_empty() {
+            h.phase = HttpPhase::Head { idle: true };
+            h.deadline = now + idle;
+        } else {
+            h.phase = HttpPhase::Head { idle: false };
+            h.deadline = now + handshake;
         }
         self.dirty.push(id);
         self.rearm(id);

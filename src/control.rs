@@ -16,14 +16,14 @@ use crate::conn::{ConnId, ConnState, WsConn};
 use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, now_ms, now_secs};
+use crate::proxy::{Proxy, now_ms};
 use crate::registry::{Entry, State};
 use crate::router::{Reply, ReplyTo};
-use crate::session::{Batch, Bucket, Session};
+use crate::session::{Batch, Bucket, Session, instant_at};
 use crate::ws::{self, WsIo};
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
@@ -54,18 +54,19 @@ impl Proxy {
             self.ws_close(old, 4003, "replaced by a newer session");
         }
         let now = Instant::now();
-        let now_s = now_secs();
+        let now_ms = now_ms();
         let welcome_id = self.next_seq();
         let hb = self.cfg.heartbeat;
-        let expires_in = Duration::from_secs((claims.exp - now_s).max(0) as u64);
         let sess = Session {
             server_id: claims.server_id.clone(),
             slot,
             session_id: self.session_id(),
             welcome: Some((welcome_id, now + self.cfg.handshake_timeout)),
-            expires_at: now + expires_in,
+            expires_at: instant_at(now, now_ms, claims.exp.saturating_mul(1000)),
             expires_at_secs: claims.exp,
-            expiring_at: Some(Session::expiring_notice(now, now_s, claims.iat, claims.exp)),
+            expiring_at: Some(Session::expiring_notice(
+                now, now_ms, claims.iat, claims.exp,
+            )),
             last_rx: now,
             next_ping: now + hb,
             heartbeat: hb,
@@ -96,8 +97,8 @@ impl Proxy {
         if let Some(e) = self.registry.get_mut(slot) {
             e.session = Some(id);
             e.state = State::Connecting;
-            e.connected_at_ms = Some(now_ms());
-            e.last_seen_at_ms = Some(now_ms());
+            e.connected_at_ms = Some(now_ms);
+            e.last_seen_at_ms = Some(now_ms);
         }
         self.metrics.sessions_opened_total += 1;
         self.audit(
@@ -385,12 +386,12 @@ impl Proxy {
     fn refresh(&mut self, id: ConnId, server_id: &str) -> String {
         let (token, exp) = self.mint(server_id, TokenType::Federation);
         let now = Instant::now();
-        let now_s = now_secs();
+        let now_ms = now_ms();
         let iat = exp - self.cfg.token_ttl_secs as i64;
         if let Some(sess) = self.session(id) {
-            sess.expires_at = now + Duration::from_secs((exp - now_s).max(0) as u64);
+            sess.expires_at = instant_at(now, now_ms, exp.saturating_mul(1000));
             sess.expires_at_secs = exp;
-            sess.expiring_at = Some(Session::expiring_notice(now, now_s, iat, exp));
+            sess.expiring_at = Some(Session::expiring_notice(now, now_ms, iat, exp));
         }
         let peer = self.conn(id).map(|c| c.peer);
         self.audit(Event::TokenIssued, Some(server_id), peer, Some("refresh"));
@@ -432,9 +433,6 @@ impl Proxy {
         if sess.welcome.is_some_and(|(_, d)| now >= d) {
             return self.ws_close(id, 1008, "welcome not answered in time");
         }
-        if now >= sess.expires_at {
-            return self.ws_close(id, 4002, "token expired");
-        }
         if now >= sess.last_rx + sess.heartbeat * 2 {
             self.drop_conn(id, "heartbeat: silent for two intervals");
             return;
@@ -452,6 +450,9 @@ impl Proxy {
             );
         }
         let Some(sess) = self.session(id) else { return };
+        if now >= sess.expires_at {
+            return self.ws_close(id, 4002, "token expired");
+        }
         if now >= sess.next_ping {
             sess.next_ping = now + sess.heartbeat;
             self.ws_ping(id);

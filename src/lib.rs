@@ -33,6 +33,7 @@ pub mod control;
 pub mod http;
 pub mod jsonrpc;
 pub mod jwt;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reactor;

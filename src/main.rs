@@ -64,7 +64,7 @@ fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
 }
 
 fn serve() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    fedmcp::logging::init();
     let cfg = match config() {
         Ok(c) => c,
         Err(code) => return code,

@@ -74,18 +74,24 @@ pub struct Session {
     pub next_batch: u64,
 }
 
+/// The `Instant` of a wall-clock time `at_ms` (ms since the epoch), given that `now_ms` is
+/// the wall clock at `now`; a time in the past is `now`.
+pub fn instant_at(now: Instant, now_ms: i64, at_ms: i64) -> Instant {
+    now + Duration::from_millis(at_ms.saturating_sub(now_ms).max(0) as u64)
+}
+
 impl Session {
     pub fn is_online(&self) -> bool {
         self.welcome.is_none()
     }
 
-    /// The instant `federation/tokenExpiring` is due for a token valid from `iat` to `exp`:
-    /// when a tenth of its lifetime or 60 s, whichever is less, remains.
-    pub fn expiring_notice(now: Instant, now_secs: i64, iat: i64, exp: i64) -> Instant {
-        let lifetime = (exp - iat).max(0);
-        let lead = (lifetime / 10).min(60);
-        let at = exp - lead;
-        now + Duration::from_secs((at - now_secs).max(0) as u64)
+    /// The instant `federation/tokenExpiring` is due for a token valid from `iat` to `exp`
+    /// (seconds): when a tenth of its lifetime or 60 s, whichever is less, remains. Computed
+    /// in milliseconds, so a short token still gets its notice before it ends.
+    pub fn expiring_notice(now: Instant, now_ms: i64, iat: i64, exp: i64) -> Instant {
+        let lifetime_ms = (exp - iat).max(0).saturating_mul(1000);
+        let lead_ms = (lifetime_ms / 10).min(60_000);
+        instant_at(now, now_ms, exp.saturating_mul(1000) - lead_ms)
     }
 
     /// The earliest instant at which this session needs the loop's attention.
@@ -126,7 +132,7 @@ mod tests {
         let t0 = Instant::now();
         // 100 s token: notice 10 s before the end.
         assert_eq!(
-            Session::expiring_notice(t0, 1000, 1000, 1100),
+            Session::expiring_notice(t0, 1_000_000, 1000, 1100),
             t0 + Duration::from_secs(90)
         );
         // 1 day token: notice 60 s before the end.
@@ -134,7 +140,12 @@ mod tests {
             Session::expiring_notice(t0, 0, 0, 86400),
             t0 + Duration::from_secs(86340)
         );
+        // 3 s token: notice 300 ms before the end, not at the end.
+        assert_eq!(
+            Session::expiring_notice(t0, 1_000_000, 1000, 1003),
+            t0 + Duration::from_millis(2700)
+        );
         // Already inside the window: due now.
-        assert_eq!(Session::expiring_notice(t0, 1099, 1000, 1100), t0);
+        assert_eq!(Session::expiring_notice(t0, 1_099_500, 1000, 1100), t0);
     }
 }

@@ -1,0 +1,126 @@
+# fedmcp build and test entry points.
+#
+#   make run        build, print an operator admin token, start the proxy on 127.0.0.1:8443
+#   make test       cargo test, then the interop suite, then the smoke targets
+#   make interop    Python clients (websockets, PyJWT, curl) against the real binary
+#   make lint       rustfmt check and clippy with warnings as errors
+#   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
+#   make clean      remove .venv and fedmcp-data (make clean-all also removes target/)
+#
+# Needs only Rust, Python 3.11 and network access to crates.io and PyPI.
+# FEDMCP_BIN=/path/to/fedmcp make interop  tests that binary instead of building one.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+# Targets run one after another: `make test` must run its steps in order even under -j.
+.NOTPARALLEL:
+
+CARGO ?= cargo
+PYTHON ?= python3
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+DEV_BIN := $(TARGET_DIR)/debug/fedmcp
+
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+INTEROP_REQS := tests/interop/requirements.txt
+INTEROP_STAMP := $(VENV)/.interop-requirements
+# Extra arguments for the interop runner, e.g. INTEROP_ARGS="-v -k queue".
+INTEROP_ARGS ?=
+# Upper bound for the whole interop run, in seconds (each wait inside is bounded too).
+INTEROP_TIMEOUT ?= 900
+
+# `make run` settings: the embedded defaults.
+RUN_LISTEN ?= 127.0.0.1:8443
+RUN_STATE_DIR ?= ./fedmcp-data
+
+.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench static clean clean-all
+
+all: build
+
+build:
+	$(CARGO) build --bin fedmcp
+
+# The admin token is printed here, by make, before the proxy starts: it never passes
+# through the proxy's log. `fedmcp token` creates the secret in the state dir if missing,
+# and the proxy then keeps using it.
+run: build
+	@tok=$$(FEDMCP_STATE_DIR='$(RUN_STATE_DIR)' '$(DEV_BIN)' token --server-id operator --admin); \
+	echo "Operator admin token (serverId \"operator\", type admin; send it as \"Authorization: Bearer <token>\" to the admin API, e.g. GET /v1/servers):"; \
+	echo "$$tok"; \
+	echo ""; \
+	FEDMCP_LISTEN='$(RUN_LISTEN)' FEDMCP_STATE_DIR='$(RUN_STATE_DIR)' exec '$(DEV_BIN)'
+
+test: cargo-test interop test-smoke
+
+cargo-test:
+	$(CARGO) test --no-fail-fast
+
+# ---- smoke tests: other engineers add their targets here --------------------------------
+# Add each smoke target as a prerequisite of test-smoke (and so of `make test`).
+test-smoke: fuzz-smoke
+	@true
+# ------------------------------------------------------------------------------------------
+
+$(INTEROP_STAMP): $(INTEROP_REQS)
+	@if [ ! -x '$(VENV_PY)' ]; then echo "creating $(VENV)"; $(PYTHON) -m venv '$(VENV)'; fi
+	'$(VENV_PY)' -m pip install --disable-pip-version-check --quiet -r '$(INTEROP_REQS)'
+	@touch '$@'
+
+interop: $(INTEROP_STAMP)
+	@bin='$(FEDMCP_BIN)'; \
+	if [ -z "$$bin" ]; then \
+	  $(CARGO) build --bin fedmcp; \
+	  bin='$(DEV_BIN)'; \
+	fi; \
+	echo "interop: testing $$bin"; \
+	FEDMCP_BIN="$$bin" timeout --foreground -k 10 '$(INTEROP_TIMEOUT)' '$(VENV_PY)' tests/interop/run.py $(INTEROP_ARGS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# ---- fuzzing (cargo-fuzz, libFuzzer, nightly toolchain) ------------------------------------
+# Seeds are checked in under fuzz/corpus/<target>; what the fuzzer finds goes to a scratch
+# corpus under fuzz/target, so a run never dirties the work tree. Crashes land in
+# fuzz/artifacts/<target>/.
+FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_TOOLCHAIN ?= +nightly
+
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+define run-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/corpus/$$t; \
+	  echo "fuzz: $$t for $(1) s"; \
+	  $(CARGO) $(FUZZ_TOOLCHAIN) fuzz run -O $$t target/corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(1) -max_len=16384 -print_final_stats=1 2>&1 \
+	    | grep -E '^(Done|stat::number_of_executed_units|INFO: seed corpus)|ERROR|panicked|SUMMARY' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz: $$t FAILED"; exit 1; }; \
+	done
+endef
+
+fuzz: cargo-fuzz
+	$(call run-fuzz,$(FUZZ_SECONDS))
+
+fuzz-smoke: cargo-fuzz
+	$(call run-fuzz,$(FUZZ_SMOKE_SECONDS))
+
+# Placeholders: the engineers who own these replace the recipe.
+
+soak:
+	@echo "soak: not yet implemented (issues 4 and 5)"
+
+bench:
+	@echo "bench: not yet implemented (issue 2)"
+
+static:
+	@echo "static: not yet implemented (issue 3)"
+
+clean:
+	rm -rf '$(VENV)' fedmcp-data tests/interop/__pycache__
+
+clean-all: clean
+	$(CARGO) clean
