@@ -755,18 +755,18 @@ impl Proxy {
             resp.push_str("Sec-WebSocket-Protocol: fedmcp.v1\r\n");
         }
         resp.push_str("\r\n");
-        let leftover = match self.conn_mut(id) {
+        let (leftover, welcome_by) = match self.conn_mut(id) {
             Some(conn) => {
                 conn.out.extend_from_slice(resp.as_bytes());
                 match &mut conn.state {
-                    ConnState::Http(h) => std::mem::take(&mut h.inbuf),
-                    _ => Vec::new(),
+                    ConnState::Http(h) => (std::mem::take(&mut h.inbuf), h.deadline),
+                    _ => return Outcome::Upgraded,
                 }
             }
             None => return Outcome::Upgraded,
         };
         self.dirty.push(id);
-        if self.open_session(id, &claims).is_err() {
+        if self.open_session(id, &claims, welcome_by).is_err() {
             self.drop_conn(id, "registry full");
             return Outcome::Upgraded;
         }

@@ -35,10 +35,13 @@ impl Proxy {
     /// Turns an authenticated upgrade into a session: registry entry (created if the server
     /// is only known by its token), replacement of an older session (4003), the welcome.
     /// Returns false when the registry is full.
+    /// `welcome_by` is the handshake deadline of the connection: the contract's handshake
+    /// timeout covers the HTTP head, the upgrade and the welcome answer together.
     pub fn open_session(
         &mut self,
         id: ConnId,
         claims: &Claims,
+        welcome_by: Instant,
     ) -> Result<(), crate::registry::RegistryError> {
         let slot = match self.registry.find(&claims.server_id) {
             Some(s) => s,
@@ -61,7 +64,7 @@ impl Proxy {
             server_id: claims.server_id.clone(),
             slot,
             session_id: self.session_id(),
-            welcome: Some((welcome_id, now + self.cfg.handshake_timeout)),
+            welcome: Some((welcome_id, welcome_by.min(now + self.cfg.handshake_timeout))),
             expires_at: instant_at(now, now_ms, claims.exp.saturating_mul(1000)),
             expires_at_secs: claims.exp,
             expiring_at: Some(Session::expiring_notice(

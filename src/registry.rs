@@ -46,7 +46,9 @@ pub struct Queued {
     /// The `message` value exactly as the sender sent it.
     pub message: String,
     pub sent_at_ms: i64,
-    /// The TTL timer, when the send carried `ttlMs`.
+    /// When an undelivered copy is dropped as `expired` (the send's `ttlMs`), and the timer
+    /// armed for it while the message waits in the queue.
+    pub expires: Option<std::time::Instant>,
     pub ttl_timer: Option<TimerId>,
     /// The delivery id while delivered and awaiting the recipient's answer.
     pub inflight: Option<u64>,

@@ -201,12 +201,14 @@ impl Proxy {
         };
         let queue = p.queue.unwrap_or(false);
         let is_request = reply_to.is_some();
+        let expires = p.ttl_ms.map(|t| Instant::now() + Duration::from_millis(t));
         let make_queued = |qseq: u64| Queued {
             seq: qseq,
             msg_id: msg_id.clone(),
             from: from.to_string(),
             message: message.to_string(),
             sent_at_ms: sent_at,
+            expires,
             ttl_timer: None,
             inflight: None,
             notify_sender: is_request,
@@ -238,14 +240,7 @@ impl Proxy {
                         RpcError::ServerOffline
                     }));
                 }
-                let mut q = make_queued(seq);
-                q.ttl_timer = p.ttl_ms.map(|t| {
-                    self.timers.insert(
-                        Instant::now() + Duration::from_millis(t),
-                        TimerKey::Ttl(slot, seq),
-                    )
-                });
-                if let Err(e) = self.enqueue(slot, q) {
+                if let Err(e) = self.enqueue(slot, make_queued(seq)) {
                     return Reply::Now(Err(e));
                 }
                 self.metrics.message(MsgResult::Queued);
@@ -366,17 +361,22 @@ impl Proxy {
         n
     }
 
-    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<(), RpcError> {
+    /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
+    /// TTL already past fires on the next turn and drops it as `expired`).
+    fn enqueue(&mut self, slot: Slot, mut q: Queued) -> Result<(), RpcError> {
         let max = self.cfg.queue_max_messages;
-        let Some(e) = self.registry.get_mut(slot) else {
+        let Some(e) = self.registry.get(slot) else {
             return Err(RpcError::UnknownServer);
         };
         if e.queue.len() >= max || e.queue_bytes + q.bytes() > QUEUE_MAX_BYTES {
-            if let Some(t) = q.ttl_timer {
-                self.timers.cancel(t);
-            }
             return Err(RpcError::QueueFull);
         }
+        if let (Some(at), None) = (q.expires, q.ttl_timer) {
+            q.ttl_timer = Some(self.timers.insert(at, TimerKey::Ttl(slot, q.seq)));
+        }
+        let Some(e) = self.registry.get_mut(slot) else {
+            return Err(RpcError::UnknownServer);
+        };
         e.queue_bytes += q.bytes();
         // Keep the queue in send order (a requeued message goes back to its place).
         let pos = e.queue.partition_point(|x| x.seq < q.seq);
@@ -402,6 +402,11 @@ impl Proxy {
                 return;
             }
             let q = &entry.queue[i];
+            if q.expires.is_some_and(|at| at <= Instant::now()) {
+                let qseq = q.seq;
+                self.on_ttl(slot, qseq);
+                continue;
+            }
             let params =
                 self.deliver_params_for(slot, &q.msg_id, &q.from, &q.message, q.sent_at_ms);
             if q.notify_sender {
@@ -572,10 +577,16 @@ impl Proxy {
                     self.reply(reply_to, Err(RpcError::ServerOffline));
                 }
                 PendingKind::FromQueue { qseq } => {
+                    // Undelivered again: its TTL applies again (already past: expires on
+                    // the next turn instead of being delivered twice).
                     if let Some(i) = self.find_queued(p.slot, qseq)
                         && let Some(e) = self.registry.get_mut(p.slot)
                     {
-                        e.queue[i].inflight = None;
+                        let q = &mut e.queue[i];
+                        q.inflight = None;
+                        if let (Some(at), None) = (q.expires, q.ttl_timer) {
+                            q.ttl_timer = Some(self.timers.insert(at, TimerKey::Ttl(p.slot, qseq)));
+                        }
                     }
                 }
             }
