@@ -19,7 +19,7 @@ use crate::http::response;
 use crate::jsonrpc::RpcError;
 use crate::jwt::{self, TokenType};
 use crate::metrics::Gauges;
-use crate::proxy::{AuthError, CLOSE_LINGER, Proxy, Want, now_secs};
+use crate::proxy::{AuthError, CLOSE_LINGER, Proxy, Want, now_secs, secs_to_ms};
 use crate::registry::{Entry, RegistryError, State};
 use crate::router::{Reply, ReplyTo};
 use base64::Engine;
@@ -604,7 +604,7 @@ impl Proxy {
             format!(
                 "{{\"serverId\":\"{}\",\"token\":\"{token}\",\"expiresAt\":{},\"signingKey\":\"{key}\"}}",
                 b.server_id,
-                exp * 1000
+                secs_to_ms(exp)
             ),
         )
     }
@@ -649,9 +649,11 @@ impl Proxy {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
             return Resp::error(404, "unknown_server", "no server with that id");
         };
+        self.removing = Some(slot);
         if let Some(conn) = self.registry.get(slot).and_then(|e| e.session) {
             self.ws_close(conn, 4001, "server removed");
         }
+        self.removing = None;
         self.drop_queue(slot);
         if let Some(e) = self.registry.remove(slot, now_secs()) {
             self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
@@ -669,7 +671,10 @@ impl Proxy {
         );
         Resp::json(
             200,
-            format!("{{\"token\":\"{token}\",\"expiresAt\":{}}}", exp * 1000),
+            format!(
+                "{{\"token\":\"{token}\",\"expiresAt\":{}}}",
+                secs_to_ms(exp)
+            ),
         )
     }
 

@@ -119,6 +119,10 @@ pub struct Conn {
     pub read_closed: bool,
     /// The conn's armed deadline in the loop's timer structure.
     pub timer: Option<TimerId>,
+    /// Control-session input read from the socket but not yet processed, because the
+    /// session's output went over its bound mid-read (at most one read chunk: nothing more
+    /// is read until it is processed).
+    pub stash: Vec<u8>,
 }
 
 /// Output capacity kept across flushes; a larger buffer is released once empty.

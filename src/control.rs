@@ -16,7 +16,7 @@ use crate::conn::{ConnId, ConnState, WsConn};
 use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, now_ms};
+use crate::proxy::{Proxy, now_ms, secs_to_ms};
 use crate::registry::{Entry, State};
 use crate::router::{Reply, ReplyTo};
 use crate::session::{Batch, Bucket, Session, instant_at};
@@ -83,7 +83,7 @@ impl Proxy {
             "{{\"serverId\":\"{}\",\"sessionId\":\"{}\",\"expiresAt\":{},\"heartbeatMs\":{},\"limits\":{{\"maxMessageBytes\":{},\"ratePerSec\":{},\"burst\":{}}}}}",
             sess.server_id,
             sess.session_id,
-            claims.exp * 1000,
+            secs_to_ms(claims.exp),
             hb.as_millis(),
             self.cfg.max_message_bytes,
             self.cfg.rate_per_sec,
@@ -158,6 +158,7 @@ impl Proxy {
         if let Some(e) = self.registry.get_mut(slot) {
             e.last_seen_at_ms = Some(now_ms());
         }
+        let bound = self.unsent_bound();
         loop {
             let r = {
                 let Some(conn) = self.conn_mut(id) else {
@@ -166,6 +167,12 @@ impl Proxy {
                 let ConnState::Ws(ws) = &mut conn.state else {
                     return;
                 };
+                if conn.out.len() - conn.out_pos > bound && !input.is_empty() {
+                    // The peer is not reading its answers: keep the rest of the input for
+                    // when the output drains, and read nothing more until then.
+                    conn.stash.extend_from_slice(input);
+                    break;
+                }
                 let mut io = WsIo {
                     input,
                     out: &mut conn.out,
@@ -243,41 +250,60 @@ impl Proxy {
                 let Some(sess) = self.session(id) else { return };
                 sess.next_batch += 1;
                 let b = sess.next_batch;
-                sess.batches.insert(b, Batch::default());
-                let mut parts = Vec::new();
-                let mut waiting = 0usize;
+                sess.batches.insert(
+                    b,
+                    Batch {
+                        reading: true,
+                        ..Batch::default()
+                    },
+                );
                 for raw in items {
-                    match self.on_message(id, raw.get(), Some(b)) {
+                    let r = self.on_message(id, raw.get(), Some(b));
+                    let Some(batch) = self.session(id).and_then(|s| s.batches.get_mut(&b)) else {
+                        return; // the session ended (or the batch was cut off) meanwhile
+                    };
+                    match r {
                         Reply::Now(r) => {
-                            parts.push(r.unwrap_or_else(|e| jsonrpc::error("null", &e)))
+                            batch.push(r.unwrap_or_else(|e| jsonrpc::error("null", &e)))
                         }
-                        Reply::Later => waiting += 1,
+                        Reply::Later => batch.pending += 1,
                         Reply::None => {}
                     }
-                    if self.session(id).is_none() {
+                    if !self.batch_within_bound(id, b) {
                         return;
                     }
                 }
-                let Some(sess) = self.session(id) else { return };
-                if waiting == 0 {
-                    sess.batches.remove(&b);
-                    if !parts.is_empty() {
-                        self.ws_send(id, format!("[{}]", parts.join(",")));
-                    }
-                } else if let Some(batch) = sess.batches.get_mut(&b) {
-                    // Answers that arrived while the batch was being read are already in
-                    // `batch.parts`; they count against `waiting`.
-                    let arrived = batch.parts.len();
-                    batch.parts.extend(parts);
-                    batch.waiting = waiting.saturating_sub(arrived);
-                    if batch.waiting == 0
-                        && let Some(done) = sess.batches.remove(&b)
-                    {
-                        self.ws_send(id, format!("[{}]", done.parts.join(",")));
-                    }
+                if let Some(batch) = self.session(id).and_then(|s| s.batches.get_mut(&b)) {
+                    batch.reading = false;
                 }
+                self.finish_batch(id, b);
             }
         }
+    }
+
+    /// Sends a batch's answer array once it is complete.
+    pub fn finish_batch(&mut self, id: ConnId, b: u64) {
+        let Some(sess) = self.session(id) else { return };
+        if !sess.batches.get(&b).is_some_and(Batch::done) {
+            return;
+        }
+        if let Some(answer) = sess.batches.remove(&b).and_then(|batch| batch.answer()) {
+            self.ws_send(id, answer);
+        }
+    }
+
+    /// A batch whose collected answers outgrow the session's output bound closes the session
+    /// 1008: answering it would buffer more than the proxy allows for one peer.
+    pub fn batch_within_bound(&mut self, id: ConnId, b: u64) -> bool {
+        let hard = self.hard_output_bound();
+        let over = self
+            .session(id)
+            .and_then(|s| s.batches.get(&b))
+            .is_some_and(|batch| batch.bytes > hard);
+        if over {
+            self.ws_close(id, 1008, "batch answer over the output bound");
+        }
+        !over
     }
 
     /// One JSON-RPC message. `Now` carries the full response text (result or error).
@@ -399,7 +425,10 @@ impl Proxy {
         let peer = self.conn(id).map(|c| c.peer);
         self.audit(Event::TokenIssued, Some(server_id), peer, Some("refresh"));
         self.rearm(id);
-        format!("{{\"token\":\"{token}\",\"expiresAt\":{}}}", exp * 1000)
+        format!(
+            "{{\"token\":\"{token}\",\"expiresAt\":{}}}",
+            secs_to_ms(exp)
+        )
     }
 
     /// An answer from the server: to the welcome, or to a delivery.
@@ -448,7 +477,7 @@ impl Proxy {
                 jsonrpc::request(
                     None,
                     "federation/tokenExpiring",
-                    &format!("{{\"expiresAt\":{}}}", exp * 1000),
+                    &format!("{{\"expiresAt\":{}}}", secs_to_ms(exp)),
                 ),
             );
         }

@@ -102,6 +102,9 @@ pub struct Proxy {
     pub resume: Vec<ConnId>,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
     pub draining: Option<Instant>,
+    /// The server being removed right now: its unanswered deliveries fail instead of going
+    /// back to a queue that is about to be dropped.
+    pub removing: Option<Slot>,
     seq: u64,
     boot_id: String,
 }
@@ -112,6 +115,11 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Milliseconds of a seconds value (token claims are peer-supplied: saturate, never overflow).
+pub fn secs_to_ms(secs: i64) -> i64 {
+    secs.saturating_mul(1000)
 }
 
 /// Seconds since the epoch.
@@ -164,6 +172,7 @@ impl Proxy {
             dirty: Vec::new(),
             resume: Vec::new(),
             draining: None,
+            removing: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
         }
@@ -220,10 +229,27 @@ impl Proxy {
             .saturating_add(64 * 1024)
     }
 
+    /// The most a session's output may hold before the session is closed 1008: twice the
+    /// soft bound. Past the soft bound deliveries are refused and the peer's input is not
+    /// processed, so only answers already owed can get here: a peer that does not read.
+    pub fn hard_output_bound(&self) -> usize {
+        self.unsent_bound().saturating_mul(2)
+    }
+
     /// Writes a text frame to a control session. False when the connection is gone or not a
-    /// session (the caller treats the peer as offline).
+    /// session (the caller treats the peer as offline), or when the frame would take the
+    /// session's output past [`Proxy::hard_output_bound`] (the session is closed 1008).
     pub fn ws_send(&mut self, id: ConnId, text: String) -> bool {
+        let hard = self.hard_output_bound();
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return false;
+        };
+        if conn.unsent().saturating_add(text.len()) > hard && matches!(conn.state, ConnState::Ws(_))
+        {
+            self.ws_close(id, 1008, "output over its bound: the peer does not read");
+            return false;
+        }
+        let Some(conn) = self.conns.get_mut(id.idx as usize) else {
             return false;
         };
         let ConnState::Ws(ws) = &mut conn.state else {
@@ -286,6 +312,32 @@ impl Proxy {
         let peer = self.conn(id).map(|c| c.peer);
         self.end_session(id, ws.sess, reason, peer);
         self.rearm(id);
+    }
+
+    /// The peer of a control session went away (EOF without a close frame): the session
+    /// ends now; answers already owed are still written before the socket closes.
+    pub fn ws_peer_gone(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return;
+        };
+        let closing = Closing {
+            deadline: Instant::now() + CLOSE_LINGER,
+            fin_sent: false,
+        };
+        let old = std::mem::replace(&mut conn.state, ConnState::Closing(closing));
+        let ConnState::Ws(ws) = old else {
+            conn.state = old;
+            return;
+        };
+        let peer = Some(conn.peer);
+        let owed = conn.unsent() > 0;
+        self.end_session(id, ws.sess, "connection lost", peer);
+        if owed {
+            self.dirty.push(id);
+            self.rearm(id);
+        } else {
+            self.drop_conn(id, "connection lost");
+        }
     }
 
     /// Removes a connection now, ending its session if it had one.

@@ -145,8 +145,8 @@ impl Reactor {
             self.flush(proxy);
             proxy.audit.flush();
             if let Some(end) = proxy.draining {
-                if proxy.conns.is_empty() {
-                    log::info!("drained: all connections closed");
+                if proxy.conns.iter().all(|(_, c)| idle_http(c)) {
+                    log::info!("drained: no session or request left");
                     return Ok(());
                 }
                 if Instant::now() >= end {
@@ -200,6 +200,7 @@ impl Reactor {
                 writable: false,
                 read_closed: false,
                 timer: None,
+                stash: Vec::new(),
             });
             let Some(id) = id else { continue };
             proxy.metrics.accepted_total += 1;
@@ -240,29 +241,24 @@ impl Reactor {
             "draining: closing sessions, exiting within {:?}",
             proxy.cfg.shutdown_grace
         );
-        proxy.draining = Some(Instant::now() + proxy.cfg.shutdown_grace);
+        // Exit a little before the grace time is over, so "within the grace time" holds
+        // even with the last turn's work.
+        let grace = proxy.cfg.shutdown_grace;
+        let margin = (grace / 10).min(Duration::from_millis(100));
+        proxy.draining = Some(Instant::now() + grace - margin);
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        let ids: Vec<ConnId> = proxy.conns.iter().map(|(_, c)| c.id).collect();
+        // Sessions close 1001. HTTP connections stay: a request on them is answered (readyz
+        // with 503) with `Connection: close`; idle ones do not hold the exit back.
+        let ids: Vec<ConnId> = proxy
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Ws(_)))
+            .map(|(_, c)| c.id)
+            .collect();
         for id in ids {
-            let Some(conn) = proxy.conn_mut(id) else {
-                continue;
-            };
-            let unsent = conn.unsent();
-            match &mut conn.state {
-                ConnState::Ws(_) => proxy.ws_close(id, 1001, "proxy shutting down"),
-                ConnState::Http(h) => {
-                    let idle = matches!(h.phase, HttpPhase::Head { .. })
-                        && h.inbuf.is_empty()
-                        && unsent == 0;
-                    // A request in progress finishes; its answer closes the connection.
-                    if idle {
-                        proxy.drop_conn(id, "draining");
-                    }
-                }
-                ConnState::Closing(_) => {}
-            }
+            proxy.ws_close(id, 1001, "proxy shutting down");
         }
     }
 
@@ -360,6 +356,10 @@ impl Reactor {
                 ConnState::Ws(ws) => {
                     let slot = ws.sess.slot;
                     let online = ws.sess.is_online();
+                    let stash = std::mem::take(&mut conn.stash);
+                    if !stash.is_empty() {
+                        proxy.ws_input(id, &stash);
+                    }
                     if readable {
                         self.again.push(id);
                     }
@@ -371,7 +371,12 @@ impl Reactor {
                         proxy.pump(slot);
                     }
                 }
-                ConnState::Http(_) => {
+                ConnState::Http(h) => {
+                    // Pipelined requests already buffered were held back while the output
+                    // was over its bound: process them now.
+                    if !h.inbuf.is_empty() {
+                        proxy.resume.push(id);
+                    }
                     if readable {
                         self.again.push(id);
                     }
@@ -385,11 +390,23 @@ impl Reactor {
 /// A minimal answer for a connection refused at capacity.
 const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 85\r\nConnection: close\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"FEDMCP_MAX_CONNECTIONS reached\"}}\n";
 
+/// An HTTP connection between requests with nothing owed: it does not hold a drain back.
+fn idle_http(c: &Conn) -> bool {
+    match &c.state {
+        ConnState::Http(h) => {
+            matches!(h.phase, HttpPhase::Head { idle: true })
+                && h.inbuf.is_empty()
+                && c.unsent() == 0
+        }
+        _ => false,
+    }
+}
+
 fn wants_input(proxy: &Proxy, id: ConnId) -> bool {
     match proxy.conn(id) {
         Some(c) => match &c.state {
             ConnState::Http(_) => proxy.http_wants_input(id),
-            ConnState::Ws(_) => c.unsent() <= proxy.unsent_bound(),
+            ConnState::Ws(_) => c.unsent() <= proxy.unsent_bound() && c.stash.is_empty(),
             ConnState::Closing(_) => true,
         },
         None => false,
@@ -411,7 +428,8 @@ fn on_eof(proxy: &mut Proxy, id: ConnId) {
                 h.close_after = true;
             }
         }
-        ConnState::Ws(_) => proxy.drop_conn(id, "connection lost"),
+        // Answers already owed still go out; then the connection closes.
+        ConnState::Ws(_) => proxy.ws_peer_gone(id),
         ConnState::Closing(_) => {
             if unsent == 0 {
                 proxy.drop_conn(id, "closed");

@@ -558,6 +558,10 @@ impl Proxy {
                 self.timers.cancel(t);
             }
             match p.kind {
+                PendingKind::Direct { reply_to, .. } if self.removing == Some(p.slot) => {
+                    self.metrics.message(MsgResult::UnknownServer);
+                    self.reply(reply_to, Err(RpcError::UnknownServer));
+                }
                 PendingKind::Direct {
                     reply_to,
                     msg_id,
@@ -634,12 +638,10 @@ impl Proxy {
                 let Some(batch) = ws.sess.batches.get_mut(&b) else {
                     return;
                 };
-                batch.parts.push(text);
-                batch.waiting = batch.waiting.saturating_sub(1);
-                if batch.waiting == 0
-                    && let Some(done) = ws.sess.batches.remove(&b)
-                {
-                    self.ws_send(conn, format!("[{}]", done.parts.join(",")));
+                batch.push(text);
+                batch.pending -= 1;
+                if self.batch_within_bound(conn, b) {
+                    self.finish_batch(conn, b);
                 }
             }
             ReplyTo::Http { conn } => self.http_async_answer(conn, r),

@@ -10,11 +10,34 @@ use crate::registry::Slot;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// A batch whose answer array waits on asynchronous entries.
+/// A batch's answer array, collected until every entry is settled.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub waiting: usize,
+    /// True while the batch's frame is still being read: it is not sent before that ends,
+    /// even if every entry read so far is settled.
+    pub reading: bool,
+    /// Entries answered later (sends awaiting their recipient) not yet settled; may dip
+    /// below zero while reading, when an entry settles one read before it.
+    pub pending: i64,
     pub parts: Vec<String>,
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn push(&mut self, part: String) {
+        self.bytes += part.len() + 1;
+        self.parts.push(part);
+    }
+
+    /// Complete: read to the end and nothing pending.
+    pub fn done(&self) -> bool {
+        !self.reading && self.pending <= 0
+    }
+
+    /// The answer array (`None` when no entry needed an answer).
+    pub fn answer(&self) -> Option<String> {
+        (!self.parts.is_empty()).then(|| format!("[{}]", self.parts.join(",")))
+    }
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
@@ -76,8 +99,10 @@ pub struct Session {
 
 /// The `Instant` of a wall-clock time `at_ms` (ms since the epoch), given that `now_ms` is
 /// the wall clock at `now`; a time in the past is `now`.
+/// The distance is capped (a century) so a peer's absurd `exp` cannot overflow an `Instant`.
 pub fn instant_at(now: Instant, now_ms: i64, at_ms: i64) -> Instant {
-    now + Duration::from_millis(at_ms.saturating_sub(now_ms).max(0) as u64)
+    const CAP_MS: i64 = 100 * 365 * 24 * 3600 * 1000;
+    now + Duration::from_millis(at_ms.saturating_sub(now_ms).clamp(0, CAP_MS) as u64)
 }
 
 impl Session {
@@ -89,7 +114,7 @@ impl Session {
     /// (seconds): when a tenth of its lifetime or 60 s, whichever is less, remains. Computed
     /// in milliseconds, so a short token still gets its notice before it ends.
     pub fn expiring_notice(now: Instant, now_ms: i64, iat: i64, exp: i64) -> Instant {
-        let lifetime_ms = (exp - iat).max(0).saturating_mul(1000);
+        let lifetime_ms = exp.saturating_sub(iat).max(0).saturating_mul(1000);
         let lead_ms = (lifetime_ms / 10).min(60_000);
         instant_at(now, now_ms, exp.saturating_mul(1000) - lead_ms)
     }
@@ -145,6 +170,9 @@ mod tests {
             Session::expiring_notice(t0, 1_000_000, 1000, 1003),
             t0 + Duration::from_millis(2700)
         );
+        // An absurd exp (a signed token can say anything) neither panics nor overflows.
+        let far = Session::expiring_notice(t0, 0, i64::MIN, i64::MAX);
+        assert!(far > t0 + Duration::from_secs(86400 * 365 * 99));
         // Already inside the window: due now.
         assert_eq!(Session::expiring_notice(t0, 1_099_500, 1000, 1100), t0);
     }
