@@ -64,7 +64,7 @@ pub enum PendingKind {
     Direct {
         reply_to: ReplyTo,
         msg_id: String,
-        requeue: Option<Queued>,
+        requeue: Option<Box<Queued>>,
     },
     /// A delivery out of the recipient's queue (identified by its queue sequence number).
     FromQueue { qseq: u64 },
@@ -222,7 +222,7 @@ impl Proxy {
                     self.metrics.message(MsgResult::Forwarded);
                     return Reply::None;
                 };
-                let requeue = queue.then(|| make_queued(seq));
+                let requeue = queue.then(|| Box::new(make_queued(seq)));
                 let params = self.deliver_params_for(slot, &msg_id, from, message, sent_at);
                 let kind = PendingKind::Direct {
                     reply_to,
@@ -566,7 +566,7 @@ impl Proxy {
                     reply_to,
                     msg_id,
                     requeue: Some(q),
-                } => match self.enqueue(p.slot, q) {
+                } => match self.enqueue(p.slot, *q) {
                     Ok(()) => {
                         self.metrics.message(MsgResult::Queued);
                         self.reply(
