@@ -119,11 +119,18 @@ pub struct Conn {
     pub read_closed: bool,
     /// The conn's armed deadline in the loop's timer structure.
     pub timer: Option<TimerId>,
+    /// The TLS session when the listener serves TLS (boxed: most of a plain proxy's
+    /// connections do not pay for it).
+    pub tls: Option<Box<rustls::ServerConnection>>,
     /// Control-session input read from the socket but not yet processed, because the
     /// session's output went over its bound mid-read (at most one read chunk: nothing more
     /// is read until it is processed).
     pub stash: Vec<u8>,
 }
+
+/// Plaintext rustls may hold encrypted-but-unsent per connection; the rest waits in
+/// `Conn::out`, where the slow-consumer bounds see it.
+pub const TLS_BUFFER_LIMIT: usize = 64 * 1024;
 
 /// Output capacity kept across flushes; a larger buffer is released once empty.
 const OUT_KEEP_CAPACITY: usize = 16 * 1024;
@@ -133,8 +140,11 @@ impl Conn {
         self.out.len() - self.out_pos
     }
 
-    /// One non-blocking read into `buf`.
+    /// One non-blocking read of plaintext into `buf` (through TLS when the listener has it).
     pub fn read_some(&mut self, buf: &mut [u8]) -> ReadOutcome {
+        if self.tls.is_some() {
+            return self.tls_read(buf);
+        }
         loop {
             match self.sock.read(buf) {
                 Ok(0) => return ReadOutcome::Eof,
@@ -146,8 +156,55 @@ impl Conn {
         }
     }
 
+    /// The TLS read pump: plaintext rustls already holds comes first (data decrypted with
+    /// the last handshake record raises no socket event), then records from the socket.
+    /// `WouldBlock` only when both are exhausted. A protocol error queues the alert, which
+    /// the caller's flush sends before the connection is dropped.
+    fn tls_read(&mut self, buf: &mut [u8]) -> ReadOutcome {
+        let Some(tls) = self.tls.as_mut() else {
+            return ReadOutcome::Eof;
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(0) => return ReadOutcome::Eof, // close_notify
+                Ok(n) => return ReadOutcome::Data(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return ReadOutcome::Eof,
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+            match tls.read_tls(&mut self.sock) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        // Best effort: the alert goes out now, the connection is dropped next.
+                        let _ = tls.write_tls(&mut self.sock);
+                        return ReadOutcome::Failed(io::Error::new(io::ErrorKind::InvalidData, e));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
+    }
+
+    /// True when TLS has records to send (a handshake step after a read, an alert).
+    pub fn tls_wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Queues TLS `close_notify` (no-op on a plain connection); the next flush sends it.
+    pub fn tls_close_notify(&mut self) {
+        if let Some(t) = self.tls.as_mut() {
+            t.send_close_notify();
+        }
+    }
+
     /// Writes owed bytes until done or `WouldBlock`. `Ok(true)` when nothing is left.
     pub fn flush(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.tls_flush();
+        }
         while self.out_pos < self.out.len() {
             if !self.writable {
                 return Ok(false);
@@ -168,12 +225,60 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        self.reset_out();
+        Ok(true)
+    }
+
+    /// The TLS write pump: plaintext moves into rustls only as far as its bounded buffer
+    /// takes it (the rest stays in `out`, where it counts as unsent), records go to the
+    /// socket until it would block. rustls' `Ok(0)` (buffer full) is not an error here.
+    fn tls_flush(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(true);
+        };
+        loop {
+            while self.out_pos < self.out.len() {
+                let n = tls.writer().write(&self.out[self.out_pos..])?;
+                if n == 0 {
+                    break;
+                }
+                self.out_pos += n;
+            }
+            if !tls.wants_write() {
+                break;
+            }
+            if !self.writable {
+                return Ok(false);
+            }
+            match tls.write_tls(&mut self.sock) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket wrote 0 bytes",
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out_pos < self.out.len() {
+            return Ok(false); // still handshaking: rustls holds plaintext until it is done
+        }
+        self.reset_out();
+        Ok(true)
+    }
+
+    fn reset_out(&mut self) {
         self.out.clear();
         self.out_pos = 0;
         if self.out.capacity() > OUT_KEEP_CAPACITY {
             self.out = Vec::new();
         }
-        Ok(true)
     }
 }
 

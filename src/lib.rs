@@ -42,4 +42,5 @@ pub mod router;
 pub mod session;
 pub mod store;
 pub mod timer;
+pub mod tls;
 pub mod ws;

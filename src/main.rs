@@ -73,6 +73,16 @@ fn serve() -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => match fedmcp::tls::load(cert, key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let audit = match Audit::open(cfg.audit_log.as_deref()) {
         Ok(a) => a,
         Err(e) => {
@@ -106,10 +116,12 @@ fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut proxy = Proxy::new(cfg, secret, audit);
+    proxy.tls = tls;
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = writeln!(out, "listening on {scheme}://{addr}");
         let _ = out.flush();
     }
     log::info!("fedmcp {} serving on {addr}", env!("CARGO_PKG_VERSION"));

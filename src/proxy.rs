@@ -100,6 +100,9 @@ pub struct Proxy {
     pub dirty: Vec<ConnId>,
     /// HTTP connections to process again (an asynchronous answer was written).
     pub resume: Vec<ConnId>,
+    /// The TLS configuration new connections get (`None`: plain listener). Replaced on
+    /// SIGHUP; connections keep the configuration they started with.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
     pub draining: Option<Instant>,
     /// The server being removed right now: its unanswered deliveries fail instead of going
@@ -171,6 +174,7 @@ impl Proxy {
             audit,
             dirty: Vec::new(),
             resume: Vec::new(),
+            tls: None,
             draining: None,
             removing: None,
             seq: 0,
@@ -470,6 +474,25 @@ impl Proxy {
         reason: Option<&str>,
     ) {
         self.audit.record(now_ms(), event, server_id, peer, reason);
+    }
+
+    /// SIGHUP: reload the certificate and key from the configured paths; a bad pair keeps
+    /// the old one (the proxy keeps serving) and is logged.
+    pub fn reload_tls(&mut self) {
+        let (Some(cert), Some(key)) = (self.cfg.tls_cert.clone(), self.cfg.tls_key.clone()) else {
+            log::info!("SIGHUP: no TLS certificate configured, nothing to reload");
+            return;
+        };
+        match crate::tls::load(&cert, &key) {
+            Ok(cfg) => {
+                self.tls = Some(cfg);
+                log::info!(
+                    "SIGHUP: TLS certificate and key reloaded from {}",
+                    cert.display()
+                );
+            }
+            Err(e) => log::error!("SIGHUP: keeping the current certificate: {e}"),
+        }
     }
 
     pub fn ready(&self) -> bool {

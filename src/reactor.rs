@@ -200,10 +200,26 @@ impl Reactor {
                 writable: false,
                 read_closed: false,
                 timer: None,
+                tls: None,
                 stash: Vec::new(),
             });
             let Some(id) = id else { continue };
             proxy.metrics.accepted_total += 1;
+            if let Some(cfg) = proxy.tls.clone() {
+                match rustls::ServerConnection::new(cfg) {
+                    Ok(mut t) => {
+                        t.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
+                        if let Some(c) = proxy.conn_mut(id) {
+                            c.tls = Some(Box::new(t));
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("TLS session setup failed: {e}");
+                        proxy.drop_conn(id, "tls setup failed");
+                        continue;
+                    }
+                }
+            }
             let registered = match proxy.conn_mut(id) {
                 Some(c) => self.poll.registry().register(
                     &mut c.sock,
@@ -226,7 +242,7 @@ impl Reactor {
         for sig in got {
             match sig {
                 SIGTERM | SIGINT => self.begin_drain(proxy),
-                SIGHUP => log::info!("SIGHUP: no TLS certificate configured, nothing to reload"),
+                SIGHUP => proxy.reload_tls(),
                 _ => {}
             }
         }
@@ -282,16 +298,23 @@ impl Reactor {
             match conn.read_some(&mut self.scratch) {
                 ReadOutcome::Data(n) => {
                     budget = budget.saturating_sub(n);
+                    let owes_tls = conn.tls_wants_write();
                     let data = &self.scratch[..n];
                     match conn.state {
                         ConnState::Http(_) => proxy.http_input(id, data),
                         ConnState::Ws(_) => proxy.ws_input(id, data),
                         ConnState::Closing(_) => {}
                     }
+                    if owes_tls {
+                        proxy.dirty.push(id);
+                    }
                     proxy.rearm(id);
                 }
                 ReadOutcome::WouldBlock => {
                     conn.readable = false;
+                    if conn.tls_wants_write() {
+                        proxy.dirty.push(id);
+                    }
                     return;
                 }
                 ReadOutcome::Eof => {
@@ -300,6 +323,10 @@ impl Reactor {
                     return;
                 }
                 ReadOutcome::Failed(e) => {
+                    // A TLS alert may be owed: one last best-effort write, then drop.
+                    if conn.tls_wants_write() {
+                        let _ = conn.flush();
+                    }
                     proxy.drop_conn(id, &format!("read failed: {e}"));
                     return;
                 }
@@ -332,7 +359,7 @@ impl Reactor {
                 ConnState::Http(h)
                     if h.close_after && !matches!(h.phase, HttpPhase::Waiting { .. }) =>
                 {
-                    let _ = conn.sock.shutdown(Shutdown::Write);
+                    finish_write(conn);
                     if read_closed {
                         proxy.drop_conn(id, "answered");
                         continue;
@@ -345,8 +372,8 @@ impl Reactor {
                 }
                 ConnState::Closing(c) => {
                     if !c.fin_sent {
-                        let _ = conn.sock.shutdown(Shutdown::Write);
                         c.fin_sent = true;
+                        finish_write(conn);
                     }
                     if read_closed {
                         proxy.drop_conn(id, "closed");
@@ -389,6 +416,16 @@ impl Reactor {
 
 /// A minimal answer for a connection refused at capacity.
 const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 85\r\nConnection: close\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"FEDMCP_MAX_CONNECTIONS reached\"}}\n";
+
+/// Ends our side of a connection whose output is flushed: TLS `close_notify` (best effort),
+/// then FIN.
+fn finish_write(conn: &mut Conn) {
+    if conn.tls.is_some() {
+        conn.tls_close_notify();
+        let _ = conn.flush();
+    }
+    let _ = conn.sock.shutdown(Shutdown::Write);
+}
 
 /// An HTTP connection between requests with nothing owed: it does not hold a drain back.
 fn idle_http(c: &Conn) -> bool {
