@@ -4,6 +4,7 @@
 #   make test       cargo test, then the interop suite, then the smoke targets
 #   make interop    Python clients (websockets, PyJWT, curl) against the real binary
 #   make lint       rustfmt check and clippy with warnings as errors
+#   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
 #   make clean      remove .venv and fedmcp-data (make clean-all also removes target/)
 #
@@ -116,8 +117,21 @@ soak:
 bench:
 	@echo "bench: not yet implemented (issue 2)"
 
+# ---- static binary (x86_64 musl) ---------------------------------------------------------
+# ring compiles a little C: for musl it needs musl-gcc (Debian's musl-tools).
+STATIC_TARGET := x86_64-unknown-linux-musl
+STATIC_BIN := $(TARGET_DIR)/$(STATIC_TARGET)/release/fedmcp
+
 static:
-	@echo "static: not yet implemented (issue 3)"
+	@rustup target list --installed 2>/dev/null | grep -qx '$(STATIC_TARGET)' || rustup target add '$(STATIC_TARGET)'
+	@command -v musl-gcc >/dev/null 2>&1 || { \
+	  echo "static: installing musl-tools (musl-gcc) for ring's C parts"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq musl-tools; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq musl-tools; fi; }
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target '$(STATIC_TARGET)' --bin fedmcp
+	@file '$(STATIC_BIN)' 2>/dev/null || true
+	@ls -l '$(STATIC_BIN)'
+	@echo "static: $(STATIC_BIN)"
 
 clean:
 	rm -rf '$(VENV)' fedmcp-data tests/interop/__pycache__
