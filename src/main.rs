@@ -69,10 +69,7 @@ fn serve() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let secret = match secret(&cfg) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    // TLS first: a bad pair must end the start before anything is created or logged.
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => match fedmcp::tls::load(cert, key) {
             Ok(t) => Some(t),
@@ -82,6 +79,10 @@ fn serve() -> ExitCode {
             }
         },
         _ => None,
+    };
+    let secret = match secret(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let audit = match Audit::open(cfg.audit_log.as_deref()) {
         Ok(a) => a,
