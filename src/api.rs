@@ -584,6 +584,9 @@ impl Proxy {
                 }
             }
         };
+        if let Some(slot) = self.registry.find(&b.server_id) {
+            self.outbound_update(slot);
+        }
         self.audit(
             Event::ServerRegistered,
             Some(&b.server_id),
@@ -610,13 +613,41 @@ impl Proxy {
     }
 
     fn entry_json(e: &Entry) -> String {
+        use crate::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
         let online = e.session.is_some();
+        // Without a session, a dialled server is `connecting` while an attempt runs and
+        // `backoff` between attempts (§5).
+        let state = match (&e.outbound, online) {
+            (Some(o), false) if o.phase == OutPhase::Backoff => "backoff",
+            (Some(_), false) => "connecting",
+            _ => e.state.as_str(),
+        };
+        let direction = match (online, e.outbound_session) {
+            (false, _) => "null",
+            (true, true) => "\"outbound\"",
+            (true, false) => "\"inbound\"",
+        };
+        let mut dial = String::new();
+        if let Some(o) = &e.outbound {
+            dial.push_str(",\"lastError\":");
+            match &o.last_error {
+                Some(m) => crate::audit::push_json_str(&mut dial, m),
+                None => dial.push_str("null"),
+            }
+            dial.push_str(",\"nextAttemptAt\":");
+            let next = if o.phase == OutPhase::Backoff {
+                o.next_attempt_ms
+            } else {
+                None
+            };
+            dial.push_str(&opt(next));
+        }
         format!(
-            "{{\"serverId\":\"{}\",\"state\":\"{}\",\"direction\":{},\"endpoints\":{},\"capabilities\":{},\"connectedAt\":{},\"lastSeenAt\":{},\"queued\":{},\"stats\":{{\"sent\":{},\"received\":{}}}}}",
+            "{{\"serverId\":\"{}\",\"state\":\"{}\",\"direction\":{},\"endpoints\":{},\"capabilities\":{},\"connectedAt\":{},\"lastSeenAt\":{},\"queued\":{},\"stats\":{{\"sent\":{},\"received\":{}}}{dial}}}",
             e.server_id,
-            e.state.as_str(),
-            if online { "\"inbound\"" } else { "null" },
+            state,
+            direction,
             e.endpoints,
             e.capabilities,
             if online {
@@ -649,6 +680,7 @@ impl Proxy {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
             return Resp::error(404, "unknown_server", "no server with that id");
         };
+        self.outbound_stop(slot);
         self.removing = Some(slot);
         if let Some(conn) = self.registry.get(slot).and_then(|e| e.session) {
             self.ws_close(conn, 4001, "server removed");
@@ -771,7 +803,10 @@ impl Proxy {
             None => return Outcome::Upgraded,
         };
         self.dirty.push(id);
-        if self.open_session(id, &claims, welcome_by).is_err() {
+        if self
+            .open_session(id, &claims, welcome_by, tungstenite::protocol::Role::Server)
+            .is_err()
+        {
             self.drop_conn(id, "registry full");
             return Outcome::Upgraded;
         }

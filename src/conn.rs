@@ -90,14 +90,40 @@ pub struct Closing {
 
 pub enum ConnState {
     Http(HttpConn),
+    /// An outbound connection on its way to a session: TCP connect, TLS, upgrade (§5).
+    Dialing(Box<Dialing>),
     Ws(Box<WsConn>),
     Closing(Closing),
+}
+
+/// Where an outbound connection is.
+#[derive(Debug)]
+pub enum DialPhase {
+    /// Non-blocking connect in progress (done when the socket turns writable).
+    Connecting,
+    /// Upgrade request sent; the answer head accumulates here (bounded).
+    Upgrading { inbuf: Vec<u8> },
+}
+
+#[derive(Debug)]
+pub struct Dialing {
+    pub slot: crate::registry::Slot,
+    pub url: crate::outbound::ControlUrl,
+    /// Our `Sec-WebSocket-Key`.
+    pub key: String,
+    /// The token presented (its claims bound the session like an inbound one's).
+    pub claims: crate::jwt::Claims,
+    pub token: String,
+    pub phase: DialPhase,
+    /// Connect + TLS + upgrade + welcome answer, like an inbound handshake.
+    pub deadline: Instant,
 }
 
 impl ConnState {
     pub fn label(&self) -> &'static str {
         match self {
             ConnState::Http(_) => "http",
+            ConnState::Dialing(_) => "connecting",
             ConnState::Ws(w) if w.sess.is_online() => "online",
             ConnState::Ws(_) => "connecting",
             ConnState::Closing(_) => "closing",
@@ -121,7 +147,7 @@ pub struct Conn {
     pub timer: Option<TimerId>,
     /// The TLS session when the listener serves TLS (boxed: most of a plain proxy's
     /// connections do not pay for it).
-    pub tls: Option<Box<rustls::ServerConnection>>,
+    pub tls: Option<Box<rustls::Connection>>,
     /// Control-session input read from the socket but not yet processed, because the
     /// session's output went over its bound mid-read (at most one read chunk: nothing more
     /// is read until it is processed).

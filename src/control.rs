@@ -42,6 +42,7 @@ impl Proxy {
         id: ConnId,
         claims: &Claims,
         welcome_by: Instant,
+        role: Role,
     ) -> Result<(), crate::registry::RegistryError> {
         let slot = match self.registry.find(&claims.server_id) {
             Some(s) => s,
@@ -89,7 +90,7 @@ impl Proxy {
             self.cfg.rate_per_sec,
             self.cfg.rate_burst
         );
-        let ctx = WebSocketContext::new(Role::Server, Some(ws::config(self.cfg.max_message_bytes)));
+        let ctx = WebSocketContext::new(role, Some(ws::config(self.cfg.max_message_bytes)));
         let peer = match self.conn_mut(id) {
             Some(conn) => {
                 conn.state = ConnState::Ws(Box::new(WsConn { ctx, sess }));
@@ -99,6 +100,7 @@ impl Proxy {
         };
         if let Some(e) = self.registry.get_mut(slot) {
             e.session = Some(id);
+            e.outbound_session = role == Role::Client;
             e.state = State::Connecting;
             e.connected_at_ms = Some(now_ms);
             e.last_seen_at_ms = Some(now_ms);
@@ -134,9 +136,13 @@ impl Proxy {
             && e.session == Some(id)
         {
             e.session = None;
+            e.outbound_session = false;
             e.state = State::Offline;
         }
         self.fail_deliveries_to(id);
+        // A dialled session that ended is dialled again (§5).
+        let phase = crate::registry::OutPhase::Session(id);
+        self.dial_failed(sess.slot, phase, format!("session ended: {reason}"));
         self.audit(
             Event::SessionClosed,
             Some(&sess.server_id),
@@ -449,6 +455,10 @@ impl Proxy {
                 let caps = outcome.ok().and_then(capabilities_of);
                 if let Some(e) = self.registry.get_mut(slot) {
                     e.state = State::Online;
+                    if let Some(o) = e.outbound.as_mut() {
+                        o.attempt = 0;
+                        o.last_error = None;
+                    }
                     if let Some(c) = caps {
                         e.capabilities = c;
                     }

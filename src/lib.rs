@@ -35,6 +35,7 @@ pub mod jsonrpc;
 pub mod jwt;
 pub mod logging;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod reactor;
 pub mod registry;

@@ -80,6 +80,13 @@ fn serve() -> ExitCode {
         },
         _ => None,
     };
+    let tls_client = match fedmcp::tls::client_config(cfg.trusted_ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let secret = match secret(&cfg) {
         Ok(s) => s,
         Err(code) => return code,
@@ -120,6 +127,7 @@ fn serve() -> ExitCode {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut proxy = Proxy::new(cfg, secret, audit);
     proxy.tls = tls;
+    proxy.tls_client = Some(tls_client);
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {scheme}://{addr}");

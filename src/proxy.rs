@@ -39,6 +39,8 @@ pub enum TimerKey {
     Delivery(u64),
     /// A queued message's TTL.
     Ttl(Slot, u64),
+    /// The next attempt to dial a server (§5).
+    Dial(Slot),
 }
 
 /// An authentication failure, with the contract's status and code.
@@ -103,6 +105,15 @@ pub struct Proxy {
     /// The TLS configuration new connections get (`None`: plain listener). Replaced on
     /// SIGHUP; connections keep the configuration they started with.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The TLS client configuration for `wss://` servers the proxy dials.
+    pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The loop's registry and waker, for sockets the proxy opens itself and for the
+    /// resolver thread's answers (set by the reactor).
+    pub poll_registry: Option<mio::Registry>,
+    pub waker: Option<std::sync::Arc<mio::Waker>>,
+    pub resolver: Option<crate::outbound::Resolver>,
+    /// Name lookups in flight: lookup id → the server being dialled.
+    pub lookups: HashMap<u64, Slot>,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
     pub draining: Option<Instant>,
     /// The server being removed right now: its unanswered deliveries fail instead of going
@@ -175,6 +186,11 @@ impl Proxy {
             dirty: Vec::new(),
             resume: Vec::new(),
             tls: None,
+            tls_client: None,
+            poll_registry: None,
+            waker: None,
+            resolver: None,
+            lookups: HashMap::new(),
             draining: None,
             removing: None,
             seq: 0,
@@ -361,8 +377,14 @@ impl Proxy {
                 fin_sent: true,
             }),
         );
-        if let ConnState::Ws(ws) = state {
-            self.end_session(id, ws.sess, why, Some(conn.peer));
+        match state {
+            ConnState::Ws(ws) => self.end_session(id, ws.sess, why, Some(conn.peer)),
+            ConnState::Dialing(d) => self.dial_failed(
+                d.slot,
+                crate::registry::OutPhase::Dialing(id),
+                why.to_string(),
+            ),
+            _ => {}
         }
         // Deregistration happens implicitly when the socket is dropped (mio closes the fd,
         // which removes it from epoll).
@@ -381,6 +403,7 @@ impl Proxy {
                 _ => Some(h.deadline),
             },
             ConnState::Ws(ws) => Some(ws.sess.deadline()),
+            ConnState::Dialing(d) => Some(d.deadline),
             ConnState::Closing(c) => Some(c.deadline),
         };
         let armed = conn.timer;

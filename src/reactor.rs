@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
 
 /// Bytes read per `read` call (the shared scratch buffer).
 const READ_CHUNK: usize = 64 * 1024;
@@ -43,6 +44,7 @@ pub struct Reactor {
     /// Connections with read budget left over (still readable) or resumed after a flush.
     again: Vec<ConnId>,
     accept_retry_at: Option<Instant>,
+    waker: std::sync::Arc<mio::Waker>,
 }
 
 impl Reactor {
@@ -53,6 +55,7 @@ impl Reactor {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
         Ok(Reactor {
             poll,
             events: Events::with_capacity(EVENTS_CAPACITY),
@@ -61,11 +64,15 @@ impl Reactor {
             scratch: vec![0; READ_CHUNK],
             again: Vec::new(),
             accept_retry_at: None,
+            waker,
         })
     }
 
     /// Runs until a drain completes (all connections closed, or the grace time is over).
     pub fn run(&mut self, proxy: &mut Proxy) -> io::Result<()> {
+        // Sockets the proxy opens itself (outbound sessions) and the resolver's wake-ups.
+        proxy.poll_registry = Some(self.poll.registry().try_clone()?);
+        proxy.waker = Some(self.waker.clone());
         loop {
             let now = Instant::now();
             let mut timeout = proxy
@@ -101,6 +108,7 @@ impl Reactor {
                 match token {
                     LISTENER => self.accept(proxy),
                     SIGNALS => self.signals(proxy),
+                    WAKER => proxy.on_wake(),
                     t => {
                         let id = ConnId::from_token(t);
                         let Some(conn) = proxy.conn_mut(id) else {
@@ -108,6 +116,9 @@ impl Reactor {
                         };
                         conn.writable |= w;
                         conn.readable |= r;
+                        if matches!(conn.state, ConnState::Dialing(_)) {
+                            proxy.dial_ready(id);
+                        }
                         if w {
                             proxy.dirty.push(id);
                         }
@@ -140,6 +151,7 @@ impl Reactor {
                     }
                     TimerKey::Delivery(seq) => proxy.on_delivery_timeout(seq),
                     TimerKey::Ttl(slot, qseq) => proxy.on_ttl(slot, qseq),
+                    TimerKey::Dial(slot) => proxy.dial(slot),
                 }
             }
             self.flush(proxy);
@@ -210,7 +222,7 @@ impl Reactor {
                     Ok(mut t) => {
                         t.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
                         if let Some(c) = proxy.conn_mut(id) {
-                            c.tls = Some(Box::new(t));
+                            c.tls = Some(Box::new(rustls::Connection::Server(t)));
                         }
                     }
                     Err(e) => {
@@ -276,6 +288,16 @@ impl Reactor {
         for id in ids {
             proxy.ws_close(id, 1001, "proxy shutting down");
         }
+        // Attempts to dial stop (no new attempt is scheduled while draining).
+        let dialing: Vec<ConnId> = proxy
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Dialing(_)))
+            .map(|(_, c)| c.id)
+            .collect();
+        for id in dialing {
+            proxy.drop_conn(id, "draining");
+        }
     }
 
     /// Reads from a connection until `WouldBlock`, its budget, or backpressure.
@@ -303,6 +325,7 @@ impl Reactor {
                     match conn.state {
                         ConnState::Http(_) => proxy.http_input(id, data),
                         ConnState::Ws(_) => proxy.ws_input(id, data),
+                        ConnState::Dialing(_) => proxy.dial_input(id, data),
                         ConnState::Closing(_) => {}
                     }
                     if owes_tls {
@@ -398,6 +421,11 @@ impl Reactor {
                         proxy.pump(slot);
                     }
                 }
+                ConnState::Dialing(_) => {
+                    if readable {
+                        self.again.push(id);
+                    }
+                }
                 ConnState::Http(h) => {
                     // Pipelined requests already buffered were held back while the output
                     // was over its bound: process them now.
@@ -444,7 +472,7 @@ fn wants_input(proxy: &Proxy, id: ConnId) -> bool {
         Some(c) => match &c.state {
             ConnState::Http(_) => proxy.http_wants_input(id),
             ConnState::Ws(_) => c.unsent() <= proxy.unsent_bound() && c.stash.is_empty(),
-            ConnState::Closing(_) => true,
+            ConnState::Dialing(_) | ConnState::Closing(_) => true,
         },
         None => false,
     }
@@ -467,6 +495,7 @@ fn on_eof(proxy: &mut Proxy, id: ConnId) {
         }
         // Answers already owed still go out; then the connection closes.
         ConnState::Ws(_) => proxy.ws_peer_gone(id),
+        ConnState::Dialing(_) => proxy.drop_conn(id, "closed by the server during the upgrade"),
         ConnState::Closing(_) => {
             if unsent == 0 {
                 proxy.drop_conn(id, "closed");
@@ -480,6 +509,7 @@ fn conn_timer(proxy: &mut Proxy, id: ConnId, now: Instant) {
     match &conn.state {
         ConnState::Http(_) => proxy.http_timer(id, now),
         ConnState::Ws(_) => proxy.session_timer(id, now),
+        ConnState::Dialing(_) => proxy.dial_timer(id, now),
         ConnState::Closing(c) => {
             if now >= c.deadline {
                 proxy.drop_conn(id, "close linger over");

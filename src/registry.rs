@@ -62,6 +62,30 @@ impl Queued {
     }
 }
 
+/// Where the proxy is with dialling a server that has `endpoints.control` (§5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutPhase {
+    /// Waiting for the next attempt (`state: "backoff"` while there is no session).
+    Backoff,
+    /// Resolving the host name (lookup id).
+    Resolving(u64),
+    /// Connecting / TLS / upgrading on this connection.
+    Dialing(ConnId),
+    /// A session on this connection (until it ends).
+    Session(ConnId),
+}
+
+#[derive(Debug)]
+pub struct Outbound {
+    pub url: crate::outbound::ControlUrl,
+    /// Failed attempts since the last session that came online.
+    pub attempt: u32,
+    pub phase: OutPhase,
+    pub last_error: Option<String>,
+    pub next_attempt_ms: Option<i64>,
+    pub timer: Option<TimerId>,
+}
+
 #[derive(Debug)]
 pub struct Entry {
     pub server_id: String,
@@ -76,6 +100,10 @@ pub struct Entry {
     /// Tokens with `iat <= revoked_through` were issued before a removal and stay revoked.
     pub revoked_through: Option<i64>,
     pub session: Option<ConnId>,
+    /// Whether the current session was dialled by the proxy.
+    pub outbound_session: bool,
+    /// Present while the server has a `ws://`/`wss://` `endpoints.control`.
+    pub outbound: Option<Outbound>,
     pub state: State,
     pub connected_at_ms: Option<i64>,
     pub last_seen_at_ms: Option<i64>,
@@ -242,6 +270,8 @@ impl Entry {
             signing_key,
             revoked_through: None,
             session: None,
+            outbound_session: false,
+            outbound: None,
             state: State::Offline,
             connected_at_ms: None,
             last_seen_at_ms: None,

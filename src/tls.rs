@@ -81,6 +81,43 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(cfg))
 }
 
+/// The TLS client configuration for dialled `wss://` servers: roots from
+/// `FEDMCP_TRUSTED_CA_FILE` (PEM), else the bundled web roots (webpki-roots); host names
+/// are verified.
+pub fn client_config(trusted_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match trusted_ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+                format!(
+                    "FEDMCP_TRUSTED_CA_FILE: cannot read {}: {e}; expected PEM certificates",
+                    path.display()
+                )
+            })?;
+            for c in certs {
+                let c = c.map_err(|e| format!("FEDMCP_TRUSTED_CA_FILE: {} is not valid PEM: {e}; expected PEM certificates", path.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("FEDMCP_TRUSTED_CA_FILE: a certificate was refused: {e}; expected CA certificates"))?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "FEDMCP_TRUSTED_CA_FILE: {} holds no certificate; expected PEM CA certificates",
+                    path.display()
+                ));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("FEDMCP_TRUSTED_CA_FILE: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

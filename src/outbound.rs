@@ -1,0 +1,673 @@
+//! Outbound sessions (contract §5): the proxy dials a registered server's `endpoints.control`.
+//!
+//! Owns the pure parts of dialling: parsing a `ws://` / `wss://` URL, the retry schedule
+//! (250 ms doubling to 30 s, ±20 % jitter), the WebSocket client upgrade request and the
+//! check of its `101` answer, and the resolver thread. The connection itself is an ordinary
+//! `Conn` driven by the reactor (`Dialing` state, then `Ws` like any session); the
+//! semantics live in `impl Proxy` (`dial`, `dial_failed`, ...), at the end of this file.
+//!
+//! DNS: `getaddrinfo` blocks, so names are resolved on one resolver thread that hands the
+//! answer back through a channel and a `mio::Waker`; IP literals never leave the loop. The
+//! thread holds no proxy state and does nothing else.
+
+use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
+use crate::jwt::{Claims, TokenType};
+use crate::proxy::{Proxy, TimerKey, now_ms, random_bytes};
+use crate::registry::{OutPhase, Outbound, Slot};
+use base64::Engine;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+/// First retry delay.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Bytes of an upgrade answer head accepted from a dialled server.
+pub const MAX_ANSWER_HEAD: usize = 16 * 1024;
+
+/// A parsed `endpoints.control` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl ControlUrl {
+    /// Parses `ws://host[:port][/path]` or `wss://...`; `None` for anything else.
+    pub fn parse(url: &str) -> Option<ControlUrl> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("ws://") {
+            (false, r)
+        } else {
+            return None;
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path
+        };
+        if authority.contains('@')
+            || path.contains('#')
+            || path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return None;
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']')?;
+            h.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if after.is_empty() => default_port,
+                None => return None,
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().ok()?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+        (host_ok && port != 0).then_some(ControlUrl {
+            tls,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// The `Host` header value.
+    pub fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            h
+        } else {
+            format!("{h}:{}", self.port)
+        }
+    }
+
+    /// The address when the host is an IP literal (no resolver needed).
+    pub fn literal(&self) -> Option<SocketAddr> {
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+/// The delay before retry number `attempt` (0-based): 250 ms doubling to 30 s, scaled by a
+/// jitter factor in [0.8, 1.2] taken from `unit` in [0, 1).
+pub fn backoff(attempt: u32, unit: f64) -> Duration {
+    let base = BACKOFF_FIRST
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
+}
+
+/// The WebSocket client upgrade request, with the bearer token of the dialled server.
+pub fn upgrade_request(url: &ControlUrl, key: &str, token: &str) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: fedmcp.v1\r\nAuthorization: Bearer {token}\r\nUser-Agent: fedmcp/{}\r\n\r\n",
+        url.path,
+        url.host_header(),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Why a dialled server's answer is not a valid upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerError {
+    Malformed,
+    Status(u16),
+    NotWebSocket,
+    BadAccept,
+    TooLarge,
+}
+
+impl std::fmt::Display for AnswerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AnswerError::Malformed => f.write_str("the upgrade answer is not HTTP/1.1"),
+            AnswerError::Status(s) => write!(f, "the server answered the upgrade with HTTP {s}"),
+            AnswerError::NotWebSocket => f.write_str("the answer does not switch to websocket"),
+            AnswerError::BadAccept => f.write_str("Sec-WebSocket-Accept does not match the key"),
+            AnswerError::TooLarge => f.write_str("the upgrade answer head is too large"),
+        }
+    }
+}
+
+/// Checks the answer to our upgrade request. `Ok(None)`: incomplete; `Ok(Some(n))`: a valid
+/// `101` whose head is `buf[..n]` (bytes after it are the first frames).
+pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_ANSWER_HEAD {
+            Err(AnswerError::TooLarge)
+        } else {
+            Ok(None)
+        };
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| AnswerError::Malformed)?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or(AnswerError::Malformed)?;
+    let mut parts = status_line.splitn(3, ' ');
+    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+        return Err(AnswerError::Malformed);
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or(AnswerError::Malformed)?;
+    if status != 101 {
+        return Err(AnswerError::Status(status));
+    }
+    let (mut upgrade, mut accept) = (false, None);
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            return Err(AnswerError::Malformed);
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("upgrade") {
+            upgrade = v.eq_ignore_ascii_case("websocket");
+        } else if k.eq_ignore_ascii_case("sec-websocket-accept") {
+            accept = Some(v.to_string());
+        }
+    }
+    if !upgrade {
+        return Err(AnswerError::NotWebSocket);
+    }
+    if accept.as_deref() != Some(tungstenite::handshake::derive_accept_key(key.as_bytes()).as_str())
+    {
+        return Err(AnswerError::BadAccept);
+    }
+    Ok(Some(end + 4))
+}
+
+/// A name resolution handed to the resolver thread and back.
+pub struct Lookup {
+    pub id: u64,
+    pub host: String,
+    pub port: u16,
+}
+
+/// The resolver thread's two ends, as the loop sees them.
+pub struct Resolver {
+    tx: Sender<Lookup>,
+    pub rx: Receiver<(u64, Result<SocketAddr, String>)>,
+}
+
+impl Resolver {
+    /// Starts the thread; it wakes the loop through `waker` after every answer.
+    pub fn start(waker: Arc<mio::Waker>) -> std::io::Result<Resolver> {
+        let (tx, req_rx) = channel::<Lookup>();
+        let (ans_tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("fedmcp-resolver".into())
+            .spawn(move || {
+                for l in req_rx {
+                    let r = (l.host.as_str(), l.port)
+                        .to_socket_addrs()
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut it| it.next().ok_or_else(|| "no address".to_string()));
+                    if ans_tx.send((l.id, r)).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                }
+            })?;
+        Ok(Resolver { tx, rx })
+    }
+
+    pub fn ask(&self, l: Lookup) -> bool {
+        self.tx.send(l).is_ok()
+    }
+}
+
+/// The `control` URL of an entry's endpoints, when it is one the proxy dials.
+fn control_url_of(endpoints: &str) -> Option<ControlUrl> {
+    #[derive(serde::Deserialize)]
+    struct Endpoints {
+        #[serde(default)]
+        control: Option<String>,
+    }
+    let e: Endpoints = serde_json::from_str(endpoints).ok()?;
+    ControlUrl::parse(e.control.as_deref()?)
+}
+
+/// A jitter unit in [0, 1) from the OS.
+fn jitter_unit() -> f64 {
+    let b = random_bytes::<4>();
+    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+}
+
+impl Proxy {
+    /// After a registration: start, restart or stop dialling to match `endpoints.control`.
+    pub fn outbound_update(&mut self, slot: Slot) {
+        let Some(e) = self.registry.get(slot) else {
+            return;
+        };
+        let url = control_url_of(&e.endpoints);
+        let unchanged = match (&e.outbound, &url) {
+            (Some(o), Some(u)) => &o.url == u,
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        self.outbound_stop(slot);
+        if let Some(url) = url {
+            let timer = self.timers.insert(Instant::now(), TimerKey::Dial(slot));
+            if let Some(e) = self.registry.get_mut(slot) {
+                e.outbound = Some(Outbound {
+                    url,
+                    attempt: 0,
+                    phase: OutPhase::Backoff,
+                    last_error: None,
+                    next_attempt_ms: Some(now_ms()),
+                    timer: Some(timer),
+                });
+            }
+        }
+    }
+
+    /// Stops dialling a server (removal, or its control endpoint changed). A session that is
+    /// already up stays; an attempt in progress is dropped.
+    pub fn outbound_stop(&mut self, slot: Slot) {
+        let Some(o) = self.registry.get_mut(slot).and_then(|e| e.outbound.take()) else {
+            return;
+        };
+        if let Some(t) = o.timer {
+            self.timers.cancel(t);
+        }
+        if let OutPhase::Dialing(c) = o.phase {
+            self.drop_conn(c, "dialling stopped");
+        }
+    }
+
+    /// The dial timer fired: resolve (off the loop) or connect.
+    pub fn dial(&mut self, slot: Slot) {
+        if self.draining.is_some() {
+            return;
+        }
+        let Some(e) = self.registry.get_mut(slot) else {
+            return;
+        };
+        let busy = e.session.is_some();
+        let Some(o) = e.outbound.as_mut() else { return };
+        o.timer = None;
+        if o.phase != OutPhase::Backoff {
+            return;
+        }
+        if busy {
+            // The server is connected (inbound): look again later instead of replacing it.
+            o.next_attempt_ms = Some(now_ms() + BACKOFF_MAX.as_millis() as i64);
+            let t = self
+                .timers
+                .insert(Instant::now() + BACKOFF_MAX, TimerKey::Dial(slot));
+            if let Some(o) = self
+                .registry
+                .get_mut(slot)
+                .and_then(|e| e.outbound.as_mut())
+            {
+                o.timer = Some(t);
+            }
+            return;
+        }
+        let url = o.url.clone();
+        if let Some(addr) = url.literal() {
+            return self.dial_connect(slot, addr);
+        }
+        if self.resolver.is_none() {
+            let Some(waker) = self.waker.clone() else {
+                return self.dial_failed(slot, OutPhase::Backoff, "no resolver available".into());
+            };
+            match Resolver::start(waker) {
+                Ok(r) => self.resolver = Some(r),
+                Err(e) => {
+                    return self.dial_failed(
+                        slot,
+                        OutPhase::Backoff,
+                        format!("resolver thread: {e}"),
+                    );
+                }
+            }
+        }
+        let id = self.next_seq();
+        let asked = self.resolver.as_ref().is_some_and(|r| {
+            r.ask(Lookup {
+                id,
+                host: url.host.clone(),
+                port: url.port,
+            })
+        });
+        if !asked {
+            self.resolver = None;
+            return self.dial_failed(slot, OutPhase::Backoff, "resolver thread gone".into());
+        }
+        self.lookups.insert(id, slot);
+        if let Some(o) = self
+            .registry
+            .get_mut(slot)
+            .and_then(|e| e.outbound.as_mut())
+        {
+            o.phase = OutPhase::Resolving(id);
+        }
+    }
+
+    /// The resolver thread woke the loop: take its answers.
+    pub fn on_wake(&mut self) {
+        let mut answers = Vec::new();
+        if let Some(r) = &self.resolver {
+            while let Ok(a) = r.rx.try_recv() {
+                answers.push(a);
+            }
+        }
+        for (id, result) in answers {
+            let Some(slot) = self.lookups.remove(&id) else {
+                continue;
+            };
+            let current = self
+                .registry
+                .get(slot)
+                .and_then(|e| e.outbound.as_ref())
+                .map(|o| o.phase);
+            if current != Some(OutPhase::Resolving(id)) {
+                continue;
+            }
+            match result {
+                Ok(addr) => self.dial_connect(slot, addr),
+                Err(e) => self.dial_failed(
+                    slot,
+                    OutPhase::Resolving(id),
+                    format!("cannot resolve: {e}"),
+                ),
+            }
+        }
+    }
+
+    /// Starts a non-blocking connect and registers the socket.
+    fn dial_connect(&mut self, slot: Slot, addr: SocketAddr) {
+        let Some(e) = self.registry.get(slot) else {
+            return;
+        };
+        let server_id = e.server_id.clone();
+        let Some(o) = e.outbound.as_ref() else { return };
+        let url = o.url.clone();
+        let phase = o.phase;
+        let sock = match mio::net::TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => return self.dial_failed(slot, phase, format!("connect to {addr}: {e}")),
+        };
+        let (token, exp) = self.mint(&server_id, TokenType::Federation);
+        let iat = exp - self.cfg.token_ttl_secs as i64;
+        let claims = Claims {
+            server_id,
+            token_type: TokenType::Federation,
+            iat,
+            exp,
+            nbf: None,
+            jti: None,
+        };
+        let key = base64::engine::general_purpose::STANDARD.encode(random_bytes::<16>());
+        let deadline = Instant::now() + self.cfg.handshake_timeout;
+        let dialing = Dialing {
+            slot,
+            url,
+            key,
+            claims,
+            token,
+            phase: DialPhase::Connecting,
+            deadline,
+        };
+        let id = self.insert_conn(|id| Conn {
+            id,
+            sock,
+            peer: addr,
+            state: ConnState::Dialing(Box::new(dialing)),
+            out: Vec::new(),
+            out_pos: 0,
+            readable: false,
+            writable: false,
+            read_closed: false,
+            timer: None,
+            tls: None,
+            stash: Vec::new(),
+        });
+        let Some(id) = id else {
+            return self.dial_failed(slot, phase, "the connection table is full".into());
+        };
+        let registered = match (
+            self.poll_registry.as_ref(),
+            self.conns.get_mut(id.idx as usize),
+        ) {
+            (Some(reg), Some(c)) => reg.register(
+                &mut c.sock,
+                id.token(),
+                mio::Interest::READABLE | mio::Interest::WRITABLE,
+            ),
+            _ => Err(std::io::Error::other("no poll registry")),
+        };
+        if let Some(o) = self
+            .registry
+            .get_mut(slot)
+            .and_then(|e| e.outbound.as_mut())
+        {
+            o.phase = OutPhase::Dialing(id);
+        }
+        if let Err(e) = registered {
+            self.drop_conn(id, &format!("register: {e}"));
+            return;
+        }
+        self.rearm(id);
+    }
+
+    /// An event on a dialling connection still connecting: finish the connect, then send the
+    /// upgrade request (through TLS for `wss://`).
+    pub fn dial_ready(&mut self, id: ConnId) {
+        let tls_client = self.tls_client.clone();
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Dialing(d) = &mut conn.state else {
+            return;
+        };
+        if !matches!(d.phase, DialPhase::Connecting) {
+            return;
+        }
+        let err = match conn.sock.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e.to_string()),
+            Ok(None) => match conn.sock.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return, // not yet
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        if let Some(e) = err {
+            return self.drop_conn(id, &format!("connect failed: {e}"));
+        }
+        if d.url.tls {
+            let name = match rustls::pki_types::ServerName::try_from(d.url.host.clone()) {
+                Ok(n) => n,
+                Err(e) => return self.drop_conn(id, &format!("bad TLS server name: {e}")),
+            };
+            let Some(cfg) = tls_client else {
+                return self.drop_conn(id, "no TLS client configuration");
+            };
+            match rustls::ClientConnection::new(cfg, name) {
+                Ok(mut c) => {
+                    c.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
+                    conn.tls = Some(Box::new(rustls::Connection::Client(c)));
+                }
+                Err(e) => return self.drop_conn(id, &format!("TLS client: {e}")),
+            }
+        }
+        let request = upgrade_request(&d.url, &d.key, &d.token);
+        d.phase = DialPhase::Upgrading { inbuf: Vec::new() };
+        conn.out.extend_from_slice(request.as_bytes());
+        self.dirty.push(id);
+    }
+
+    /// Bytes on a dialling connection: the answer to our upgrade, then the first frames.
+    pub fn dial_input(&mut self, id: ConnId, data: &[u8]) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Dialing(d) = &mut conn.state else {
+            return;
+        };
+        let DialPhase::Upgrading { inbuf } = &mut d.phase else {
+            return;
+        };
+        inbuf.extend_from_slice(data);
+        let n = match check_answer(inbuf, &d.key) {
+            Ok(None) => return,
+            Ok(Some(n)) => n,
+            Err(e) => return self.drop_conn(id, &e.to_string()),
+        };
+        let leftover = inbuf.split_off(n);
+        let (slot, claims, deadline) = (d.slot, d.claims.clone(), d.deadline);
+        if self
+            .open_session(id, &claims, deadline, tungstenite::protocol::Role::Client)
+            .is_err()
+        {
+            return self.drop_conn(id, "registry full");
+        }
+        if let Some(e) = self.registry.get_mut(slot) {
+            e.outbound_session = true;
+            if let Some(o) = e.outbound.as_mut() {
+                o.phase = OutPhase::Session(id);
+            }
+        }
+        if !leftover.is_empty() {
+            self.ws_input(id, &leftover);
+        }
+    }
+
+    /// A dialling connection's deadline passed.
+    pub fn dial_timer(&mut self, id: ConnId, now: Instant) {
+        let Some(ConnState::Dialing(d)) = self.conn(id).map(|c| &c.state) else {
+            return;
+        };
+        if now >= d.deadline {
+            self.drop_conn(id, "handshake timeout");
+        }
+    }
+
+    /// An attempt failed (or a session ended): the next one after the backoff. `expect` is
+    /// the phase the failure belongs to; a stale failure changes nothing.
+    pub fn dial_failed(&mut self, slot: Slot, expect: OutPhase, why: String) {
+        let draining = self.draining.is_some();
+        let Some(e) = self.registry.get_mut(slot) else {
+            return;
+        };
+        let server = e.server_id.clone();
+        let Some(o) = e.outbound.as_mut() else { return };
+        if o.phase != expect {
+            return;
+        }
+        if let OutPhase::Session(_) = expect {
+            o.attempt = 0; // a session was up: start the schedule again
+        }
+        let delay = backoff(o.attempt, jitter_unit());
+        o.attempt = o.attempt.saturating_add(1);
+        o.phase = OutPhase::Backoff;
+        o.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
+        log::warn!("outbound {server}: {why}; next attempt in {delay:?}");
+        o.last_error = Some(why);
+        if draining {
+            return;
+        }
+        let t = self
+            .timers
+            .insert(Instant::now() + delay, TimerKey::Dial(slot));
+        if let Some(o) = self
+            .registry
+            .get_mut(slot)
+            .and_then(|e| e.outbound.as_mut())
+        {
+            o.timer = Some(t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_control_urls() {
+        let u = ControlUrl::parse("ws://127.0.0.1:9001/fed?x=1").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (false, "127.0.0.1", 9001, "/fed?x=1")
+        );
+        assert_eq!(u.literal(), Some("127.0.0.1:9001".parse().unwrap()));
+        let u = ControlUrl::parse("wss://example.org").unwrap();
+        assert_eq!((u.tls, u.port, u.path.as_str()), (true, 443, "/"));
+        assert_eq!(u.host_header(), "example.org");
+        assert_eq!(u.literal(), None);
+        let u = ControlUrl::parse("ws://[::1]:8080/x").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 8080));
+        assert_eq!(u.host_header(), "[::1]:8080");
+        for bad in [
+            "http://a",
+            "ws://",
+            "ws://:80",
+            "ws://a:0",
+            "ws://a:x",
+            "ws://u@a",
+            "ws://a b",
+            "ws://[zz]:1",
+            "ws://a/#f",
+        ] {
+            assert_eq!(ControlUrl::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_with_jitter() {
+        assert_eq!(backoff(0, 0.5), Duration::from_millis(250));
+        assert_eq!(backoff(1, 0.5), Duration::from_millis(500));
+        assert_eq!(backoff(20, 0.5), Duration::from_secs(30));
+        assert_eq!(backoff(0, 0.0), Duration::from_millis(200));
+        assert_eq!(backoff(0, 1.0), Duration::from_millis(300));
+        assert_eq!(backoff(99, 1.0), Duration::from_secs(36));
+    }
+
+    #[test]
+    fn checks_the_upgrade_answer() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nXY";
+        assert_eq!(check_answer(ok, key), Ok(Some(ok.len() - 2)));
+        assert_eq!(check_answer(&ok[..20], key), Ok(None));
+        assert_eq!(
+            check_answer(b"HTTP/1.1 401 Unauthorized\r\n\r\n", key),
+            Err(AnswerError::Status(401))
+        );
+        let bad = b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: nope\r\n\r\n";
+        assert_eq!(check_answer(bad, key), Err(AnswerError::BadAccept));
+        assert_eq!(
+            check_answer(&[b'a'; MAX_ANSWER_HEAD + 1], key),
+            Err(AnswerError::TooLarge)
+        );
+    }
+}
