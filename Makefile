@@ -4,6 +4,7 @@
 #   make test       cargo test, then the interop suite, then the smoke targets
 #   make interop    Python clients (websockets, PyJWT, curl) against the real binary
 #   make lint       rustfmt check and clippy with warnings as errors
+#   make bench      the load generator and memory bench (figures: docs/PERFORMANCE.md)
 #   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
 #   make clean      remove .venv and fedmcp-data (make clean-all also removes target/)
@@ -34,7 +35,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench static clean clean-all
+.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all
 
 all: build
 
@@ -58,7 +59,7 @@ cargo-test:
 
 # ---- smoke tests: other engineers add their targets here --------------------------------
 # Add each smoke target as a prerequisite of test-smoke (and so of `make test`).
-test-smoke: fuzz-smoke
+test-smoke: fuzz-smoke bench-smoke
 	@true
 # ------------------------------------------------------------------------------------------
 
@@ -114,8 +115,18 @@ fuzz-smoke: cargo-fuzz
 soak:
 	@echo "soak: not yet implemented (issues 4 and 5)"
 
+# ---- benchmarks (release build with LTO; figures and method in docs/PERFORMANCE.md) --------
+# The load generator drives two members through the proxy (confirmed forwards/s, latency,
+# CPU of both sides); the memory bench measures idle RSS and RSS per idle session. Each
+# fails (exit 1) under its floor, so the smoke run in `make test` catches a collapse.
 bench:
-	@echo "bench: not yet implemented (issue 2)"
+	$(CARGO) bench --bench loadgen -- --min-rate 50000 --label pairs1
+	$(CARGO) bench --bench loadgen -- --pairs 4 --min-rate 50000 --label pairs4
+	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-bytes-per-session 8192 --max-idle-kib 4096
+
+bench-smoke:
+	$(CARGO) bench --bench loadgen -- --duration 2 --warmup 0.5 --min-rate 5000 --label smoke
+	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --sessions 100 --settle 0.2 --max-bytes-per-session 32768 --max-idle-kib 8192 --label smoke
 
 # ---- static binary (x86_64 musl) ---------------------------------------------------------
 # ring compiles a little C: for musl it needs musl-gcc (Debian's musl-tools).

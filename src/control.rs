@@ -27,9 +27,11 @@ use std::time::Instant;
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
-/// Rate-limited messages in a row after which a session is closed 1008 for abuse,
-/// as a multiple of the burst size.
-const ABUSE_FACTOR: u32 = 2;
+/// "Far past its limit" (§4): every refused message also takes a token from a second
+/// bucket of `ABUSE_FACTOR` × burst, refilled at the same rate. Sending a little over the
+/// limit never empties it; sending far past it for long does, and the session is closed
+/// 1008. (A counter of refusals in a row would reset at every refill and never fire.)
+pub const ABUSE_FACTOR: u32 = 2;
 
 impl Proxy {
     /// Turns an authenticated upgrade into a session: registry entry (created if the server
@@ -75,7 +77,12 @@ impl Proxy {
             next_ping: now + hb,
             heartbeat: hb,
             bucket: Bucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now),
-            refused_in_a_row: 0,
+            limited: false,
+            abuse: Bucket::new(
+                self.cfg.rate_per_sec,
+                self.cfg.rate_burst.saturating_mul(ABUSE_FACTOR),
+                now,
+            ),
             inflight: 0,
             batches: Default::default(),
             next_batch: 0,
@@ -336,19 +343,18 @@ impl Proxy {
         };
         // Rate limit (requests and notifications; answers to the proxy are not counted).
         let now = Instant::now();
-        let burst = self.cfg.rate_burst;
         let Some(sess) = self.session(id) else {
             return Reply::None;
         };
         match sess.bucket.take(now) {
-            Ok(()) => sess.refused_in_a_row = 0,
+            Ok(()) => sess.limited = false,
             Err(retry_after_ms) => {
-                sess.refused_in_a_row += 1;
-                let refused = sess.refused_in_a_row;
+                let first = !std::mem::replace(&mut sess.limited, true);
+                let abuse = sess.abuse.take(now).is_err();
                 let server = sess.server_id.clone();
                 self.metrics.rate_limited_total += 1;
                 self.metrics.message(MsgResult::RateLimited);
-                if refused == 1 {
+                if first {
                     let peer = self.conn(id).map(|c| c.peer);
                     self.audit(
                         Event::RateLimited,
@@ -357,7 +363,7 @@ impl Proxy {
                         Some("rate_limited"),
                     );
                 }
-                if refused > burst.saturating_mul(ABUSE_FACTOR) {
+                if abuse {
                     self.ws_close(id, 1008, "rate limit abuse");
                     return Reply::None;
                 }

@@ -89,8 +89,10 @@ pub struct Session {
     pub next_ping: Instant,
     pub heartbeat: Duration,
     pub bucket: Bucket,
-    /// Messages refused by the rate limit since the last one accepted.
-    pub refused_in_a_row: u32,
+    /// In a run of refused messages (one `rate_limited` audit line per run).
+    pub limited: bool,
+    /// Refused messages drain it; empty means "far past the limit": close 1008.
+    pub abuse: Bucket,
     /// Deliveries written to this server and awaiting its answer.
     pub inflight: usize,
     pub batches: HashMap<u64, Batch>,

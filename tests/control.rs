@@ -1798,7 +1798,8 @@ fn rate_limit_refuses_requests_drops_notifications_and_closes_abusers() {
     assert_quiet(&mut a, "after-wait"); // no answer to the dropped notification
     assert_quiet(&mut b, "bob-quiet"); // and it was not forwarded
 
-    // A flood: after the bucket is empty, more than 2×burst refusals in a row close 1008.
+    // A flood: refusals drain a second bucket of 2×burst (refilled at the rate, so the two
+    // refusals above have mostly been paid back); when it is empty the session closes 1008.
     let flood: Vec<Value> = (0..40)
         .map(|i| rpc(json!(format!("f{i}")), "federation/servers", json!({})))
         .collect();
@@ -1822,9 +1823,9 @@ fn rate_limit_refuses_requests_drops_notifications_and_closes_abusers() {
         }
     };
     assert_eq!(code, Some(1008));
-    assert_eq!(
-        run, 10,
-        "the session must close on the first refusal beyond 2×burst (10)"
+    assert!(
+        (8..=10).contains(&run),
+        "the session must close once about 2×burst (10) refusals drained the abuse bucket: {run}"
     );
     wait_state(&p, "alice", "offline", WAIT);
 }

@@ -752,3 +752,60 @@ fn an_idle_keep_alive_connection_gets_readyz_503_during_the_drain() {
         "exited {took:?} after SIGTERM, over FEDMCP_SHUTDOWN_GRACE_MS=3000"
     );
 }
+
+/// A flood far past the rate limit is closed 1008 even though the bucket refills between
+/// messages (a count of refusals "in a row" reset at every refill and never fired: a
+/// client at ~280x the limit got 829,256 `rate_limited` answers in 3 s and stayed open).
+#[test]
+fn a_sustained_flood_far_past_the_limit_is_closed_1008() {
+    // Chunks of 50 with a read in between: fewer refusals per refill (1 ms) than 2×burst, so
+    // a refusal counter that resets on each accepted message never reaches its threshold.
+    let p = Proxy::start(&[("FEDMCP_RATE_LIMIT", "1000/s,burst=1000")]);
+    let t = p.register("flooder");
+    let (mut ws, _) = p.online(&t, json!({}));
+    let req = |i: usize| {
+        tungstenite::Message::text(
+            json!({"jsonrpc": "2.0", "id": i, "method": "federation/servers"}).to_string(),
+        )
+    };
+    // Far past the limit, spread over time so the bucket refills between messages.
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut closed = None;
+    'outer: while start.elapsed() < Duration::from_secs(5) {
+        for _ in 0..50 {
+            if ws.ws.write(req(sent)).is_err() {
+                break 'outer;
+            }
+            sent += 1;
+        }
+        if ws.ws.flush().is_err() {
+            break;
+        }
+        ws.ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+        loop {
+            match ws.ws.read() {
+                Ok(tungstenite::Message::Close(f)) => {
+                    closed = Some(f.map(|f| u16::from(f.code)));
+                    break 'outer;
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    break;
+                }
+                Err(_) => break 'outer,
+            }
+        }
+    }
+    if closed.is_none() {
+        ws.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
+        closed = Some(ws.recv_close());
+    }
+    assert_eq!(closed, Some(Some(1008)), "after {sent} messages");
+    assert!(sent < 40_000, "closed only after {sent} messages");
+}
