@@ -80,12 +80,17 @@ fn serve() -> ExitCode {
         },
         _ => None,
     };
-    let tls_client = match fedmcp::tls::client_config(cfg.trusted_ca_file.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
+    // A configured CA file is checked now (exit 2 if bad); the bundled web roots cost
+    // ~600 KiB of memory, so they are loaded only when a wss:// server is first dialled.
+    let tls_client = match cfg.trusted_ca_file.as_deref() {
+        Some(path) => match fedmcp::tls::client_config(Some(path)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
     };
     let secret = match secret(&cfg) {
         Ok(s) => s,
@@ -127,7 +132,7 @@ fn serve() -> ExitCode {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut proxy = Proxy::new(cfg, secret, audit);
     proxy.tls = tls;
-    proxy.tls_client = Some(tls_client);
+    proxy.tls_client = tls_client;
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {scheme}://{addr}");

@@ -483,6 +483,14 @@ impl Proxy {
     /// An event on a dialling connection still connecting: finish the connect, then send the
     /// upgrade request (through TLS for `wss://`).
     pub fn dial_ready(&mut self, id: ConnId) {
+        let wss =
+            matches!(self.conn(id).map(|c| &c.state), Some(ConnState::Dialing(d)) if d.url.tls);
+        if wss && self.tls_client.is_none() {
+            match crate::tls::client_config(None) {
+                Ok(c) => self.tls_client = Some(c),
+                Err(e) => return self.drop_conn(id, &e),
+            }
+        }
         let tls_client = self.tls_client.clone();
         let Some(conn) = self.conn_mut(id) else {
             return;

@@ -105,7 +105,8 @@ pub struct Proxy {
     /// The TLS configuration new connections get (`None`: plain listener). Replaced on
     /// SIGHUP; connections keep the configuration they started with.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    /// The TLS client configuration for `wss://` servers the proxy dials.
+    /// The TLS client configuration for `wss://` servers the proxy dials (from
+    /// `FEDMCP_TRUSTED_CA_FILE` at start, or the bundled roots on first use).
     pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The loop's registry and waker, for sockets the proxy opens itself and for the
     /// resolver thread's answers (set by the reactor).
