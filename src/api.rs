@@ -36,6 +36,7 @@ const HTTP_OUT_BOUND: usize = 256 * 1024;
 const SUBPROTOCOL: &str = "fedmcp.v1";
 
 /// An answer to one request.
+#[derive(Debug)]
 pub struct Resp {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
@@ -51,7 +52,7 @@ impl Resp {
         }
     }
 
-    fn error(status: u16, code: &str, message: &str) -> Resp {
+    pub fn error(status: u16, code: &str, message: &str) -> Resp {
         Resp::json(status, response::error_body(code, message))
     }
 
@@ -348,6 +349,15 @@ impl Proxy {
 
     /// The answer to a `POST /v1/messages` that waited for its recipient.
     pub fn http_async_answer(&mut self, id: ConnId, r: Result<String, RpcError>) {
+        let resp = match r {
+            Ok(body) => Resp::json(200, body),
+            Err(e) => rpc_error_resp(&e),
+        };
+        self.http_finish(id, resp);
+    }
+
+    /// Writes the answer a waiting request was owed, and goes on with the connection.
+    pub fn http_finish(&mut self, id: ConnId, resp: Resp) {
         let keep_alive = match self.conn(id).map(|c| &c.state) {
             Some(ConnState::Http(h)) => match h.phase {
                 HttpPhase::Waiting { keep_alive } => keep_alive,
@@ -355,12 +365,21 @@ impl Proxy {
             },
             _ => return,
         };
-        let resp = match r {
-            Ok(body) => Resp::json(200, body),
-            Err(e) => rpc_error_resp(&e),
-        };
         self.respond(id, resp, keep_alive, false);
         self.resume.push(id);
+    }
+
+    /// An answer that promises durability waits for the turn's fsync when changes were
+    /// made (contract §7: `201`, `200` and `204` only once the change is on disk).
+    fn durable_answer(&mut self, id: ConnId, resp: Resp) -> Outcome {
+        let pending = self.store.as_ref().is_some_and(|s| s.has_batch());
+        if pending && resp.status < 300 {
+            self.deferred
+                .push(crate::durable::Deferred::Http { conn: id, resp });
+            Outcome::Later
+        } else {
+            Outcome::Respond(resp)
+        }
     }
 
     /// An HTTP connection's deadline fired: idle keep-alive close, or `408`.
@@ -407,7 +426,13 @@ impl Proxy {
         use Outcome::Respond as R;
         match path {
             "/healthz" if get => R(Resp::json(200, "{\"status\":\"ok\"}")),
-            "/readyz" if get => R(if self.ready() {
+            "/readyz" if get => R(if let Some(e) = self.degraded.clone() {
+                Resp::error(
+                    503,
+                    "degraded",
+                    &format!("the state dir cannot be written: {e}"),
+                )
+            } else if self.ready() {
                 Resp::json(200, "{\"status\":\"ready\"}")
             } else {
                 Resp::error(503, "draining", "the proxy is shutting down")
@@ -425,9 +450,13 @@ impl Proxy {
             }
             "/healthz" | "/readyz" | "/metrics" => R(Resp::method_not_allowed("GET, HEAD")),
             "/v1/servers" => match m {
-                Method::Post => R(self
-                    .admin(head, peer)
-                    .map_or_else(|e| e, |_| self.register(body, peer))),
+                Method::Post => match self.admin(head, peer) {
+                    Ok(_) => {
+                        let r = self.register(body, peer);
+                        self.durable_answer(id, r)
+                    }
+                    Err(e) => R(e),
+                },
                 Method::Get | Method::Head => R(self
                     .admin(head, peer)
                     .map_or_else(|e| e, |_| self.list_servers())),
@@ -467,9 +496,13 @@ impl Proxy {
                     Method::Get | Method::Head => R(self
                         .admin(head, peer)
                         .map_or_else(|e| e, |_| self.get_server(raw))),
-                    Method::Delete => R(self
-                        .admin(head, peer)
-                        .map_or_else(|e| e, |_| self.remove_server(raw, peer))),
+                    Method::Delete => match self.admin(head, peer) {
+                        Ok(_) => {
+                            let r = self.remove_server(raw, peer);
+                            self.durable_answer(id, r)
+                        }
+                        Err(e) => R(e),
+                    },
                     _ => R(Resp::method_not_allowed("GET, HEAD, DELETE")),
                 }
             }
@@ -585,6 +618,16 @@ impl Proxy {
             }
         };
         if let Some(slot) = self.registry.find(&b.server_id) {
+            if let Some(e) = self.registry.get(slot) {
+                let op = crate::store::state::Op::Register {
+                    id: e.server_id.clone(),
+                    endpoints: RawValue::from_string(e.endpoints.clone())
+                        .unwrap_or_else(|_| raw_empty()),
+                    capabilities: RawValue::from_string(e.capabilities.clone())
+                        .unwrap_or_else(|_| raw_empty()),
+                };
+                self.persist(op);
+            }
             self.outbound_update(slot);
         }
         self.audit(
@@ -687,7 +730,12 @@ impl Proxy {
         }
         self.removing = None;
         self.drop_queue(slot);
-        if let Some(e) = self.registry.remove(slot, now_secs()) {
+        let at = now_secs();
+        if let Some(e) = self.registry.remove(slot, at) {
+            self.persist(crate::store::state::Op::Remove {
+                id: e.server_id.clone(),
+                at,
+            });
             self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
         }
         Resp::no_content()
@@ -815,6 +863,10 @@ impl Proxy {
         }
         Outcome::Upgraded
     }
+}
+
+fn raw_empty() -> Box<RawValue> {
+    RawValue::from_string("{}".to_string()).unwrap_or_default()
 }
 
 /// A proxy error as an HTTP answer to `POST /v1/messages`.

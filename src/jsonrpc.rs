@@ -76,7 +76,11 @@ pub enum RpcError {
     RecipientOverloaded,
     QueueFull,
     BadSignature,
-    RateLimited { retry_after_ms: u64 },
+    RateLimited {
+        retry_after_ms: u64,
+    },
+    /// The change could not be made durable (state dir write or fsync failed).
+    StorageFailed,
 }
 
 impl RpcError {
@@ -93,6 +97,7 @@ impl RpcError {
             RpcError::QueueFull => -32005,
             RpcError::BadSignature => -32006,
             RpcError::RateLimited { .. } => -32029,
+            RpcError::StorageFailed => -32603,
         }
     }
 
@@ -109,6 +114,7 @@ impl RpcError {
             RpcError::QueueFull => "queue_full",
             RpcError::BadSignature => "bad_signature",
             RpcError::RateLimited { .. } => "rate_limited",
+            RpcError::StorageFailed => "storage_failed",
         }
     }
 
@@ -122,6 +128,7 @@ impl RpcError {
             RpcError::DeliveryTimeout => 504,
             RpcError::QueueFull => 507,
             RpcError::RateLimited { .. } => 429,
+            RpcError::StorageFailed => 503,
         }
     }
 }
@@ -147,6 +154,9 @@ impl fmt::Display for RpcError {
             RpcError::BadSignature => f.write_str("the message signature is missing or wrong"),
             RpcError::RateLimited { retry_after_ms } => {
                 write!(f, "rate limited; retry after {retry_after_ms} ms")
+            }
+            RpcError::StorageFailed => {
+                f.write_str("the change could not be written to the state dir")
             }
         }
     }

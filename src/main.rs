@@ -65,6 +65,12 @@ fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
 
 fn serve() -> ExitCode {
     fedmcp::logging::init();
+    // A file-size limit (RLIMIT_FSIZE) must fail the write (and be reported, with nothing
+    // acknowledged), not kill the process with SIGXFSZ.
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
     let cfg = match config() {
         Ok(c) => c,
         Err(code) => return code,
@@ -130,7 +136,24 @@ fn serve() -> ExitCode {
         }
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let store = match cfg.state_dir.as_deref() {
+        Some(dir) => match fedmcp::store::state::Store::open(dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!(
+                    "FEDMCP_STATE_DIR: cannot open the state log in {}: {e}; expected a writable directory",
+                    dir.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let mut proxy = Proxy::new(cfg, secret, audit);
+    if let Some((store, replay)) = store {
+        proxy.store = Some(store);
+        proxy.restore(replay);
+    }
     proxy.tls = tls;
     proxy.tls_client = tls_client;
     {

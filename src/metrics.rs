@@ -114,6 +114,7 @@ pub struct Metrics {
     pub notifications_dropped_total: u64,
     pub sessions_opened_total: u64,
     pub rate_limited_total: u64,
+    pub storage_failures_total: u64,
 }
 
 impl Metrics {
@@ -251,6 +252,11 @@ impl Metrics {
                 "fedmcp_rate_limited_total",
                 "Messages refused by the rate limit.",
                 self.rate_limited_total,
+            ),
+            (
+                "fedmcp_storage_failures_total",
+                "State log writes or fsyncs that failed.",
+                self.storage_failures_total,
             ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");

@@ -117,6 +117,12 @@ pub struct Proxy {
     pub lookups: HashMap<u64, Slot>,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
     pub draining: Option<Instant>,
+    /// The state log (`None`: memory only).
+    pub store: Option<crate::store::state::Store>,
+    /// Answers waiting for this turn's fsync.
+    pub deferred: Vec<crate::durable::Deferred>,
+    /// Set while the state dir cannot be written (readyz 503), with the error.
+    pub degraded: Option<String>,
     /// The server being removed right now: its unanswered deliveries fail instead of going
     /// back to a queue that is about to be dropped.
     pub removing: Option<Slot>,
@@ -194,6 +200,9 @@ impl Proxy {
             lookups: HashMap::new(),
             draining: None,
             removing: None,
+            store: None,
+            deferred: Vec::new(),
+            degraded: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
         }
@@ -203,6 +212,11 @@ impl Proxy {
     pub fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
+    }
+
+    /// Makes sure fresh sequence numbers come after `seq` (restored queues keep their order).
+    pub fn bump_seq(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
     }
 
     /// A message id unique across restarts: a per-boot prefix and a sequence number.

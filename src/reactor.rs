@@ -154,6 +154,9 @@ impl Reactor {
                     TimerKey::Dial(slot) => proxy.dial(slot),
                 }
             }
+            // One fsync for every change of the turn; the answers it promised go out with the
+            // flush below (group commit).
+            proxy.commit();
             self.flush(proxy);
             proxy.audit.flush();
             if let Some(end) = proxy.draining {

@@ -228,19 +228,29 @@ impl Registry {
         cell.generation = cell.generation.wrapping_add(1);
         self.by_id.remove(&entry.server_id);
         self.free.push(slot.idx);
-        if self.removed.len() >= self.capacity && !self.removed.contains_key(&entry.server_id) {
-            // Bounded: forget the oldest removal record.
-            if let Some(oldest) = self
+        self.record_removal(&entry.server_id, now_secs);
+        Some(entry)
+    }
+
+    /// Records a removal without an entry (restoring state).
+    pub fn record_removal(&mut self, server_id: &str, at: i64) {
+        // Bounded: at capacity, the oldest removal record is forgotten.
+        if self.removed.len() >= self.capacity
+            && !self.removed.contains_key(server_id)
+            && let Some(oldest) = self
                 .removed
                 .iter()
                 .min_by_key(|(_, t)| **t)
                 .map(|(k, _)| k.clone())
-            {
-                self.removed.remove(&oldest);
-            }
+        {
+            self.removed.remove(&oldest);
         }
-        self.removed.insert(entry.server_id.clone(), now_secs);
-        Some(entry)
+        self.removed.insert(server_id.to_string(), at);
+    }
+
+    /// Every removal record: server id and removal time (unix seconds).
+    pub fn removals(&self) -> impl Iterator<Item = (&str, i64)> + '_ {
+        self.removed.iter().map(|(k, v)| (k.as_str(), *v))
     }
 
     /// All occupied slots, in slot order.

@@ -14,6 +14,7 @@
 //! bytes ([`QUEUE_MAX_BYTES`]).
 
 use crate::conn::{ConnId, ConnState};
+use crate::durable::Deferred;
 use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
@@ -244,11 +245,22 @@ impl Proxy {
                     return Reply::Now(Err(e));
                 }
                 self.metrics.message(MsgResult::Queued);
+                let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
                 // An online recipient with room may take it at once.
                 self.pump(slot);
-                Reply::Now(Ok(format!(
-                    "{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}"
-                )))
+                match reply_to {
+                    // `queued` is a promise: it goes out after the turn's fsync.
+                    Some(to) if self.durable() => {
+                        self.deferred.push(Deferred::Queued {
+                            to,
+                            body,
+                            slot,
+                            qseq: seq,
+                        });
+                        Reply::Later
+                    }
+                    _ => Reply::Now(Ok(body)),
+                }
             }
         }
     }
@@ -363,7 +375,26 @@ impl Proxy {
 
     /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
     /// TTL already past fires on the next turn and drops it as `expired`).
-    fn enqueue(&mut self, slot: Slot, mut q: Queued) -> Result<(), RpcError> {
+    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<(), RpcError> {
+        if self.durable()
+            && let Some(e) = self.registry.get(slot)
+        {
+            let to = e.server_id.clone();
+            if e.queue.len() < self.cfg.queue_max_messages
+                && e.queue_bytes + q.bytes() <= QUEUE_MAX_BYTES
+            {
+                self.persist_enqueue(&to, &q);
+            }
+        }
+        self.insert_queued(slot, q)
+    }
+
+    /// A queued copy read back from the state log (not written again).
+    pub fn enqueue_restored(&mut self, slot: Slot, q: Queued) -> bool {
+        self.insert_queued(slot, q).is_ok()
+    }
+
+    fn insert_queued(&mut self, slot: Slot, mut q: Queued) -> Result<(), RpcError> {
         let max = self.cfg.queue_max_messages;
         let Some(e) = self.registry.get(slot) else {
             return Err(RpcError::UnknownServer);
@@ -425,7 +456,37 @@ impl Proxy {
         }
     }
 
+    /// Removes a queued copy for good (answered, expired, delivered as a notification): the
+    /// removal is written to the state log.
     fn remove_queued(&mut self, slot: Slot, i: usize) -> Option<Queued> {
+        let q = self.take_queued(slot, i)?;
+        if self.durable()
+            && let Some(e) = self.registry.get(slot)
+        {
+            let op = crate::store::state::Op::Dequeue {
+                to: e.server_id.clone(),
+                seq: q.seq,
+            };
+            self.persist(op);
+        }
+        Some(q)
+    }
+
+    /// Takes a copy out of memory only (a failed commit, or restoring).
+    pub fn unqueue(&mut self, slot: Slot, qseq: u64) {
+        if let Some(i) = self.find_queued(slot, qseq) {
+            self.take_queued(slot, i);
+        }
+    }
+
+    /// Empties a queue in memory only (its removal record covers it on disk).
+    pub fn unqueue_all(&mut self, slot: Slot) {
+        while self.registry.get(slot).is_some_and(|e| !e.queue.is_empty()) {
+            self.take_queued(slot, 0);
+        }
+    }
+
+    fn take_queued(&mut self, slot: Slot, i: usize) -> Option<Queued> {
         let e = self.registry.get_mut(slot)?;
         let q = e.queue.remove(i)?;
         e.queue_bytes = e.queue_bytes.saturating_sub(q.bytes());
@@ -435,7 +496,7 @@ impl Proxy {
         Some(q)
     }
 
-    fn find_queued(&self, slot: Slot, qseq: u64) -> Option<usize> {
+    pub fn find_queued(&self, slot: Slot, qseq: u64) -> Option<usize> {
         let e = self.registry.get(slot)?;
         e.queue.binary_search_by_key(&qseq, |q| q.seq).ok()
     }
@@ -566,16 +627,27 @@ impl Proxy {
                     reply_to,
                     msg_id,
                     requeue: Some(q),
-                } => match self.enqueue(p.slot, *q) {
-                    Ok(()) => {
-                        self.metrics.message(MsgResult::Queued);
-                        self.reply(
-                            reply_to,
-                            Ok(format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}")),
-                        );
+                } => {
+                    let qseq = q.seq;
+                    match self.enqueue(p.slot, *q) {
+                        Ok(()) => {
+                            self.metrics.message(MsgResult::Queued);
+                            let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
+                            if self.durable() {
+                                let slot = p.slot;
+                                self.deferred.push(Deferred::Queued {
+                                    to: reply_to,
+                                    body,
+                                    slot,
+                                    qseq,
+                                });
+                            } else {
+                                self.reply(reply_to, Ok(body));
+                            }
+                        }
+                        Err(e) => self.reply(reply_to, Err(e)),
                     }
-                    Err(e) => self.reply(reply_to, Err(e)),
-                },
+                }
                 PendingKind::Direct { reply_to, .. } => {
                     self.metrics.message(MsgResult::Offline);
                     self.reply(reply_to, Err(RpcError::ServerOffline));
@@ -603,7 +675,8 @@ impl Proxy {
             if e.queue.is_empty() {
                 break;
             }
-            if self.remove_queued(slot, 0).is_some() {
+            // The removal record covers the queue on disk.
+            if self.take_queued(slot, 0).is_some() {
                 self.metrics.message(MsgResult::Dropped);
             }
         }

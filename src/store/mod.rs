@@ -1,10 +1,14 @@
-//! Durable state in the state dir. For now: the generated JWT secret.
+//! Durable state in the state dir: the generated JWT secret, and (`log`) the framing of the
+//! append-only state log.
 //!
 //! Owns the files under `FEDMCP_STATE_DIR`. The generated secret is 32 random bytes from the
 //! OS, kept hex-encoded in `<state dir>/jwt-secret` with mode 0600 (the directory 0700), and
 //! used as the key exactly as the file's text, the same way `FEDMCP_JWT_SECRET_FILE` is read.
 //! It is written to a temporary file, fsynced and renamed, so a crash never leaves a torn
 //! secret. It never logs a secret.
+
+pub mod log;
+pub mod state;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -53,7 +57,7 @@ pub fn load_or_create_secret(dir: &Path) -> io::Result<Vec<u8>> {
     Ok(text.into_bytes())
 }
 
-fn create_dir_private(dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dir_private(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::DirBuilderExt;
