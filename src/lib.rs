@@ -40,6 +40,7 @@ pub mod outbound;
 pub mod proxy;
 pub mod reactor;
 pub mod registry;
+pub mod resources;
 pub mod router;
 pub mod session;
 pub mod store;
