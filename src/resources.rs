@@ -57,10 +57,7 @@ pub fn apply_range(header: Option<&str>, size: u64) -> RangeAnswer {
     match (a.trim(), b.trim()) {
         ("", n) => match num(n) {
             Some(0) => RangeAnswer::Unsatisfiable,
-            Some(n) if size == 0 => {
-                let _ = n;
-                RangeAnswer::Unsatisfiable
-            }
+            Some(_) if size == 0 => RangeAnswer::Unsatisfiable,
             Some(n) => RangeAnswer::Partial {
                 start: size.saturating_sub(n),
                 end: size - 1,
