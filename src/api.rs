@@ -372,10 +372,13 @@ impl Proxy {
     /// An answer that promises durability waits for the turn's fsync when changes were
     /// made (contract §7: `201`, `200` and `204` only once the change is on disk).
     fn durable_answer(&mut self, id: ConnId, resp: Resp) -> Outcome {
-        let pending = self.store.as_ref().is_some_and(|s| s.has_batch());
-        if pending && resp.status < 300 {
-            self.deferred
-                .push(crate::durable::Deferred::Http { conn: id, resp });
+        let record = self.last_record.take();
+        if record.is_some() && resp.status < 300 {
+            self.deferred.push(crate::durable::Deferred::Http {
+                conn: id,
+                resp,
+                record,
+            });
             Outcome::Later
         } else {
             Outcome::Respond(resp)
@@ -452,6 +455,7 @@ impl Proxy {
             "/v1/servers" => match m {
                 Method::Post => match self.admin(head, peer) {
                     Ok(_) => {
+                        self.last_record = None;
                         let r = self.register(body, peer);
                         self.durable_answer(id, r)
                     }
@@ -498,6 +502,7 @@ impl Proxy {
                         .map_or_else(|e| e, |_| self.get_server(raw))),
                     Method::Delete => match self.admin(head, peer) {
                         Ok(_) => {
+                            self.last_record = None;
                             let r = self.remove_server(raw, peer);
                             self.durable_answer(id, r)
                         }
@@ -593,6 +598,7 @@ impl Proxy {
                 }
                 if let Some(c) = b.capabilities {
                     e.capabilities = c.get().to_string();
+                    e.reg_capabilities = e.capabilities.clone();
                 }
                 if was_registered { 200 } else { 201 }
             }
@@ -604,6 +610,7 @@ impl Proxy {
                 }
                 if let Some(c) = b.capabilities {
                     e.capabilities = c.get().to_string();
+                    e.reg_capabilities = e.capabilities.clone();
                 }
                 match self.registry.insert(e) {
                     Ok(_) => 201,
@@ -623,7 +630,7 @@ impl Proxy {
                     id: e.server_id.clone(),
                     endpoints: RawValue::from_string(e.endpoints.clone())
                         .unwrap_or_else(|_| raw_empty()),
-                    capabilities: RawValue::from_string(e.capabilities.clone())
+                    capabilities: RawValue::from_string(e.reg_capabilities.clone())
                         .unwrap_or_else(|_| raw_empty()),
                 };
                 self.persist(op);

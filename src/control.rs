@@ -145,6 +145,7 @@ impl Proxy {
             e.session = None;
             e.outbound_session = false;
             e.state = State::Offline;
+            e.capabilities = e.reg_capabilities.clone();
         }
         self.fail_deliveries_to(id);
         // A dialled session that ended is dialled again (§5).
@@ -462,7 +463,7 @@ impl Proxy {
                 if let Some(e) = self.registry.get_mut(slot) {
                     e.state = State::Online;
                     if let Some(o) = e.outbound.as_mut() {
-                        o.attempt = 0;
+                        o.online_since = Some(Instant::now());
                         o.last_error = None;
                     }
                     if let Some(c) = caps {

@@ -18,25 +18,77 @@ use crate::router::ReplyTo;
 use crate::session::instant_at;
 use crate::store::state::{Op, Replay};
 use serde_json::value::RawValue;
+use std::ops::Range;
 use std::time::Instant;
 
 /// An answer that waits for the turn's fsync.
 #[derive(Debug)]
 pub enum Deferred {
-    /// `{"msgId","status":"queued"}` for the copy `qseq` in `slot`'s queue.
+    /// `{"msgId","status":"queued"}` for the copy `qseq` in `slot`'s queue; `record` is its
+    /// enqueue record in the batch.
     Queued {
         to: ReplyTo,
         body: String,
         slot: Slot,
         qseq: u64,
+        record: Option<Range<usize>>,
     },
-    /// An HTTP answer (registration, removal) on a connection waiting for it.
-    Http { conn: ConnId, resp: Resp },
+    /// An HTTP answer (registration, removal) on a connection waiting for it; `record` is
+    /// the change's record in the batch.
+    Http {
+        conn: ConnId,
+        resp: Resp,
+        record: Option<Range<usize>>,
+    },
 }
 
 fn raw(text: &str) -> Box<RawValue> {
     RawValue::from_string(text.to_string())
         .unwrap_or_else(|_| RawValue::from_string("{}".to_string()).unwrap_or_default())
+}
+
+/// Latest removal time accepted from disk (year 9999), and the highest sequence number.
+const MAX_TIME_SECS: i64 = 253_402_300_799;
+const MAX_SEQ: u64 = u64::MAX / 4;
+
+/// A msgId as the proxy makes them (boot prefix, `-`, number): safe inside a JSON string.
+fn safe_msg_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Whether a record read from disk is one the proxy could have written: a crafted or
+/// damaged log must not inject ids that break JSON, or numbers that overflow.
+fn sane(op: &Op) -> bool {
+    use crate::jwt::valid_server_id as id_ok;
+    let object = |v: &RawValue| v.get().starts_with('{');
+    match op {
+        Op::Register {
+            id,
+            endpoints,
+            capabilities,
+        } => id_ok(id) && object(endpoints) && object(capabilities),
+        Op::Remove { id, at } => id_ok(id) && (0..=MAX_TIME_SECS).contains(at),
+        Op::Enqueue {
+            to,
+            seq,
+            msg_id,
+            from,
+            sent_at,
+            expires_at,
+            ..
+        } => {
+            id_ok(to)
+                && id_ok(from)
+                && safe_msg_id(msg_id)
+                && *seq <= MAX_SEQ
+                && (0..=MAX_TIME_SECS * 1000).contains(sent_at)
+                && expires_at.is_none_or(|e| (0..=MAX_TIME_SECS * 1000).contains(&e))
+        }
+        Op::Dequeue { to, seq } => id_ok(to) && *seq <= MAX_SEQ,
+    }
 }
 
 impl Proxy {
@@ -45,10 +97,18 @@ impl Proxy {
         self.store.is_some()
     }
 
-    /// Adds a change to this turn's batch.
+    /// True while a `queued` answer for this copy still waits for the fsync.
+    pub fn queued_answer_pending(&self, slot: Slot, qseq: u64) -> bool {
+        self.deferred.iter().any(
+            |d| matches!(d, Deferred::Queued { slot: s, qseq: q, .. } if *s == slot && *q == qseq),
+        )
+    }
+
+    /// Adds a change to this turn's batch. Its place in the batch is kept in `last_record`
+    /// for the caller that defers an answer on it.
     pub fn persist(&mut self, op: Op) {
         if let Some(s) = self.store.as_mut() {
-            s.append(&op);
+            self.last_record = s.append(&op);
         }
     }
 
@@ -59,7 +119,7 @@ impl Proxy {
         }
         let expires_at = q.expires.map(|at| {
             let left = at.saturating_duration_since(Instant::now()).as_millis() as i64;
-            now_ms() + left
+            now_ms().saturating_add(left)
         });
         let op = Op::Enqueue {
             to: to.to_string(),
@@ -92,7 +152,7 @@ impl Proxy {
                 for d in deferred {
                     match d {
                         Deferred::Queued { to, body, .. } => self.reply(to, Ok(body)),
-                        Deferred::Http { conn, resp } => self.http_finish(conn, resp),
+                        Deferred::Http { conn, resp, .. } => self.http_finish(conn, resp),
                     }
                 }
                 self.maybe_compact();
@@ -101,10 +161,22 @@ impl Proxy {
                 log::error!("state dir write failed: {e}; nothing of this turn is acknowledged");
                 self.metrics.storage_failures_total += 1;
                 self.degraded = Some(e.to_string());
+                // What was promised is not acknowledged: its records leave the batch (a copy
+                // also leaves memory); the rest of the batch is retried by the next commit.
+                let undone: Vec<Range<usize>> = deferred
+                    .iter()
+                    .filter_map(|d| match d {
+                        Deferred::Queued { record, .. } | Deferred::Http { record, .. } => {
+                            record.clone()
+                        }
+                    })
+                    .collect();
+                if let Some(s) = self.store.as_mut() {
+                    s.strip(undone);
+                }
                 for d in deferred {
                     match d {
                         Deferred::Queued { to, slot, qseq, .. } => {
-                            // The copy is not on disk: take it back, the sender is told.
                             self.unqueue(slot, qseq);
                             self.reply(to, Err(RpcError::StorageFailed));
                         }
@@ -137,7 +209,7 @@ impl Proxy {
                 ops.push(Op::Register {
                     id: e.server_id.clone(),
                     endpoints: raw(&e.endpoints),
-                    capabilities: raw(&e.capabilities),
+                    capabilities: raw(&e.reg_capabilities),
                 });
             }
         }
@@ -152,9 +224,9 @@ impl Proxy {
                     from: q.from.clone(),
                     message: raw(&q.message),
                     sent_at: q.sent_at_ms,
-                    expires_at: q
-                        .expires
-                        .map(|at| now_ms + at.saturating_duration_since(now).as_millis() as i64),
+                    expires_at: q.expires.map(|at| {
+                        now_ms.saturating_add(at.saturating_duration_since(now).as_millis() as i64)
+                    }),
                     notify: q.notify_sender,
                 });
             }
@@ -185,7 +257,12 @@ impl Proxy {
         let now_ms = now_ms();
         let (mut regs, mut removals, mut queued) = (0usize, 0usize, 0usize);
         let mut max_seq = 0u64;
+        let mut insane = 0usize;
         for op in replay.ops {
+            if !sane(&op) {
+                insane += 1;
+                continue;
+            }
             match op {
                 Op::Register {
                     id,
@@ -203,6 +280,7 @@ impl Proxy {
                         e.registered = true;
                         e.endpoints = endpoints.get().to_string();
                         e.capabilities = capabilities.get().to_string();
+                        e.reg_capabilities = e.capabilities.clone();
                         regs += 1;
                     }
                 }
@@ -267,7 +345,7 @@ impl Proxy {
         }
         let left: usize = self.registry.entries().map(|e| e.queue.len()).sum();
         log::info!(
-            "state restored: {regs} registrations, {removals} removals, {queued} queued ({left} still queued), {} unreadable records{}",
+            "state restored: {regs} registrations, {removals} removals, {queued} queued ({left} still queued), {} unreadable and {insane} invalid records skipped{}",
             replay.unreadable,
             replay
                 .torn

@@ -284,6 +284,7 @@ impl Proxy {
                     last_error: None,
                     next_attempt_ms: Some(now_ms()),
                     timer: Some(timer),
+                    online_since: None,
                 });
             }
         }
@@ -406,6 +407,9 @@ impl Proxy {
 
     /// Starts a non-blocking connect and registers the socket.
     fn dial_connect(&mut self, slot: Slot, addr: SocketAddr) {
+        if self.draining.is_some() {
+            return;
+        }
         let Some(e) = self.registry.get(slot) else {
             return;
         };
@@ -554,6 +558,14 @@ impl Proxy {
         let leftover = inbuf.split_off(n);
         let (slot, claims, deadline) = (d.slot, d.claims.clone(), d.deadline);
         if self
+            .registry
+            .get(slot)
+            .is_some_and(|e| e.session.is_some_and(|s| s != id))
+        {
+            // It connected inbound while we were dialling: keep that session.
+            return self.drop_conn(id, "the server connected inbound meanwhile");
+        }
+        if self
             .open_session(id, &claims, deadline, tungstenite::protocol::Role::Client)
             .is_err()
         {
@@ -592,8 +604,14 @@ impl Proxy {
         if o.phase != expect {
             return;
         }
-        if let OutPhase::Session(_) = expect {
-            o.attempt = 0; // a session was up: start the schedule again
+        // A session that stayed online for a while starts the schedule again; one that ended
+        // at once (welcome refused, closed straight away) counts as a failed attempt, so a
+        // remote that accepts and drops is not dialled every 250 ms forever.
+        if o.online_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= BACKOFF_MAX)
+        {
+            o.attempt = 0;
         }
         let delay = backoff(o.attempt, jitter_unit());
         o.attempt = o.attempt.saturating_add(1);

@@ -121,6 +121,8 @@ pub struct Proxy {
     pub store: Option<crate::store::state::Store>,
     /// Answers waiting for this turn's fsync.
     pub deferred: Vec<crate::durable::Deferred>,
+    /// Where the last persisted record sits in the store's batch (see `persist`).
+    pub last_record: Option<std::ops::Range<usize>>,
     /// Set while the state dir cannot be written (readyz 503), with the error.
     pub degraded: Option<String>,
     /// The server being removed right now: its unanswered deliveries fail instead of going
@@ -202,6 +204,7 @@ impl Proxy {
             removing: None,
             store: None,
             deferred: Vec::new(),
+            last_record: None,
             degraded: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
@@ -210,7 +213,7 @@ impl Proxy {
 
     /// A fresh number for delivery ids and message ids.
     pub fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
+        self.seq = self.seq.saturating_add(1);
         self.seq
     }
 
@@ -451,7 +454,7 @@ impl Proxy {
     pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, i64) {
         let now = now_secs();
         let iat = match self.registry.removed_at(server_id) {
-            Some(r) if token_type == TokenType::Federation => now.max(r + 1),
+            Some(r) if token_type == TokenType::Federation => now.max(r.saturating_add(1)),
             _ => now,
         };
         let exp = iat + self.cfg.token_ttl_secs as i64;

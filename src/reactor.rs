@@ -87,6 +87,11 @@ impl Reactor {
                 let t = end.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
             }
+            if proxy.degraded.is_some() {
+                // Retry the kept batch at least every second.
+                let t = Duration::from_secs(1);
+                timeout = Some(timeout.map_or(t, |x| x.min(t)));
+            }
             if !self.again.is_empty() || !proxy.resume.is_empty() || !proxy.dirty.is_empty() {
                 timeout = Some(Duration::ZERO);
             }

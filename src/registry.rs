@@ -84,6 +84,8 @@ pub struct Outbound {
     pub last_error: Option<String>,
     pub next_attempt_ms: Option<i64>,
     pub timer: Option<TimerId>,
+    /// When the current dialled session came online (its welcome was answered).
+    pub online_since: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -91,8 +93,11 @@ pub struct Entry {
     pub server_id: String,
     /// JSON text of the `endpoints` object (`{}` when none).
     pub endpoints: String,
-    /// JSON text of the `capabilities` object (`{}` when none).
+    /// JSON text of the `capabilities` object served now (`{}` when none): the session's,
+    /// from its welcome answer, else the registered ones.
     pub capabilities: String,
+    /// The capabilities given at registration (what is written to the state log).
+    pub reg_capabilities: String,
     /// Registered by an admin (true) or known because it connected with a valid token.
     pub registered: bool,
     /// `K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)` (contract §6).
@@ -276,6 +281,7 @@ impl Entry {
             server_id,
             endpoints: "{}".to_string(),
             capabilities: "{}".to_string(),
+            reg_capabilities: "{}".to_string(),
             registered: false,
             signing_key,
             revoked_through: None,

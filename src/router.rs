@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 /// `recipient_overloaded`.
 pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
 
+/// The longest `ttlMs` honoured (a century); longer is treated as this.
+pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 /// Bytes of queued messages kept for one recipient (beside the message-count bound).
 pub const QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
@@ -202,7 +205,11 @@ impl Proxy {
         };
         let queue = p.queue.unwrap_or(false);
         let is_request = reply_to.is_some();
-        let expires = p.ttl_ms.map(|t| Instant::now() + Duration::from_millis(t));
+        // A TTL past a century means "no expiry" in effect; capping keeps every clock
+        // conversion (Instant, ms on disk) in range.
+        let expires = p
+            .ttl_ms
+            .map(|t| Instant::now() + Duration::from_millis(t.min(MAX_TTL_MS)));
         let make_queued = |qseq: u64| Queued {
             seq: qseq,
             msg_id: msg_id.clone(),
@@ -241,9 +248,11 @@ impl Proxy {
                         RpcError::ServerOffline
                     }));
                 }
+                self.last_record = None;
                 if let Err(e) = self.enqueue(slot, make_queued(seq)) {
                     return Reply::Now(Err(e));
                 }
+                let record = self.last_record.take();
                 self.metrics.message(MsgResult::Queued);
                 let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
                 // An online recipient with room may take it at once.
@@ -256,6 +265,7 @@ impl Proxy {
                             body,
                             slot,
                             qseq: seq,
+                            record,
                         });
                         Reply::Later
                     }
@@ -386,20 +396,22 @@ impl Proxy {
                 self.persist_enqueue(&to, &q);
             }
         }
-        self.insert_queued(slot, q)
+        self.insert_queued(slot, q, true)
     }
 
     /// A queued copy read back from the state log (not written again).
+    /// Restored copies were acknowledged: they are kept even over the queue bounds (which
+    /// may have been lowered since); new sends to that queue are refused until it drains.
     pub fn enqueue_restored(&mut self, slot: Slot, q: Queued) -> bool {
-        self.insert_queued(slot, q).is_ok()
+        self.insert_queued(slot, q, false).is_ok()
     }
 
-    fn insert_queued(&mut self, slot: Slot, mut q: Queued) -> Result<(), RpcError> {
+    fn insert_queued(&mut self, slot: Slot, mut q: Queued, bounded: bool) -> Result<(), RpcError> {
         let max = self.cfg.queue_max_messages;
         let Some(e) = self.registry.get(slot) else {
             return Err(RpcError::UnknownServer);
         };
-        if e.queue.len() >= max || e.queue_bytes + q.bytes() > QUEUE_MAX_BYTES {
+        if bounded && (e.queue.len() >= max || e.queue_bytes + q.bytes() > QUEUE_MAX_BYTES) {
             return Err(RpcError::QueueFull);
         }
         if let (Some(at), None) = (q.expires, q.ttl_timer) {
@@ -581,6 +593,16 @@ impl Proxy {
         let Some(i) = self.find_queued(slot, qseq) else {
             return;
         };
+        if self.queued_answer_pending(slot, qseq) {
+            // `expired` must not overtake `queued`: look again after this turn's commit.
+            let t = self
+                .timers
+                .insert(Instant::now(), TimerKey::Ttl(slot, qseq));
+            if let Some(e) = self.registry.get_mut(slot) {
+                e.queue[i].ttl_timer = Some(t);
+            }
+            return;
+        }
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
@@ -629,8 +651,10 @@ impl Proxy {
                     requeue: Some(q),
                 } => {
                     let qseq = q.seq;
+                    self.last_record = None;
                     match self.enqueue(p.slot, *q) {
                         Ok(()) => {
+                            let record = self.last_record.take();
                             self.metrics.message(MsgResult::Queued);
                             let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
                             if self.durable() {
@@ -640,6 +664,7 @@ impl Proxy {
                                     body,
                                     slot,
                                     qseq,
+                                    record,
                                 });
                             } else {
                                 self.reply(reply_to, Ok(body));

@@ -152,11 +152,28 @@ impl Store {
         ))
     }
 
-    /// Adds a change to this turn's batch (not yet on disk).
-    pub fn append(&mut self, op: &Op) {
+    /// Adds a change to this turn's batch (not yet on disk); returns where its record sits
+    /// in the batch, so a failed commit can take it out again.
+    pub fn append(&mut self, op: &Op) -> Option<std::ops::Range<usize>> {
+        let start = self.batch.len();
         match serde_json::to_vec(op) {
             Ok(p) => log::encode(&p, &mut self.batch),
-            Err(e) => ::log::error!("state record not encodable: {e}"),
+            Err(e) => {
+                ::log::error!("state record not encodable: {e}");
+                return None;
+            }
+        }
+        Some(start..self.batch.len())
+    }
+
+    /// After a failed commit: removes the records of changes that were not acknowledged
+    /// and were undone (their ranges, from `append`); the rest is retried.
+    pub fn strip(&mut self, mut ranges: Vec<std::ops::Range<usize>>) {
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.start));
+        for r in ranges {
+            if r.end <= self.batch.len() {
+                self.batch.drain(r);
+            }
         }
     }
 
@@ -165,8 +182,9 @@ impl Store {
     }
 
     /// Writes this turn's batch and fsyncs it: one fsync for every change of the turn. On an
-    /// error the batch is dropped and the log is cut back to its last good length, so a
-    /// failed change can never resurface after a restart.
+    /// error the log is cut back to its last good length and the batch is kept: the caller
+    /// strips the records it undid, and the rest (changes memory still holds) is written by
+    /// the next commit, so disk and memory agree after a restart.
     pub fn commit(&mut self) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
@@ -182,7 +200,6 @@ impl Store {
                 Ok(())
             }
             Err(e) => {
-                self.batch.clear();
                 let _ = self.log.set_len(self.log_bytes);
                 let _ = self.log.seek(SeekFrom::Start(self.log_bytes));
                 Err(e)
