@@ -132,6 +132,7 @@ impl Store {
         let log_path = dir.join(LOG_FILE);
         let (good, torn) = read_file(&log_path, &mut replay)?;
         let mut file = open_private(&log_path, false)?;
+        fsync_dir(dir)?; // the log's directory entry survives a power loss too
         if let Some((at, why)) = torn {
             let len = file.metadata()?.len();
             log::warn_torn("log", at, why);
@@ -228,13 +229,16 @@ impl Store {
             f.sync_all()?;
         }
         fs::rename(&tmp, self.dir.join(SNAP_FILE))?;
-        fsync_dir(&self.dir)?;
-        self.log.set_len(0)?;
-        self.log.seek(SeekFrom::Start(0))?;
-        self.log.sync_all()?;
         self.snap_bytes = buf.len() as u64;
-        self.log_bytes = 0;
-        Ok(())
+        let emptied = fsync_dir(&self.dir)
+            .and_then(|_| self.log.set_len(0))
+            .and_then(|_| self.log.seek(SeekFrom::Start(0)).map(|_| ()))
+            .and_then(|_| self.log.sync_all());
+        // Whatever happened, the next write must start where the file really ends (a stale
+        // length would make a later failed commit cut or zero-fill the log).
+        self.log_bytes = self.log.metadata().map(|m| m.len()).unwrap_or(self.log_bytes);
+        let _ = self.log.seek(SeekFrom::Start(self.log_bytes));
+        emptied
     }
 
     pub fn log_bytes(&self) -> u64 {
