@@ -44,7 +44,7 @@ pub struct Resp {
 }
 
 impl Resp {
-    fn json(status: u16, body: impl Into<Vec<u8>>) -> Resp {
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Resp {
         Resp {
             status,
             headers: vec![("Content-Type", "application/json".into())],
@@ -56,7 +56,7 @@ impl Resp {
         Resp::json(status, response::error_body(code, message))
     }
 
-    fn no_content() -> Resp {
+    pub fn no_content() -> Resp {
         Resp {
             status: 204,
             headers: Vec::new(),
@@ -64,7 +64,7 @@ impl Resp {
         }
     }
 
-    fn auth(e: &AuthError) -> Resp {
+    pub fn auth(e: &AuthError) -> Resp {
         let mut r = Resp::error(e.status, e.code, e.message());
         if e.status == 401 {
             r.headers
@@ -73,7 +73,7 @@ impl Resp {
         r
     }
 
-    fn method_not_allowed(allow: &str) -> Resp {
+    pub fn method_not_allowed(allow: &str) -> Resp {
         let mut r = Resp::error(
             405,
             "method_not_allowed",
@@ -91,6 +91,8 @@ enum Outcome {
     Later,
     /// The connection became a control session.
     Upgraded,
+    /// The handler wrote the head and the body streams from a file (`data`).
+    Streaming,
 }
 
 #[derive(Deserialize)]
@@ -146,7 +148,7 @@ impl Proxy {
         match self.conn(id) {
             Some(c) => match &c.state {
                 ConnState::Http(h) => {
-                    !matches!(h.phase, HttpPhase::Waiting { .. })
+                    !matches!(h.phase, HttpPhase::Waiting { .. } | HttpPhase::Sending(_))
                         && !h.close_after
                         && c.unsent() <= HTTP_OUT_BOUND
                 }
@@ -174,7 +176,13 @@ impl Proxy {
                 return;
             }
             let complete = match &mut h.phase {
-                HttpPhase::Waiting { .. } => return,
+                HttpPhase::Waiting { .. } | HttpPhase::Sending(_) => return,
+                HttpPhase::Upload(_) => {
+                    if self.upload_progress(id) {
+                        continue;
+                    }
+                    return;
+                }
                 HttpPhase::Head { idle } => {
                     if h.inbuf.is_empty() {
                         return;
@@ -193,6 +201,12 @@ impl Proxy {
                         }
                         Ok(Some((head, n))) => {
                             h.inbuf.drain(..n);
+                            if crate::data::is_upload(&head) {
+                                // Streamed to disk, not buffered: see `data`.
+                                self.metrics.http_requests_total += 1;
+                                self.start_upload(id, head);
+                                continue;
+                            }
                             match head.body {
                                 BodyKind::None | BodyKind::Length(0) => Some((head, Vec::new())),
                                 BodyKind::Length(len) if len > max_body => {
@@ -304,6 +318,11 @@ impl Proxy {
                 }
                 // Bytes after the upgrade request were handed to the session.
                 Outcome::Upgraded => return,
+                // The download continues as the socket drains; pipelined requests wait.
+                Outcome::Streaming => {
+                    self.rearm(id);
+                    return;
+                }
             }
         }
     }
@@ -398,6 +417,12 @@ impl Proxy {
         }
         match h.phase {
             HttpPhase::Waiting { .. } => {}
+            // A download whose reader stopped reading, or an upload whose writer stopped.
+            HttpPhase::Sending(_) => self.drop_conn(id, "download stalled"),
+            HttpPhase::Upload(_) => {
+                self.abandon_upload(id);
+                self.drop_conn(id, "upload stalled");
+            }
             HttpPhase::Head { idle: true } if h.inbuf.is_empty() => {
                 self.drop_conn(id, "keep-alive idle timeout");
             }
@@ -484,16 +509,17 @@ impl Proxy {
                 Method::Get => self.upgrade(id, peer, head),
                 _ => R(Resp::method_not_allowed("GET")),
             },
-            "/v1/resources" => R(Resp::error(
-                501,
-                "not_implemented",
-                "resources are not implemented yet",
-            )),
-            p if p.starts_with("/v1/resources/") => R(Resp::error(
-                501,
-                "not_implemented",
-                "resources are not implemented yet",
-            )),
+            "/v1/resources" => match self.resource_route(id, head, None) {
+                Some(r) => R(r),
+                None => Outcome::Streaming,
+            },
+            p if p.starts_with("/v1/resources/") => {
+                let rest = &p["/v1/resources/".len()..];
+                match self.resource_route(id, head, Some(rest)) {
+                    Some(r) => R(r),
+                    None => Outcome::Streaming,
+                }
+            }
             p if p.starts_with("/v1/servers/") => {
                 let raw = &p["/v1/servers/".len()..];
                 match m {

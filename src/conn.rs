@@ -64,6 +64,10 @@ pub enum HttpPhase {
     },
     /// A request is being answered asynchronously (a send awaiting its recipient).
     Waiting { keep_alive: bool },
+    /// A resource body streaming to disk.
+    Upload(Box<crate::data::Uploading>),
+    /// A resource streaming to the peer as the socket drains.
+    Sending(Box<crate::data::Sending>),
 }
 
 #[derive(Debug)]

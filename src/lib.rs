@@ -30,6 +30,7 @@ pub mod audit;
 pub mod config;
 pub mod conn;
 pub mod control;
+pub mod data;
 pub mod durable;
 pub mod http;
 pub mod jsonrpc;

@@ -149,7 +149,25 @@ fn serve() -> ExitCode {
         },
         None => None,
     };
+    // Resources live under the state dir; memory-only proxies keep them in a private
+    // temporary directory (bodies never go to memory).
+    let blob_root = match cfg.state_dir.as_deref() {
+        Some(dir) => dir.join("resources"),
+        None => std::env::temp_dir().join(format!("fedmcp-resources-{}", std::process::id())),
+    };
+    let blobs = match fedmcp::store::blobs::Blobs::open(&blob_root) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "FEDMCP_STATE_DIR: cannot open the resources in {}: {e}; expected a writable directory",
+                blob_root.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let mut proxy = Proxy::new(cfg, secret, audit);
+    proxy.resources = blobs.1;
+    proxy.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {
         proxy.store = Some(store);
         proxy.restore(replay);

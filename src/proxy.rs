@@ -121,6 +121,9 @@ pub struct Proxy {
     pub store: Option<crate::store::state::Store>,
     /// Answers waiting for this turn's fsync.
     pub deferred: Vec<crate::durable::Deferred>,
+    /// Resource files (`None` only if they could not be opened) and their index.
+    pub blobs: Option<crate::store::blobs::Blobs>,
+    pub resources: crate::resources::Index,
     /// Where the last persisted record sits in the store's batch (see `persist`).
     pub last_record: Option<std::ops::Range<usize>>,
     /// Set while the state dir cannot be written (readyz 503), with the error.
@@ -205,6 +208,8 @@ impl Proxy {
             store: None,
             deferred: Vec::new(),
             last_record: None,
+            blobs: None,
+            resources: crate::resources::Index::default(),
             degraded: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
@@ -383,6 +388,7 @@ impl Proxy {
         if self.conn(id).is_none() {
             return;
         }
+        self.abandon_upload(id);
         let mut conn = self.conns.remove(id.idx as usize);
         if let Some(t) = conn.timer.take() {
             self.timers.cancel(t);

@@ -435,6 +435,11 @@ impl Reactor {
                     }
                 }
                 ConnState::Http(h) => {
+                    if matches!(h.phase, HttpPhase::Sending(_)) {
+                        // The socket took the last chunk of a download: read the next.
+                        proxy.refill(id);
+                        continue;
+                    }
                     // Pipelined requests already buffered were held back while the output
                     // was over its bound: process them now.
                     if !h.inbuf.is_empty() {

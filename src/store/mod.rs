@@ -7,6 +7,7 @@
 //! It is written to a temporary file, fsynced and renamed, so a crash never leaves a torn
 //! secret. It never logs a secret.
 
+pub mod blobs;
 pub mod log;
 pub mod state;
 

@@ -236,7 +236,11 @@ impl Store {
             .and_then(|_| self.log.sync_all());
         // Whatever happened, the next write must start where the file really ends (a stale
         // length would make a later failed commit cut or zero-fill the log).
-        self.log_bytes = self.log.metadata().map(|m| m.len()).unwrap_or(self.log_bytes);
+        self.log_bytes = self
+            .log
+            .metadata()
+            .map(|m| m.len())
+            .unwrap_or(self.log_bytes);
         let _ = self.log.seek(SeekFrom::Start(self.log_bytes));
         emptied
     }

@@ -1,0 +1,544 @@
+//! The data channel's resources (contract §3): `PUT`, `GET`/`HEAD`, `DELETE`, listing.
+//!
+//! Owns streaming: an upload is taken from the connection's input buffer as it arrives and
+//! written to its temporary file (so the proxy reads a body only as fast as it writes it to
+//! disk, and memory does not grow with a resource's size); a download is read from its file
+//! in bounded chunks only when the socket has drained the previous one. Names are percent-
+//! decoded once and validated before any path is built; sizes and the quota are checked
+//! before and while bytes arrive (`413`, `507 quota_exceeded`); a cut-off or refused upload
+//! leaves nothing behind. `Expect: 100-continue` is answered only once the upload is accepted.
+//! Files are the `store::blobs` module's; the index and quota are `resources`'.
+
+use crate::api::Resp;
+use crate::conn::{ConnId, ConnState, HttpPhase};
+use crate::http::chunked::{ChunkedDecoder, Progress};
+use crate::http::parse::{self, BodyKind, Method, RequestHead};
+use crate::http::response;
+use crate::proxy::{Proxy, Want, now_secs};
+use crate::resources::{QuotaError, RangeAnswer, apply_range, valid_name};
+use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
+use std::fs::File;
+use std::time::Instant;
+
+/// Bytes of quota reserved at a time for a chunked upload (its size is not known ahead).
+const CHUNKED_RESERVE_STEP: u64 = 1024 * 1024;
+/// Bytes of a download put in the output per refill.
+const REFILL_BYTES: usize = 4 * READ_CHUNK;
+
+/// An upload in progress on a connection.
+pub struct Uploading {
+    pub owner: String,
+    pub name: String,
+    pub up: Upload,
+    pub chunked: Option<ChunkedDecoder>,
+    /// Bytes still expected (Content-Length uploads).
+    pub left: u64,
+    /// Quota bytes reserved for it.
+    pub reserved: u64,
+    pub keep_alive: bool,
+}
+
+impl std::fmt::Debug for Uploading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Uploading({}/{}, {} bytes)",
+            self.owner, self.name, self.up.written
+        )
+    }
+}
+
+/// A download in progress on a connection.
+#[derive(Debug)]
+pub struct Sending {
+    pub file: File,
+    pub offset: u64,
+    pub left: u64,
+    pub keep_alive: bool,
+}
+
+/// A `PUT /v1/resources/{name}` is streamed, not buffered.
+pub fn is_upload(head: &RequestHead) -> bool {
+    head.method == Method::Put && head.path.starts_with("/v1/resources/")
+}
+
+fn bearer(head: &RequestHead) -> Option<&str> {
+    let v = head.header("authorization")?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn quota_resp(e: QuotaError) -> Resp {
+    match e {
+        QuotaError::TooLarge => Resp::error(
+            413,
+            "payload_too_large",
+            "the resource is over FEDMCP_RESOURCE_MAX_BYTES",
+        ),
+        QuotaError::QuotaExceeded => Resp::error(
+            507,
+            "quota_exceeded",
+            "the resources would be over FEDMCP_RESOURCE_QUOTA_BYTES",
+        ),
+    }
+}
+
+impl Proxy {
+    /// Takes an unfinished upload off a connection that is going away or timed out: its
+    /// quota reservation ends and (dropping it) its temporary file is removed.
+    pub fn abandon_upload(&mut self, id: ConnId) {
+        let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) else {
+            return;
+        };
+        if !matches!(h.phase, HttpPhase::Upload(_)) {
+            return;
+        }
+        if let HttpPhase::Upload(u) =
+            std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false })
+        {
+            self.resources.release(u.reserved);
+        }
+    }
+
+    /// A complete `PUT` head: authenticate, check the name and size, then stream the body.
+    /// On refusal the body is not read: the answer closes the connection.
+    pub fn start_upload(&mut self, id: ConnId, head: RequestHead) {
+        let Some(peer) = self.conn(id).map(|c| c.peer) else {
+            return;
+        };
+        let refuse = |p: &mut Proxy, r: Resp| {
+            let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
+            p.answer_upload(id, r, head.keep_alive && !has_body);
+        };
+        let claims = match self.authenticate(bearer(&head), Want::Federation, peer) {
+            Ok(c) => c,
+            Err(e) => return refuse(self, Resp::auth(&e)),
+        };
+        let raw = &head.path["/v1/resources/".len()..];
+        let Some(name) = parse::percent_decode(raw).filter(|n| valid_name(n)) else {
+            return refuse(
+                self,
+                Resp::error(
+                    400,
+                    "invalid_name",
+                    "a resource name is 1 to 128 of A-Z a-z 0-9 . _ - and does not start with .",
+                ),
+            );
+        };
+        let owner = claims.server_id;
+        let (max, quota) = (self.cfg.resource_max_bytes, self.cfg.resource_quota_bytes);
+        let (chunked, left, reserve) = match head.body {
+            BodyKind::Chunked => (Some(ChunkedDecoder::new(max)), 0, 0),
+            BodyKind::Length(n) => (None, n, n),
+            BodyKind::None => (None, 0, 0),
+        };
+        if let Err(e) = self.resources.reserve(&owner, &name, reserve, max, quota) {
+            return refuse(self, quota_resp(e));
+        }
+        let up = match self.blobs.as_mut().map(|b| b.begin()) {
+            Some(Ok(up)) => up,
+            Some(Err(e)) => {
+                log::error!("resource upload cannot start: {e}");
+                self.resources.release(reserve);
+                return refuse(
+                    self,
+                    Resp::error(503, "storage_failed", "the resource cannot be stored"),
+                );
+            }
+            None => {
+                self.resources.release(reserve);
+                return refuse(
+                    self,
+                    Resp::error(503, "storage_failed", "no resource storage"),
+                );
+            }
+        };
+        let idle = self.cfg.idle_timeout;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if head.expect_continue {
+            conn.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        h.deadline = Instant::now() + idle;
+        h.phase = HttpPhase::Upload(Box::new(Uploading {
+            owner,
+            name,
+            up,
+            chunked,
+            left,
+            reserved: reserve,
+            keep_alive: head.keep_alive,
+        }));
+        self.dirty.push(id);
+        self.rearm(id);
+    }
+
+    fn answer_upload(&mut self, id: ConnId, r: Resp, keep_alive: bool) {
+        if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+            if !keep_alive {
+                h.close_after = true;
+                h.inbuf.clear();
+            }
+            h.phase = HttpPhase::Waiting { keep_alive };
+        }
+        self.http_finish(id, r);
+    }
+
+    /// Moves buffered body bytes into the upload. True when the request is done (answered).
+    pub fn upload_progress(&mut self, id: ConnId) -> bool {
+        let (max, quota) = (self.cfg.resource_max_bytes, self.cfg.resource_quota_bytes);
+        let idle = self.cfg.idle_timeout;
+        let Some(conn) = self.conn_mut(id) else {
+            return true;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return true;
+        };
+        let HttpPhase::Upload(u) = &mut h.phase else {
+            return true;
+        };
+        if h.inbuf.is_empty() && (u.chunked.is_some() || u.left > 0) {
+            return false;
+        }
+        h.deadline = Instant::now() + idle;
+        let mut failure: Option<Resp> = None;
+        let done = match u.chunked.as_mut() {
+            None => {
+                let take = (u.left).min(h.inbuf.len() as u64) as usize;
+                if let Err(e) = u.up.write(&h.inbuf[..take]) {
+                    log::error!("resource write failed: {e}");
+                    failure = Some(Resp::error(
+                        503,
+                        "storage_failed",
+                        "the resource could not be written",
+                    ));
+                }
+                h.inbuf.drain(..take);
+                u.left -= take as u64;
+                u.left == 0
+            }
+            Some(dec) => {
+                let mut decoded = Vec::with_capacity(h.inbuf.len().min(READ_CHUNK));
+                match dec.decode(&h.inbuf, &mut decoded, usize::MAX) {
+                    Ok((used, p)) => {
+                        h.inbuf.drain(..used);
+                        if let Err(e) = u.up.write(&decoded) {
+                            log::error!("resource write failed: {e}");
+                            failure = Some(Resp::error(
+                                503,
+                                "storage_failed",
+                                "the resource could not be written",
+                            ));
+                        }
+                        matches!(p, Progress::Done)
+                    }
+                    Err(crate::http::chunked::ChunkError::TooLarge) => {
+                        failure = Some(quota_resp(QuotaError::TooLarge));
+                        true
+                    }
+                    Err(e) => {
+                        failure = Some(Resp::error(400, "bad_request", &e.to_string()));
+                        true
+                    }
+                }
+            }
+        };
+        // A chunked upload reserves quota as it grows.
+        if failure.is_none() && u.up.written > u.reserved {
+            let step = (u.up.written - u.reserved).max(CHUNKED_RESERVE_STEP);
+            let (owner, name) = (u.owner.clone(), u.name.clone());
+            let reserved = u.reserved;
+            match self
+                .resources
+                .reserve(&owner, &name, reserved + step, max, quota)
+            {
+                Ok(()) => {
+                    self.resources.release(reserved); // the new reservation covers the old
+                    if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state)
+                        && let HttpPhase::Upload(u) = &mut h.phase
+                    {
+                        u.reserved = reserved + step;
+                    }
+                }
+                Err(e) => failure = Some(quota_resp(e)),
+            }
+        }
+        if !done && failure.is_none() {
+            return false;
+        }
+        // Finished (or failed): take the upload out of the connection.
+        let Some(conn) = self.conn_mut(id) else {
+            return true;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return true;
+        };
+        let phase = std::mem::replace(&mut h.phase, HttpPhase::Waiting { keep_alive: false });
+        let HttpPhase::Upload(u) = phase else {
+            return true;
+        };
+        let u = *u;
+        self.resources.release(u.reserved);
+        if let Some(r) = failure {
+            drop(u.up); // removes the temporary file
+            self.answer_upload(id, r, false);
+            return true;
+        }
+        let size = u.up.written;
+        if let Err(e) = self.resources.reserve(&u.owner, &u.name, size, max, quota) {
+            drop(u.up);
+            self.answer_upload(id, quota_resp(e), u.keep_alive);
+            return true;
+        }
+        let Some(blobs) = self.blobs.as_mut() else {
+            return true;
+        };
+        match blobs.finish(u.up, &u.owner, &u.name) {
+            Ok(meta) => {
+                let body = format!(
+                    "{{\"owner\":\"{}\",\"name\":\"{}\",\"size\":{},\"sha256\":\"{}\"}}",
+                    u.owner, u.name, meta.size, meta.sha256
+                );
+                self.resources.commit(&u.owner, &u.name, meta, size);
+                let mut r = Resp::json(201, body);
+                r.headers
+                    .push(("Location", format!("/v1/resources/{}/{}", u.owner, u.name)));
+                self.answer_upload(id, r, u.keep_alive);
+            }
+            Err(e) => {
+                log::error!("resource could not be stored: {e}");
+                self.resources.release(size);
+                self.answer_upload(
+                    id,
+                    Resp::error(503, "storage_failed", "the resource could not be stored"),
+                    u.keep_alive,
+                );
+            }
+        }
+        true
+    }
+
+    /// `GET`/`HEAD`/`DELETE /v1/resources/{owner}/{name}` and `GET /v1/resources`.
+    pub fn resource_route(
+        &mut self,
+        id: ConnId,
+        head: &RequestHead,
+        rest: Option<&str>,
+    ) -> Option<Resp> {
+        let peer = self.conn(id).map(|c| c.peer)?;
+        let Some(rest) = rest else {
+            return Some(match head.method {
+                Method::Get | Method::Head => {
+                    match self.authenticate(bearer(head), Want::Either, peer) {
+                        Ok(_) => self.list_resources(),
+                        Err(e) => Resp::auth(&e),
+                    }
+                }
+                _ => Resp::method_not_allowed("GET, HEAD"),
+            });
+        };
+        let (owner_raw, name_raw) = rest.split_once('/').unwrap_or((rest, ""));
+        let owner = parse::percent_decode(owner_raw).filter(|o| crate::jwt::valid_server_id(o));
+        let name = parse::percent_decode(name_raw).filter(|n| valid_name(n));
+        let (Some(owner), Some(name)) = (owner, name) else {
+            return Some(Resp::error(404, "not_found", "no such resource"));
+        };
+        let claims = match self.authenticate(bearer(head), Want::Either, peer) {
+            Ok(c) => c,
+            Err(e) => return Some(Resp::auth(&e)),
+        };
+        match head.method {
+            Method::Get | Method::Head => self.download(id, head, &owner, &name),
+            Method::Delete => {
+                let admin = claims.token_type == crate::jwt::TokenType::Admin;
+                if !admin && claims.server_id != owner {
+                    return Some(Resp::error(
+                        403,
+                        "forbidden",
+                        "only the owner or an admin may delete a resource",
+                    ));
+                }
+                if self.resources.get(&owner, &name).is_none() {
+                    return Some(Resp::error(404, "not_found", "no such resource"));
+                }
+                let removed = self.blobs.as_mut().map(|b| b.remove(&owner, &name));
+                match removed {
+                    Some(Ok(())) => {
+                        self.resources.remove(&owner, &name);
+                        Some(Resp {
+                            status: 204,
+                            headers: Vec::new(),
+                            body: Vec::new(),
+                        })
+                    }
+                    _ => Some(Resp::error(
+                        503,
+                        "storage_failed",
+                        "the resource could not be deleted",
+                    )),
+                }
+            }
+            _ => Some(Resp::method_not_allowed("GET, HEAD, DELETE")),
+        }
+    }
+
+    fn list_resources(&self) -> Resp {
+        let items: Vec<String> = self
+            .resources
+            .list()
+            .map(|(o, n, m)| {
+                format!(
+                    "{{\"owner\":\"{o}\",\"name\":\"{n}\",\"size\":{},\"sha256\":\"{}\"}}",
+                    m.size, m.sha256
+                )
+            })
+            .collect();
+        Resp::json(200, format!("{{\"resources\":[{}]}}", items.join(",")))
+    }
+
+    /// Writes the head of a download and starts sending its bytes (`None`: answered here).
+    fn download(
+        &mut self,
+        id: ConnId,
+        head: &RequestHead,
+        owner: &str,
+        name: &str,
+    ) -> Option<Resp> {
+        let Some(meta) = self.resources.get(owner, name).cloned() else {
+            return Some(Resp::error(404, "not_found", "no such resource"));
+        };
+        let etag = format!("\"{}\"", meta.sha256);
+        if head
+            .header("if-none-match")
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        {
+            let mut r = Resp {
+                status: 304,
+                headers: vec![("ETag", etag)],
+                body: Vec::new(),
+            };
+            r.headers.push(("Accept-Ranges", "bytes".into()));
+            return Some(r);
+        }
+        let (status, start, len) = match apply_range(head.header("range"), meta.size) {
+            RangeAnswer::Full => (200, 0, meta.size),
+            RangeAnswer::Partial { start, end } => (206, start, end - start + 1),
+            RangeAnswer::Unsatisfiable => {
+                let mut r = Resp::error(
+                    416,
+                    "range_not_satisfiable",
+                    "the range is outside the resource",
+                );
+                r.headers
+                    .push(("Content-Range", format!("bytes */{}", meta.size)));
+                return Some(r);
+            }
+        };
+        let file = match self.blobs.as_ref().map(|b| File::open(b.path(owner, name))) {
+            Some(Ok(f)) => f,
+            _ => {
+                return Some(Resp::error(
+                    503,
+                    "storage_failed",
+                    "the resource could not be read",
+                ));
+            }
+        };
+        let mut extra = vec![
+            ("Content-Type", "application/octet-stream".to_string()),
+            ("ETag", etag),
+            ("Accept-Ranges", "bytes".to_string()),
+        ];
+        if status == 206 {
+            extra.push((
+                "Content-Range",
+                format!("bytes {}-{}/{}", start, start + len - 1, meta.size),
+            ));
+        }
+        let head_only = head.method == Method::Head;
+        let draining = self.draining.is_some();
+        let idle = self.cfg.idle_timeout;
+        let conn = self.conn_mut(id)?;
+        let ConnState::Http(h) = &mut conn.state else {
+            return None;
+        };
+        let keep_alive = head.keep_alive && !h.close_after && !draining;
+        if !keep_alive {
+            h.close_after = true;
+        }
+        let headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        response::write_head(
+            &mut conn.out,
+            status,
+            &headers,
+            Some(len),
+            keep_alive,
+            now_secs() as u64,
+        );
+        if head_only || len == 0 {
+            self.finish_sending(id, keep_alive);
+            return None;
+        }
+        if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+            h.deadline = Instant::now() + idle;
+            h.phase = HttpPhase::Sending(Box::new(Sending {
+                file,
+                offset: start,
+                left: len,
+                keep_alive,
+            }));
+        }
+        self.refill(id);
+        None
+    }
+
+    /// The socket drained: put the next chunk of a download in the output.
+    pub fn refill(&mut self, id: ConnId) {
+        let idle = self.cfg.idle_timeout;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        let HttpPhase::Sending(s) = &mut h.phase else {
+            return;
+        };
+        let want = (s.left.min(REFILL_BYTES as u64)) as usize;
+        match Blobs::read_at(&mut s.file, s.offset, want, &mut conn.out) {
+            Ok(n) if n > 0 => {
+                s.offset += n as u64;
+                s.left -= n as u64;
+                h.deadline = Instant::now() + idle;
+                let (left, keep) = (s.left, s.keep_alive);
+                self.dirty.push(id);
+                if left == 0 {
+                    self.finish_sending(id, keep);
+                }
+            }
+            _ => {
+                // The file shrank or failed under us: the length promised cannot be kept.
+                self.drop_conn(id, "resource read failed mid-download");
+            }
+        }
+    }
+
+    fn finish_sending(&mut self, id: ConnId, keep_alive: bool) {
+        let idle = self.cfg.idle_timeout;
+        if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+            if !keep_alive {
+                h.close_after = true;
+            }
+            h.phase = HttpPhase::Head {
+                idle: h.inbuf.is_empty(),
+            };
+            h.deadline = Instant::now() + idle;
+        }
+        self.dirty.push(id);
+        self.resume.push(id);
+    }
+}

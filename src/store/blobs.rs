@@ -1,0 +1,263 @@
+//! Resource files under `<state dir>/resources/<owner>/<name>` (contract §3, §7).
+//!
+//! Owns the disk side of the data channel: an upload is written to a temporary file under
+//! `resources/.tmp/`, hashed on the way, and on completion fsynced, renamed into place and
+//! its directory fsynced — so a cut-off, oversize or failed upload leaves nothing behind
+//! (the temporary file is removed) and a `201` is sent only for a resource that is on disk.
+//! Each resource has a sidecar `<owner>/.<name>.meta` (`size sha256`) so the index is rebuilt
+//! at start without reading every byte; a resource without a valid sidecar is hashed once.
+//! Names are validated by the caller before any path is built (`resources::valid_name`).
+//! Reads are bounded chunks at an offset; nothing here ever holds a whole resource in memory.
+
+use crate::resources::{Index, Meta, valid_name};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes read from a resource file per refill of a connection's output.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+pub struct Blobs {
+    root: PathBuf,
+    next_tmp: u64,
+}
+
+/// An upload in progress. Dropped unfinished (cut off, refused, the connection gone), it
+/// removes its temporary file: nothing is left behind.
+pub struct Upload {
+    file: Option<File>,
+    tmp: PathBuf,
+    hasher: Sha256,
+    pub written: u64,
+    finished: bool,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.file.take();
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    crate::proxy::hex(bytes)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Blobs {
+    /// Opens (creating) `root`, removes leftover temporary files, and rebuilds the index.
+    pub fn open(root: &Path) -> io::Result<(Blobs, Index)> {
+        super::create_dir_private(root)?;
+        let tmp = root.join(".tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        super::create_dir_private(&tmp)?;
+        let mut index = Index::default();
+        for owner in fs::read_dir(root)? {
+            let owner = owner?;
+            let Some(owner_name) = owner.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !crate::jwt::valid_server_id(&owner_name) || !owner.file_type()?.is_dir() {
+                continue;
+            }
+            for item in fs::read_dir(owner.path())? {
+                let item = item?;
+                let Some(name) = item.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if !valid_name(&name) || !item.file_type()?.is_file() {
+                    continue;
+                }
+                let meta = match read_sidecar(&owner.path(), &name) {
+                    Some(m) if Some(m.size) == item.metadata().ok().map(|x| x.len()) => m,
+                    _ => hash_file(&item.path())?,
+                };
+                let size = meta.size;
+                let _ = index.reserve(&owner_name, &name, size, u64::MAX, u64::MAX);
+                index.commit(&owner_name, &name, meta, size);
+            }
+        }
+        Ok((
+            Blobs {
+                root: root.to_path_buf(),
+                next_tmp: 0,
+            },
+            index,
+        ))
+    }
+
+    pub fn path(&self, owner: &str, name: &str) -> PathBuf {
+        self.root.join(owner).join(name)
+    }
+
+    /// Starts an upload into a fresh temporary file.
+    pub fn begin(&mut self) -> io::Result<Upload> {
+        self.next_tmp += 1;
+        let tmp = self
+            .root
+            .join(".tmp")
+            .join(format!("{}-{}", std::process::id(), self.next_tmp));
+        let mut o = OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let file = o.open(&tmp)?;
+        Ok(Upload {
+            file: Some(file),
+            tmp,
+            hasher: Sha256::new(),
+            written: 0,
+            finished: false,
+        })
+    }
+
+    /// Completes an upload: fsync, sidecar, rename into place, fsync the directory.
+    pub fn finish(&mut self, mut up: Upload, owner: &str, name: &str) -> io::Result<Meta> {
+        let file = up
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("upload already closed"))?;
+        file.sync_all()?;
+        drop(file);
+        let dir = self.root.join(owner);
+        super::create_dir_private(&dir)?;
+        let meta = Meta {
+            size: up.written,
+            sha256: hex(&up.hasher.clone().finalize()),
+        };
+        let side = dir.join(format!(".{name}.meta"));
+        fs::write(&side, format!("{} {}\n", meta.size, meta.sha256))?;
+        File::open(&side)?.sync_all()?;
+        fs::rename(&up.tmp, dir.join(name))?;
+        up.finished = true;
+        sync_dir(&dir)?;
+        Ok(meta)
+    }
+
+    /// Abandons an upload: nothing is left behind.
+    pub fn abort(&mut self, up: Upload) {
+        drop(up);
+    }
+
+    /// Deletes a resource and its sidecar.
+    pub fn remove(&mut self, owner: &str, name: &str) -> io::Result<()> {
+        let dir = self.root.join(owner);
+        fs::remove_file(dir.join(name))?;
+        let _ = fs::remove_file(dir.join(format!(".{name}.meta")));
+        sync_dir(&dir)
+    }
+
+    /// Reads at most `max` bytes at `offset` of a resource file into `out`.
+    pub fn read_at(
+        file: &mut File,
+        offset: u64,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        file.seek(SeekFrom::Start(offset))?;
+        let start = out.len();
+        out.resize(start + max, 0);
+        let mut n = 0;
+        while n < max {
+            match file.read(&mut out[start + n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        out.truncate(start + n);
+        Ok(n)
+    }
+}
+
+impl Upload {
+    /// Appends body bytes (hashing them on the way).
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("upload already closed"))?;
+        file.write_all(data)?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
+
+fn read_sidecar(dir: &Path, name: &str) -> Option<Meta> {
+    let text = fs::read_to_string(dir.join(format!(".{name}.meta"))).ok()?;
+    let mut parts = text.split_whitespace();
+    let size = parts.next()?.parse().ok()?;
+    let sha256 = parts.next()?.to_string();
+    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(Meta { size, sha256 })
+}
+
+fn hash_file(path: &Path) -> io::Result<Meta> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Meta {
+        size,
+        sha256: hex(&h.finalize()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_finish_reopen_and_abort() {
+        let root = std::env::temp_dir().join(format!("fedmcp-blobs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (mut b, ix) = Blobs::open(&root).unwrap();
+        assert_eq!(ix.list().count(), 0);
+        let mut up = b.begin().unwrap();
+        up.write(b"hello ").unwrap();
+        up.write(b"world").unwrap();
+        let m = b.finish(up, "alice", "greeting.txt").unwrap();
+        assert_eq!(m.size, 11);
+        assert_eq!(
+            m.sha256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        let mut up = b.begin().unwrap();
+        up.write(b"partial").unwrap();
+        b.abort(up);
+        assert_eq!(
+            fs::read_dir(root.join(".tmp")).unwrap().count(),
+            0,
+            "an aborted upload leaves nothing"
+        );
+        let (_, ix) = Blobs::open(&root).unwrap();
+        assert_eq!(ix.get("alice", "greeting.txt"), Some(&m));
+        let mut f = File::open(root.join("alice").join("greeting.txt")).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(Blobs::read_at(&mut f, 6, 100, &mut out).unwrap(), 5);
+        assert_eq!(out, b"world");
+        let _ = fs::remove_dir_all(&root);
+    }
+}
