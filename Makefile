@@ -35,7 +35,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all
+.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos
 
 all: build
 
@@ -109,6 +109,11 @@ fuzz: cargo-fuzz
 
 fuzz-smoke: cargo-fuzz
 	$(call run-fuzz,$(FUZZ_SMOKE_SECONDS))
+
+# Crash chaos: 50 cycles of "queue sends, kill -9 at a random moment" on one state dir, then
+# a drain that must find every message answered `queued` (tests/chaos.rs).
+chaos:
+	CHAOS_CYCLES=50 $(CARGO) test --release --test chaos -- --nocapture
 
 # Placeholders: the engineers who own these replace the recipe.
 
