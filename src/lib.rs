@@ -32,6 +32,7 @@ pub mod conn;
 pub mod control;
 pub mod data;
 pub mod durable;
+pub mod harness;
 pub mod http;
 pub mod jsonrpc;
 pub mod jwt;
