@@ -34,29 +34,46 @@ fn a_reader_that_never_reads_cannot_grow_memory() {
                          "params": {"to": "bob", "message": {"blob": blob}}});
         alice.send(&msg);
         // Refusals come back at once; accepted ones stay pending (bob never answers).
-        alice.ws.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        alice
+            .ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         while let Ok(tungstenite::Message::Text(t)) = alice.ws.read() {
             let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
             answered += 1;
-            assert_eq!(v["error"]["code"], -32004, "only recipient_overloaded comes back at once: {v}");
+            assert_eq!(
+                v["error"]["code"], -32004,
+                "only recipient_overloaded comes back at once: {v}"
+            );
             assert_eq!(v["error"]["data"]["reason"], "recipient_overloaded");
             overloaded += 1;
         }
         peak = peak.max(rss_kib(p.pid()));
     }
     alice.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
-    assert!(overloaded >= 90, "most sends must be refused fast, got {overloaded} of {answered}");
+    assert!(
+        overloaded >= 90,
+        "most sends must be refused fast, got {overloaded} of {answered}"
+    );
 
     // Other sessions are still served promptly.
     let t0 = Instant::now();
     carol.send(&json!({"jsonrpc": "2.0", "id": "c", "method": "federation/servers"}));
     let r = carol.recv_id(&json!("c"));
     assert!(r["result"]["servers"].is_array());
-    assert!(t0.elapsed() < Duration::from_secs(2), "carol waited {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "carol waited {:?}",
+        t0.elapsed()
+    );
     assert_eq!(p.http("GET", "/healthz", None, None).status, 200);
 
     // Memory: the bound is a few MiB per session (2 x max message + 64 KiB of unsent
     // output), not the 100 MiB pushed.
     let growth = peak.saturating_sub(before);
-    assert!(growth < 24 * 1024, "RSS grew by {growth} KiB while 100 MiB was pushed at a reader that never reads");
+    assert!(
+        growth < 24 * 1024,
+        "RSS grew by {growth} KiB while 100 MiB was pushed at a reader that never reads"
+    );
 }
