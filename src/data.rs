@@ -20,8 +20,6 @@ use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
 use std::fs::File;
 use std::time::Instant;
 
-/// Bytes of quota reserved at a time for a chunked upload (its size is not known ahead).
-const CHUNKED_RESERVE_STEP: u64 = 1024 * 1024;
 /// Bytes of a download put in the output per refill.
 const REFILL_BYTES: usize = 4 * READ_CHUNK;
 
@@ -247,24 +245,20 @@ impl Proxy {
                 }
             }
         };
-        // A chunked upload reserves quota as it grows.
+        // A chunked upload reserves quota as it grows: exactly what it has written.
         if failure.is_none() && u.up.written > u.reserved {
-            let step = (u.up.written - u.reserved).max(CHUNKED_RESERVE_STEP);
             let (owner, name) = (u.owner.clone(), u.name.clone());
-            let reserved = u.reserved;
-            match self
-                .resources
-                .reserve(&owner, &name, reserved + step, max, quota)
+            let (reserved, written) = (u.reserved, u.up.written);
+            self.resources.release(reserved);
+            let r = self.resources.reserve(&owner, &name, written, max, quota);
+            let now_reserved = if r.is_ok() { written } else { 0 };
+            if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state)
+                && let HttpPhase::Upload(u) = &mut h.phase
             {
-                Ok(()) => {
-                    self.resources.release(reserved); // the new reservation covers the old
-                    if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state)
-                        && let HttpPhase::Upload(u) = &mut h.phase
-                    {
-                        u.reserved = reserved + step;
-                    }
-                }
-                Err(e) => failure = Some(quota_resp(e)),
+                u.reserved = now_reserved;
+            }
+            if let Err(e) = r {
+                failure = Some(quota_resp(e));
             }
         }
         if !done && failure.is_none() {

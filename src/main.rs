@@ -151,9 +151,35 @@ fn serve() -> ExitCode {
     };
     // Resources live under the state dir; memory-only proxies keep them in a private
     // temporary directory (bodies never go to memory).
-    let blob_root = match cfg.state_dir.as_deref() {
-        Some(dir) => dir.join("resources"),
-        None => std::env::temp_dir().join(format!("fedmcp-resources-{}", std::process::id())),
+    let (blob_root, private_blobs) = match cfg.state_dir.as_deref() {
+        Some(dir) => (dir.join("resources"), false),
+        None => {
+            // A fresh, unpredictable, private directory (created, never reused), removed at exit.
+            let dir = std::env::temp_dir().join(format!(
+                "fedmcp-resources-{}-{}",
+                std::process::id(),
+                fedmcp::proxy::hex(&fedmcp::proxy::random_bytes::<8>())
+            ));
+            let made = {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new().mode(0o700).create(&dir)
+                }
+                #[cfg(not(unix))]
+                {
+                    std::fs::create_dir(&dir)
+                }
+            };
+            if let Err(e) = made {
+                eprintln!(
+                    "FEDMCP_STATE_DIR: cannot make a private resources directory {}: {e}; expected a writable temporary directory",
+                    dir.display()
+                );
+                return ExitCode::from(2);
+            }
+            (dir, true)
+        }
     };
     let blobs = match fedmcp::store::blobs::Blobs::open(&blob_root) {
         Ok(b) => b,
@@ -180,7 +206,11 @@ fn serve() -> ExitCode {
         let _ = out.flush();
     }
     log::info!("fedmcp {} serving on {addr}", env!("CARGO_PKG_VERSION"));
-    match reactor.run(&mut proxy) {
+    let result = reactor.run(&mut proxy);
+    if private_blobs {
+        let _ = std::fs::remove_dir_all(&blob_root);
+    }
+    match result {
         Ok(()) => {
             proxy.audit.flush();
             ExitCode::SUCCESS

@@ -137,7 +137,11 @@ impl Reactor {
                 self.accept_retry_at = None;
                 self.accept(proxy);
             }
-            for id in std::mem::take(&mut self.again) {
+            // Once per connection per turn, whoever asked (budget left over, output drained).
+            let mut again = std::mem::take(&mut self.again);
+            again.sort_unstable_by_key(|id| (id.idx, id.generation));
+            again.dedup();
+            for id in again {
                 self.read(proxy, id);
             }
             for id in std::mem::take(&mut proxy.resume) {
@@ -388,7 +392,11 @@ impl Reactor {
             let read_closed = conn.read_closed;
             match &mut conn.state {
                 ConnState::Http(h)
-                    if h.close_after && !matches!(h.phase, HttpPhase::Waiting { .. }) =>
+                    if h.close_after
+                        && !matches!(
+                            h.phase,
+                            HttpPhase::Waiting { .. } | HttpPhase::Sending(_)
+                        ) =>
                 {
                     finish_write(conn);
                     if read_closed {
