@@ -326,6 +326,12 @@ impl Reactor {
                 return;
             }
             if budget == 0 {
+                if matches!(conn.state, ConnState::Closing(_)) {
+                    // A peer that keeps sending a whole read budget after the close is not
+                    // closing: stop reading and discarding for it.
+                    proxy.drop_conn(id, "peer kept sending after the close");
+                    return;
+                }
                 self.again.push(id);
                 return;
             }
