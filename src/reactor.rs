@@ -326,12 +326,9 @@ impl Reactor {
                 return;
             }
             if budget == 0 {
-                if matches!(conn.state, ConnState::Closing(_)) {
-                    // A peer that keeps sending a whole read budget after the close is not
-                    // closing: stop reading and discarding for it.
-                    proxy.drop_conn(id, "peer kept sending after the close");
-                    return;
-                }
+                // (A closing peer that keeps sending is still read and discarded until its
+                // linger ends: dropping it earlier would reset the connection and could destroy
+                // our close frame in the peer's receive buffer before it reads it.)
                 self.again.push(id);
                 return;
             }
