@@ -126,7 +126,8 @@ fn url_ok(url: &str, schemes: &[&str]) -> bool {
     })
 }
 
-fn bearer(head: &RequestHead) -> Option<&str> {
+/// The token of an `Authorization: Bearer TOKEN` header.
+pub fn bearer(head: &RequestHead) -> Option<&str> {
     let v = head.header("authorization")?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

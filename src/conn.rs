@@ -166,6 +166,24 @@ pub const TLS_BUFFER_LIMIT: usize = 64 * 1024;
 const OUT_KEEP_CAPACITY: usize = 16 * 1024;
 
 impl Conn {
+    /// A connection in `state` with nothing read, owed or armed yet.
+    pub fn new(id: ConnId, sock: TcpStream, peer: SocketAddr, state: ConnState) -> Conn {
+        Conn {
+            id,
+            sock,
+            peer,
+            state,
+            out: Vec::new(),
+            out_pos: 0,
+            readable: false,
+            writable: false,
+            read_closed: false,
+            timer: None,
+            tls: None,
+            stash: Vec::new(),
+        }
+    }
+
     pub fn unsent(&self) -> usize {
         self.out.len() - self.out_pos
     }

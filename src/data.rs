@@ -9,7 +9,7 @@
 //! leaves nothing behind. `Expect: 100-continue` is answered only once the upload is accepted.
 //! Files are the `store::blobs` module's; the index and quota are `resources`'.
 
-use crate::api::Resp;
+use crate::api::{Resp, bearer};
 use crate::conn::{ConnId, ConnState, HttpPhase};
 use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
@@ -58,12 +58,6 @@ pub struct Sending {
 /// A `PUT /v1/resources/{name}` is streamed, not buffered.
 pub fn is_upload(head: &RequestHead) -> bool {
     head.method == Method::Put && head.path.starts_with("/v1/resources/")
-}
-
-fn bearer(head: &RequestHead) -> Option<&str> {
-    let v = head.header("authorization")?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn quota_resp(e: QuotaError) -> Resp {

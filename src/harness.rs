@@ -12,27 +12,8 @@ use crate::conn::{Conn, ConnState, HttpConn, HttpPhase};
 use crate::jwt::{Claims, TokenType};
 use crate::proxy::{Proxy, now_secs};
 use crate::registry::Entry;
+use crate::ws::client_frame;
 use std::time::{Duration, Instant};
-
-/// A masked client frame.
-fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | (opcode & 0x0f)];
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
 
 /// Plays `script` against one session. Ops (one byte each, then operands):
 /// `0 op len(2) payload` a final frame · `1 op len(2) payload` a non-final frame ·
@@ -51,24 +32,18 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
     server.set_nonblocking(true).ok()?;
     let sock = mio::net::TcpStream::from_std(server);
     let start = Instant::now();
-    let id = p.insert_conn(|id| Conn {
-        id,
-        sock,
-        peer,
-        state: ConnState::Http(HttpConn {
-            inbuf: Vec::new(),
-            phase: HttpPhase::Head { idle: false },
-            deadline: start + Duration::from_secs(10),
-            close_after: false,
-        }),
-        out: Vec::new(),
-        out_pos: 0,
-        readable: false,
-        writable: false,
-        read_closed: false,
-        timer: None,
-        tls: None,
-        stash: Vec::new(),
+    let id = p.insert_conn(|id| {
+        Conn::new(
+            id,
+            sock,
+            peer,
+            ConnState::Http(HttpConn {
+                inbuf: Vec::new(),
+                phase: HttpPhase::Head { idle: false },
+                deadline: start + Duration::from_secs(10),
+                close_after: false,
+            }),
+        )
     })?;
     // Another server, offline, so sends can queue.
     let key = p.signing_key("peer");

@@ -442,20 +442,8 @@ impl Proxy {
             phase: DialPhase::Connecting,
             deadline,
         };
-        let id = self.insert_conn(|id| Conn {
-            id,
-            sock,
-            peer: addr,
-            state: ConnState::Dialing(Box::new(dialing)),
-            out: Vec::new(),
-            out_pos: 0,
-            readable: false,
-            writable: false,
-            read_closed: false,
-            timer: None,
-            tls: None,
-            stash: Vec::new(),
-        });
+        let id =
+            self.insert_conn(|id| Conn::new(id, sock, addr, ConnState::Dialing(Box::new(dialing))));
         let Some(id) = id else {
             return self.dial_failed(slot, phase, "the connection table is full".into());
         };

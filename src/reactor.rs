@@ -208,24 +208,18 @@ impl Reactor {
             }
             let _ = sock.set_nodelay(true);
             let deadline = Instant::now() + proxy.cfg.handshake_timeout;
-            let id = proxy.insert_conn(|id| Conn {
-                id,
-                sock,
-                peer,
-                state: ConnState::Http(HttpConn {
-                    inbuf: Vec::new(),
-                    phase: HttpPhase::Head { idle: false },
-                    deadline,
-                    close_after: false,
-                }),
-                out: Vec::new(),
-                out_pos: 0,
-                readable: false,
-                writable: false,
-                read_closed: false,
-                timer: None,
-                tls: None,
-                stash: Vec::new(),
+            let id = proxy.insert_conn(|id| {
+                Conn::new(
+                    id,
+                    sock,
+                    peer,
+                    ConnState::Http(HttpConn {
+                        inbuf: Vec::new(),
+                        phase: HttpPhase::Head { idle: false },
+                        deadline,
+                        close_after: false,
+                    }),
+                )
             });
             let Some(id) = id else { continue };
             proxy.metrics.accepted_total += 1;

@@ -59,36 +59,37 @@ impl Write for WsIo<'_, '_> {
     }
 }
 
+/// A masked client frame (`fin` false for a fragment), as a client would send it: for tests,
+/// the fuzz harness and tools; the proxy itself never builds one.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | (opcode & 0x0f)];
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tungstenite::protocol::{Role, WebSocketContext};
     use tungstenite::{Error, Message};
 
-    /// A masked client text frame.
-    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
-        let mask = [1u8, 2, 3, 4];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
-    }
-
     #[test]
     fn reads_a_message_split_across_inputs() {
         let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
-        let frame = client_frame(0x1, b"{\"a\":1}");
+        let frame = client_frame(0x1, true, b"{\"a\":1}");
         let mut out = Vec::new();
         let (a, b) = frame.split_at(3);
         let r = ctx.read(&mut WsIo {
@@ -108,7 +109,7 @@ mod tests {
     #[test]
     fn oversize_message_is_a_capacity_error() {
         let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
-        let frame = client_frame(0x1, &[b'x'; 2000]);
+        let frame = client_frame(0x1, true, &[b'x'; 2000]);
         let mut out = Vec::new();
         let r = ctx.read(&mut WsIo {
             input: &frame,
@@ -121,7 +122,7 @@ mod tests {
     fn ping_is_answered_into_the_output_buffer() {
         let mut ctx = WebSocketContext::new(Role::Server, Some(config(1024)));
         let mut out = Vec::new();
-        let frame = client_frame(0x9, b"hi");
+        let frame = client_frame(0x9, true, b"hi");
         let m = ctx
             .read(&mut WsIo {
                 input: &frame,
