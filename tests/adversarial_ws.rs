@@ -137,29 +137,8 @@ struct RawWs {
 impl RawWs {
     /// Upgrades `GET /v1/control` with `token`; panics unless the answer is 101.
     fn upgrade(p: &Proxy, token: &str) -> RawWs {
-        let mut s = TcpStream::connect(p.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        let req = format!(
-            "GET /v1/control HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Authorization: Bearer {token}\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        let mut ws = RawWs { s, buf: Vec::new() };
-        let t0 = Instant::now();
-        let end = loop {
-            if let Some(i) = ws.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            assert!(t0.elapsed() < WAIT, "no upgrade answer within {WAIT:?}");
-            assert!(ws.fill(), "EOF before the upgrade answer: {:?}", ws.buf);
-        };
-        let head = String::from_utf8_lossy(&ws.buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-        ws.buf.drain(..end);
-        ws
+        let (s, buf) = raw_upgrade(p, token, Duration::from_millis(100));
+        RawWs { s, buf }
     }
 
     /// Upgrades, answers the welcome, and proves with a round trip that the session is online.

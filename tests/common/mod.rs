@@ -396,3 +396,41 @@ impl Ws {
         self.send(&json!({"jsonrpc": "2.0", "id": deliver["id"], "result": result}));
     }
 }
+
+/// A manual WebSocket upgrade of `GET /v1/control` with `token` on a plain socket (for tests
+/// that write frames by hand): returns the socket (reads time out after `read_timeout`) and
+/// any bytes that came after the `101` head. Panics unless the answer is `101`.
+pub fn raw_upgrade(p: &Proxy, token: &str, read_timeout: Duration) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    let req = format!(
+        "GET /v1/control HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let t0 = Instant::now();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        assert!(t0.elapsed() < WAIT, "no upgrade answer within {WAIT:?}");
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("EOF before the upgrade answer: {buf:?}"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read failed before the upgrade answer: {e}"),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    buf.drain(..end);
+    (s, buf)
+}

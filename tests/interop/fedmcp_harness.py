@@ -437,3 +437,43 @@ __all__ = [
     "b64url", "b64url_decode", "binary", "clean_env", "message_sig", "run_cli", "signing_key",
     "websockets", "jwt",
 ]
+
+
+# ---- exact JSON text of a member (for byte-for-byte checks) ----------------------------------
+
+_DEC = json.JSONDecoder()
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def raw_member(text: str, *path: str) -> str:
+    """The exact JSON text of the member at `path` (object keys) inside `text`."""
+    for key in path:
+        i = _skip_ws(text, 0)
+        if text[i] != "{":
+            raise KeyError(key)
+        i += 1
+        found = None
+        while True:
+            i = _skip_ws(text, i)
+            if text[i] == "}":
+                break
+            k, i = _DEC.raw_decode(text, i)
+            i = _skip_ws(text, i)
+            assert text[i] == ":"
+            i = _skip_ws(text, i + 1)
+            _, end = _DEC.raw_decode(text, i)
+            if k == key:
+                found = text[i:end]
+            i = _skip_ws(text, end)
+            if text[i] == ",":
+                i += 1
+        if found is None:
+            raise KeyError(key)
+        text = found
+    return text
+

@@ -8,44 +8,9 @@ import time
 import urllib.parse
 
 from fedmcp_harness import (
-    InvalidStatus, ProxyTestCase, b64url_decode, jwt, message_sig,
+    InvalidStatus, ProxyTestCase, b64url_decode, jwt, message_sig, raw_member,
 )
 
-_DEC = json.JSONDecoder()
-
-
-def _ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def raw_member(text: str, *path: str) -> str:
-    """The exact JSON text of the member at `path` (object keys) inside `text`."""
-    for key in path:
-        i = _ws(text, 0)
-        if text[i] != "{":
-            raise KeyError(key)
-        i += 1
-        found = None
-        while True:
-            i = _ws(text, i)
-            if text[i] == "}":
-                break
-            k, i = _DEC.raw_decode(text, i)
-            i = _ws(text, i)
-            assert text[i] == ":"
-            i = _ws(text, i + 1)
-            _, end = _DEC.raw_decode(text, i)
-            if k == key:
-                found = text[i:end]
-            i = _ws(text, end)
-            if text[i] == ",":
-                i += 1
-        if found is None:
-            raise KeyError(key)
-        text = found
-    return text
 
 
 def send_params(to, message=None, **kw):

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from websockets.asyncio.server import serve
 
 from fedmcp_harness import (
-    WAIT, Client, Proxy, ProxyTestCase, b64url_decode, jwt, message_sig, run_cli,
+    WAIT, Client, Proxy, ProxyTestCase, b64url_decode, jwt, message_sig, raw_member, run_cli,
     signing_key,
 )
 
@@ -43,45 +43,10 @@ _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 _QUIET.setLevel(logging.CRITICAL)
 
-_DEC = json.JSONDecoder()
-
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
-
-def _skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def raw_member(text: str, *path: str) -> str:
-    """The exact JSON text of the member at `path` (object keys) inside `text`."""
-    for key in path:
-        i = _skip_ws(text, 0)
-        if text[i] != "{":
-            raise KeyError(key)
-        i += 1
-        found = None
-        while True:
-            i = _skip_ws(text, i)
-            if text[i] == "}":
-                break
-            k, i = _DEC.raw_decode(text, i)
-            i = _skip_ws(text, i)
-            assert text[i] == ":"
-            i = _skip_ws(text, i + 1)
-            _, end = _DEC.raw_decode(text, i)
-            if k == key:
-                found = text[i:end]
-            i = _skip_ws(text, end)
-            if text[i] == ",":
-                i += 1
-        if found is None:
-            raise KeyError(key)
-        text = found
-    return text
 
 
 # ---- certificates (as in test_tls.py) ---------------------------------------------------------
