@@ -35,7 +35,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos
+.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos
 
 all: build
 
@@ -54,8 +54,15 @@ run: build
 
 test: cargo-test interop test-smoke
 
-cargo-test:
+cargo-test: test-tools
 	$(CARGO) test --no-fail-fast
+
+# Command-line tools the cargo tests run: curl (tests/tls_startup.rs fails without it).
+test-tools:
+	@command -v curl >/dev/null 2>&1 || { \
+	  echo "test-tools: installing curl (tests/tls_startup.rs needs it)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq curl; fi; }
 
 # ---- smoke tests: other engineers add their targets here --------------------------------
 # Add each smoke target as a prerequisite of test-smoke (and so of `make test`).
@@ -85,7 +92,7 @@ lint:
 # Seeds are checked in under fuzz/corpus/<target>; what the fuzzer finds goes to a scratch
 # corpus under fuzz/target, so a run never dirties the work tree. Crashes land in
 # fuzz/artifacts/<target>/.
-FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session
+FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session outbound_answer
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_TOOLCHAIN ?= +nightly

@@ -95,6 +95,107 @@ enum Outcome {
     Streaming,
 }
 
+/// What a request is for: the route table of contract §3, decided from the method and the
+/// path alone (so a token is checked before any byte of a body is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Register,
+    ListServers,
+    /// `GET`/`HEAD /v1/servers/{id}` (the raw, still percent-encoded id).
+    GetServer(&'a str),
+    RemoveServer(&'a str),
+    /// `POST /v1/servers/{id}/signing-key`.
+    RotateKey(&'a str),
+    /// `DELETE /v1/tokens/{jti}`.
+    RevokeToken(&'a str),
+    IssueToken,
+    PostMessage,
+    Control,
+    ListResources,
+    /// `PUT /v1/resources/{name}`: streamed to disk (`data`).
+    Upload(&'a str),
+    /// `GET`/`HEAD`/`DELETE /v1/resources/{owner}/{name}`.
+    Resource(&'a str),
+    /// A known path with a method it does not take; the `Allow` value.
+    NotAllowed(&'static str),
+    NotFound,
+}
+
+impl<'a> Route<'a> {
+    pub fn of(m: Method, path: &'a str) -> Route<'a> {
+        use Route::*;
+        let get = matches!(m, Method::Get | Method::Head);
+        match path {
+            "/healthz" if get => Healthz,
+            "/readyz" if get => Readyz,
+            "/metrics" if get => Metrics,
+            "/healthz" | "/readyz" | "/metrics" => NotAllowed("GET, HEAD"),
+            "/v1/servers" => match m {
+                Method::Post => Register,
+                Method::Get | Method::Head => ListServers,
+                _ => NotAllowed("GET, HEAD, POST"),
+            },
+            "/v1/token" if m == Method::Post => IssueToken,
+            "/v1/token" => NotAllowed("POST"),
+            "/v1/messages" if m == Method::Post => PostMessage,
+            "/v1/messages" => NotAllowed("POST"),
+            "/v1/control" if m == Method::Get => Control,
+            "/v1/control" => NotAllowed("GET"),
+            "/v1/resources" if get => ListResources,
+            "/v1/resources" => NotAllowed("GET, HEAD"),
+            _ => {
+                if let Some(rest) = path.strip_prefix("/v1/resources/") {
+                    match m {
+                        Method::Put => Upload(rest),
+                        Method::Get | Method::Head | Method::Delete => Resource(rest),
+                        _ if rest.contains('/') => NotAllowed("GET, HEAD, DELETE"),
+                        _ => NotAllowed("PUT"),
+                    }
+                } else if let Some(rest) = path.strip_prefix("/v1/servers/") {
+                    match (rest.strip_suffix("/signing-key"), m) {
+                        (Some(id), Method::Post) => RotateKey(id),
+                        (Some(_), _) => NotAllowed("POST"),
+                        (None, Method::Get | Method::Head) => GetServer(rest),
+                        (None, Method::Delete) => RemoveServer(rest),
+                        (None, _) => NotAllowed("GET, HEAD, DELETE"),
+                    }
+                } else if let Some(jti) = path.strip_prefix("/v1/tokens/") {
+                    match m {
+                        Method::Delete => RevokeToken(jti),
+                        _ => NotAllowed("DELETE"),
+                    }
+                } else {
+                    NotFound
+                }
+            }
+        }
+    }
+
+    /// The token a route takes (`None`: anyone).
+    pub fn auth(&self) -> Option<Want> {
+        use Route::*;
+        match self {
+            Healthz | Readyz | Metrics | NotAllowed(_) | NotFound => None,
+            Register | ListServers | GetServer(_) | RemoveServer(_) | RotateKey(_)
+            | RevokeToken(_) => Some(Want::Admin),
+            IssueToken | PostMessage | Control | Upload(_) => Some(Want::Federation),
+            ListResources | Resource(_) => Some(Want::Either),
+        }
+    }
+}
+
+/// The answer when the route table and a handler disagree (a bug, never a peer's doing).
+fn internal_error() -> Resp {
+    Resp::error(
+        500,
+        "internal_error",
+        "the proxy could not route this request",
+    )
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody<'a> {
@@ -165,7 +266,6 @@ impl Proxy {
         let now = Instant::now();
         loop {
             let handshake = self.cfg.handshake_timeout;
-            let max_body = self.cfg.max_message_bytes as u64;
             let Some(conn) = self.conn_mut(id) else {
                 return;
             };
@@ -198,59 +298,13 @@ impl Proxy {
                             let status = e.status();
                             let r = Resp::error(status, e.code(), &e.to_string());
                             h.close_after = true;
+                            h.inbuf = Vec::new();
                             return self.respond(id, r, false, false);
                         }
                         Ok(Some((head, n))) => {
                             h.inbuf.drain(..n);
-                            if crate::data::is_upload(&head) {
-                                // Streamed to disk, not buffered: see `data`.
-                                self.metrics.http_requests_total += 1;
-                                self.start_upload(id, head);
-                                continue;
-                            }
-                            match head.body {
-                                BodyKind::None | BodyKind::Length(0) => Some((head, Vec::new())),
-                                BodyKind::Length(len) if len > max_body => {
-                                    h.close_after = true;
-                                    let r = Resp::error(
-                                        413,
-                                        "payload_too_large",
-                                        "the request body is over FEDMCP_MAX_MESSAGE_BYTES",
-                                    );
-                                    return self.respond(id, r, false, false);
-                                }
-                                BodyKind::Length(len) => {
-                                    let cont = head.expect_continue;
-                                    h.phase = HttpPhase::Body {
-                                        head: Box::new(head),
-                                        body: Vec::new(),
-                                        chunked: None,
-                                        left: len,
-                                    };
-                                    if cont {
-                                        conn.out
-                                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                                        self.dirty.push(id);
-                                    }
-                                    continue;
-                                }
-                                BodyKind::Chunked => {
-                                    let cont = head.expect_continue;
-                                    let dec = ChunkedDecoder::new(max_body);
-                                    h.phase = HttpPhase::Body {
-                                        head: Box::new(head),
-                                        body: Vec::new(),
-                                        chunked: Some(dec),
-                                        left: 0,
-                                    };
-                                    if cont {
-                                        conn.out
-                                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                                        self.dirty.push(id);
-                                    }
-                                    continue;
-                                }
-                            }
+                            self.on_head(id, head);
+                            continue;
                         }
                     }
                 }
@@ -295,35 +349,148 @@ impl Proxy {
                         return;
                     }
                     match std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false }) {
-                        HttpPhase::Body { head, body, .. } => Some((*head, body)),
+                        HttpPhase::Body {
+                            head, body, claims, ..
+                        } => Some((*head, body, claims)),
                         _ => None,
                     }
                 }
             };
-            let Some((head, body)) = complete else { return };
-            let keep_alive = head.keep_alive;
-            let head_only = head.method == Method::Head;
-            self.metrics.http_requests_total += 1;
-            let peer = match self.conn(id) {
-                Some(c) => c.peer,
-                None => return,
+            let Some((head, body, claims)) = complete else {
+                return;
             };
-            match self.route(id, peer, &head, &body) {
-                Outcome::Respond(r) => self.respond(id, r, keep_alive, head_only),
-                Outcome::Later => {
-                    if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
-                        h.phase = HttpPhase::Waiting { keep_alive };
+            if !self.dispatch(id, &head, &body, claims) {
+                return;
+            }
+        }
+    }
+
+    /// A complete request head (contract §3, "authentication comes before the body"): the
+    /// route is found and its token checked before any byte of a body is read. A refused
+    /// token is answered at once and, when a body was announced, the connection closes
+    /// without reading it. A route that takes no token never has its body read either (an
+    /// unauthenticated socket costs at most its head): it is answered from the head, and
+    /// the connection closes if a body was announced. Only an authorised request may have
+    /// its body read, `Expect: 100-continue` being answered then.
+    fn on_head(&mut self, id: ConnId, head: RequestHead) {
+        self.metrics.http_requests_total += 1;
+        let Some(peer) = self.conn(id).map(|c| c.peer) else {
+            return;
+        };
+        let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
+        let route = Route::of(head.method, &head.path);
+        let claims = match route.auth() {
+            None => None,
+            Some(want) => {
+                let query_token = match route {
+                    Route::Control => head.query_param("token"),
+                    _ => None,
+                };
+                let token = bearer(&head).or(query_token.as_deref());
+                match self.authenticate(token, want, peer) {
+                    Ok(c) => {
+                        if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                            h.authenticated = true;
+                        }
+                        Some(c)
                     }
-                    self.rearm(id);
-                    return;
+                    Err(e) => return self.answer_head(id, &head, Resp::auth(&e), has_body),
                 }
-                // Bytes after the upgrade request were handed to the session.
-                Outcome::Upgraded => return,
-                // The download continues as the socket drains; pipelined requests wait.
-                Outcome::Streaming => {
-                    self.rearm(id);
-                    return;
+            }
+        };
+        if let Route::Upload(_) = route {
+            // Streamed to disk, not buffered: see `data`.
+            return match claims {
+                Some(c) => self.start_upload(id, head, c),
+                None => self.answer_head(id, &head, internal_error(), has_body),
+            };
+        }
+        if !has_body {
+            self.dispatch(id, &head, &[], claims);
+            return;
+        }
+        if claims.is_none() {
+            // Nothing this route does needs the body of a peer that showed no token.
+            if let Outcome::Respond(r) = self.route(id, peer, &head, &[], None) {
+                self.answer_head(id, &head, r, true);
+            }
+            return;
+        }
+        let max_body = self.cfg.max_message_bytes as u64;
+        let (chunked, left) = match head.body {
+            BodyKind::Length(len) if len > max_body => {
+                let r = Resp::error(
+                    413,
+                    "payload_too_large",
+                    "the request body is over FEDMCP_MAX_MESSAGE_BYTES",
+                );
+                return self.answer_head(id, &head, r, true);
+            }
+            BodyKind::Length(len) => (None, len),
+            _ => (Some(ChunkedDecoder::new(max_body)), 0),
+        };
+        let cont = head.expect_continue;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if let ConnState::Http(h) = &mut conn.state {
+            h.phase = HttpPhase::Body {
+                head: Box::new(head),
+                body: Vec::new(),
+                chunked,
+                left,
+                claims,
+            };
+            if cont {
+                conn.out.extend_from_slice(response::CONTINUE);
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Answers a request from its head alone; when it announced a body, the body is not read
+    /// and the connection closes once the answer is out.
+    fn answer_head(&mut self, id: ConnId, head: &RequestHead, r: Resp, has_body: bool) {
+        if has_body && let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+            h.close_after = true;
+            h.inbuf = Vec::new();
+        }
+        self.respond(id, r, head.keep_alive, head.method == Method::Head);
+    }
+
+    /// Routes a complete request and writes (or schedules) its answer. False when the
+    /// connection stops processing requests for now (an answer is owed later, the
+    /// connection became a session, or a download streams).
+    fn dispatch(
+        &mut self,
+        id: ConnId,
+        head: &RequestHead,
+        body: &[u8],
+        claims: Option<jwt::Claims>,
+    ) -> bool {
+        let keep_alive = head.keep_alive;
+        let head_only = head.method == Method::Head;
+        let Some(peer) = self.conn(id).map(|c| c.peer) else {
+            return false;
+        };
+        match self.route(id, peer, head, body, claims) {
+            Outcome::Respond(r) => {
+                self.respond(id, r, keep_alive, head_only);
+                true
+            }
+            Outcome::Later => {
+                if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                    h.phase = HttpPhase::Waiting { keep_alive };
                 }
+                self.rearm(id);
+                false
+            }
+            // Bytes after the upgrade request were handed to the session.
+            Outcome::Upgraded => false,
+            // The download continues as the socket drains; pipelined requests wait.
+            Outcome::Streaming => {
+                self.rearm(id);
+                false
             }
         }
     }
@@ -448,108 +615,86 @@ impl Proxy {
         }
     }
 
-    fn route(&mut self, id: ConnId, peer: SocketAddr, head: &RequestHead, body: &[u8]) -> Outcome {
-        let path = head.path.as_str();
-        let m = head.method;
-        let get = matches!(m, Method::Get | Method::Head);
+    /// One request, its token already checked against [`Route::auth`] (`claims` is `Some`
+    /// exactly when the route takes a token).
+    fn route(
+        &mut self,
+        id: ConnId,
+        peer: SocketAddr,
+        head: &RequestHead,
+        body: &[u8],
+        claims: Option<jwt::Claims>,
+    ) -> Outcome {
         use Outcome::Respond as R;
-        match path {
-            "/healthz" if get => R(Resp::json(200, "{\"status\":\"ok\"}")),
-            "/readyz" if get => R(if let Some(e) = self.degraded.clone() {
-                Resp::error(
-                    503,
-                    "degraded",
-                    &format!("the state dir cannot be written: {e}"),
-                )
-            } else if self.ready() {
-                Resp::json(200, "{\"status\":\"ready\"}")
-            } else {
-                Resp::error(503, "draining", "the proxy is shutting down")
-            }),
-            "/metrics" if get => {
-                let text = self.metrics.render(&self.gauges());
-                R(Resp {
-                    status: 200,
-                    headers: vec![(
-                        "Content-Type",
-                        "text/plain; version=0.0.4; charset=utf-8".into(),
-                    )],
-                    body: text.into_bytes(),
-                })
-            }
-            "/healthz" | "/readyz" | "/metrics" => R(Resp::method_not_allowed("GET, HEAD")),
-            "/v1/servers" => match m {
-                Method::Post => match self.admin(head, peer) {
-                    Ok(_) => {
-                        self.last_record = None;
-                        let r = self.register(body, peer);
-                        self.durable_answer(id, r)
+        let route = Route::of(head.method, &head.path);
+        let Some(claims) = claims else {
+            return R(match route {
+                Route::Healthz => Resp::json(200, "{\"status\":\"ok\"}"),
+                Route::Readyz => self.readyz(),
+                Route::Metrics => {
+                    let text = self.metrics.render(&self.gauges());
+                    Resp {
+                        status: 200,
+                        headers: vec![(
+                            "Content-Type",
+                            "text/plain; version=0.0.4; charset=utf-8".into(),
+                        )],
+                        body: text.into_bytes(),
                     }
-                    Err(e) => R(e),
-                },
-                Method::Get | Method::Head => R(self
-                    .admin(head, peer)
-                    .map_or_else(|e| e, |_| self.list_servers())),
-                _ => R(Resp::method_not_allowed("GET, HEAD, POST")),
-            },
-            "/v1/token" => match m {
-                Method::Post => R(match self.federation(head, peer) {
-                    Ok(claims) => self.issue_token(&claims.server_id, peer),
-                    Err(e) => e,
-                }),
-                _ => R(Resp::method_not_allowed("POST")),
-            },
-            "/v1/messages" => match m {
-                Method::Post => match self.federation(head, peer) {
-                    Ok(claims) => self.post_message(id, &claims.server_id, body),
-                    Err(e) => R(e),
-                },
-                _ => R(Resp::method_not_allowed("POST")),
-            },
-            "/v1/control" => match m {
-                Method::Get => self.upgrade(id, peer, head),
-                _ => R(Resp::method_not_allowed("GET")),
-            },
-            "/v1/resources" => match self.resource_route(id, head, None) {
+                }
+                Route::NotAllowed(allow) => Resp::method_not_allowed(allow),
+                Route::NotFound => Resp::error(404, "not_found", "no such path"),
+                // A route that takes a token always has one here.
+                _ => internal_error(),
+            });
+        };
+        match route {
+            Route::Register => {
+                self.last_record = None;
+                let r = self.register(body, peer);
+                self.durable_answer(id, r)
+            }
+            Route::ListServers => R(self.list_servers()),
+            Route::GetServer(raw) => R(self.get_server(raw)),
+            Route::RemoveServer(raw) => {
+                self.last_record = None;
+                let r = self.remove_server(raw, peer);
+                self.durable_answer(id, r)
+            }
+            Route::RotateKey(raw) => {
+                self.last_record = None;
+                let r = self.rotate_key(raw, peer);
+                self.durable_answer(id, r)
+            }
+            Route::RevokeToken(raw) => {
+                self.last_record = None;
+                let r = self.revoke_token(raw, peer);
+                self.durable_answer(id, r)
+            }
+            Route::IssueToken => R(self.issue_token(&claims.server_id, peer)),
+            Route::PostMessage => self.post_message(id, &claims.server_id, body),
+            Route::Control => self.upgrade(id, head, &claims),
+            Route::ListResources => R(self.list_resources(&claims)),
+            Route::Resource(rest) => match self.resource_route(id, head, rest, &claims) {
                 Some(r) => R(r),
                 None => Outcome::Streaming,
             },
-            p if p.starts_with("/v1/resources/") => {
-                let rest = &p["/v1/resources/".len()..];
-                match self.resource_route(id, head, Some(rest)) {
-                    Some(r) => R(r),
-                    None => Outcome::Streaming,
-                }
-            }
-            p if p.starts_with("/v1/servers/") => {
-                let raw = &p["/v1/servers/".len()..];
-                match m {
-                    Method::Get | Method::Head => R(self
-                        .admin(head, peer)
-                        .map_or_else(|e| e, |_| self.get_server(raw))),
-                    Method::Delete => match self.admin(head, peer) {
-                        Ok(_) => {
-                            self.last_record = None;
-                            let r = self.remove_server(raw, peer);
-                            self.durable_answer(id, r)
-                        }
-                        Err(e) => R(e),
-                    },
-                    _ => R(Resp::method_not_allowed("GET, HEAD, DELETE")),
-                }
-            }
-            _ => R(Resp::error(404, "not_found", "no such path")),
+            _ => R(internal_error()),
         }
     }
 
-    fn admin(&mut self, head: &RequestHead, peer: SocketAddr) -> Result<jwt::Claims, Resp> {
-        self.authenticate(bearer(head), Want::Admin, peer)
-            .map_err(|e| Resp::auth(&e))
-    }
-
-    fn federation(&mut self, head: &RequestHead, peer: SocketAddr) -> Result<jwt::Claims, Resp> {
-        self.authenticate(bearer(head), Want::Federation, peer)
-            .map_err(|e| Resp::auth(&e))
+    fn readyz(&self) -> Resp {
+        if let Some(e) = self.degraded.clone() {
+            Resp::error(
+                503,
+                "degraded",
+                &format!("the state dir cannot be written: {e}"),
+            )
+        } else if self.ready() {
+            Resp::json(200, "{\"status\":\"ready\"}")
+        } else {
+            Resp::error(503, "draining", "the proxy is shutting down")
+        }
     }
 
     pub fn gauges(&self) -> Gauges {
@@ -586,7 +731,9 @@ impl Proxy {
             Err(e) => return bad(&format!("the body is not a registration: {e}")),
         };
         if !jwt::valid_server_id(&b.server_id) {
-            return bad("serverId must be 1 to 64 of A-Z a-z 0-9 . _ : -");
+            return bad(
+                "serverId must be 1 to 64 of A-Z a-z 0-9 . _ : -, start with a letter or digit, and not contain __",
+            );
         }
         if let Some(ep) = b.endpoints {
             let e: Endpoints = match serde_json::from_str(ep.get()) {
@@ -602,6 +749,21 @@ impl Proxy {
                 .is_some_and(|u| !url_ok(u, &["ws", "wss"]))
             {
                 return bad("endpoints.control must be a ws:// or wss:// URL");
+            }
+            // A token is never sent in clear text off the machine (§5).
+            if let Some(u) = e
+                .control
+                .as_deref()
+                .and_then(crate::outbound::ControlUrl::parse)
+                && !u.tls
+                && !u.loopback_host()
+                && !self.cfg.allow_plaintext
+            {
+                return Resp::error(
+                    400,
+                    "insecure_endpoint",
+                    "endpoints.control is ws:// to a host that is not loopback: the proxy would send a token in clear text; use wss:// (or set FEDMCP_ALLOW_PLAINTEXT=1)",
+                );
             }
             if e.data
                 .as_deref()
@@ -630,7 +792,7 @@ impl Proxy {
                 if was_registered { 200 } else { 201 }
             }
             None => {
-                let mut e = Entry::new(b.server_id.clone(), self.signing_key(&b.server_id));
+                let mut e = self.new_entry(&b.server_id);
                 e.registered = true;
                 if let Some(ep) = b.endpoints {
                     e.endpoints = ep.get().to_string();
@@ -659,6 +821,7 @@ impl Proxy {
                         .unwrap_or_else(|_| raw_empty()),
                     capabilities: RawValue::from_string(e.reg_capabilities.clone())
                         .unwrap_or_else(|_| raw_empty()),
+                    epoch: e.key_epoch,
                 };
                 self.persist(op);
             }
@@ -670,23 +833,102 @@ impl Proxy {
             Some(peer),
             None,
         );
-        let (token, exp) = self.mint(&b.server_id, TokenType::Federation);
+        let (token, claims) = self.mint(&b.server_id, TokenType::Federation);
         self.audit(
             Event::TokenIssued,
             Some(&b.server_id),
             Some(peer),
             Some("registration"),
         );
-        let key =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.signing_key(&b.server_id));
+        let epoch = self.registry.by_id(&b.server_id).map_or(1, |e| e.key_epoch);
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(self.signing_key_at(&b.server_id, epoch));
         Resp::json(
             status,
             format!(
-                "{{\"serverId\":\"{}\",\"token\":\"{token}\",\"expiresAt\":{},\"signingKey\":\"{key}\"}}",
+                "{{\"serverId\":\"{}\",\"token\":\"{token}\",\"expiresAt\":{},\"signingKey\":\"{key}\",\"signingKeyEpoch\":{epoch}}}",
                 b.server_id,
-                secs_to_ms(exp)
+                secs_to_ms(claims.exp)
             ),
         )
+    }
+
+    /// `POST /v1/servers/{id}/signing-key` (§6): the key moves to the next epoch; the old
+    /// one stops verifying at once. Durable before it is answered.
+    fn rotate_key(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+        let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
+            return Resp::error(404, "unknown_server", "no server with that id");
+        };
+        let Some((id, epoch)) = self
+            .registry
+            .get(slot)
+            .map(|e| (e.server_id.clone(), e.key_epoch.saturating_add(1)))
+        else {
+            return Resp::error(404, "unknown_server", "no server with that id");
+        };
+        self.set_epoch(Some(slot), epoch);
+        self.persist(crate::store::state::Op::Rekey {
+            id: id.clone(),
+            epoch,
+        });
+        self.audit(Event::SigningKeyRotated, Some(&id), Some(peer), None);
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(self.signing_key_at(&id, epoch));
+        Resp::json(
+            200,
+            format!("{{\"signingKey\":\"{key}\",\"signingKeyEpoch\":{epoch}}}"),
+        )
+    }
+
+    /// `DELETE /v1/tokens/{jti}` (§2): every token with that `jti` is refused from now on,
+    /// durably; sessions resting on it are closed 4001. Remembered until the latest `exp`
+    /// seen with it (the sessions' tokens), else for `FEDMCP_TOKEN_TTL_SECS`.
+    fn revoke_token(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+        let Some(jti) = parse::percent_decode(raw).filter(|j| jwt::valid_jti(j)) else {
+            return Resp::error(
+                400,
+                "invalid_request",
+                "a token id (jti) is 1 to 64 printable ASCII characters",
+            );
+        };
+        let now = now_secs();
+        let skew = self.cfg.clock_skew_secs as i64;
+        let sessions: Vec<(ConnId, i64)> = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| match &c.state {
+                ConnState::Ws(ws) if ws.sess.uses_jti(&jti) => {
+                    Some((c.id, ws.sess.expires_at_secs))
+                }
+                _ => None,
+            })
+            .collect();
+        let until = sessions
+            .iter()
+            .map(|(_, exp)| *exp)
+            .max()
+            .unwrap_or(now.saturating_add(self.cfg.token_ttl_secs as i64));
+        let until = match self.revocations.revoke(&jti, until, now, skew) {
+            Ok(u) => u,
+            Err(crate::revocations::RevokeError::Full) => {
+                return Resp::error(
+                    507,
+                    "revocations_full",
+                    "FEDMCP_MAX_REVOCATIONS revocations are held; try again once some expire",
+                );
+            }
+        };
+        self.persist(crate::store::state::Op::Revoke {
+            jti: jti.clone(),
+            until,
+        });
+        let record = self.last_record.take();
+        for (conn, _) in sessions {
+            self.ws_close(conn, 4001, "token revoked");
+        }
+        self.last_record = record;
+        self.audit(Event::TokenRevoked, None, Some(peer), None);
+        Resp::no_content()
     }
 
     fn entry_json(e: &Entry) -> String {
@@ -766,9 +1008,15 @@ impl Proxy {
         self.drop_queue(slot);
         let at = now_secs();
         if let Some(e) = self.registry.remove(slot, at) {
+            // Its resources go with it (§3); their files are removed before the removal is
+            // acknowledged.
+            if let Err(e) = self.remove_owned_resources(&e.server_id) {
+                log::error!("resources of a removed server could not all be deleted: {e}");
+            }
             self.persist(crate::store::state::Op::Remove {
                 id: e.server_id.clone(),
                 at,
+                epoch: e.key_epoch,
             });
             self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
         }
@@ -776,7 +1024,8 @@ impl Proxy {
     }
 
     fn issue_token(&mut self, server_id: &str, peer: SocketAddr) -> Resp {
-        let (token, exp) = self.mint(server_id, TokenType::Federation);
+        let (token, claims) = self.mint(server_id, TokenType::Federation);
+        let exp = claims.exp;
         self.audit(
             Event::TokenIssued,
             Some(server_id),
@@ -792,15 +1041,23 @@ impl Proxy {
         )
     }
 
+    /// `POST /v1/messages` (§3): the control channel's limits apply — the body's size (on
+    /// its head), its JSON nesting (`400 parse_error`), and the sender's rate limit, the same
+    /// bucket its control session draws on (`429 rate_limited` with `Retry-After`).
     fn post_message(&mut self, id: ConnId, from: &str, body: &[u8]) -> Outcome {
+        let peer = self.conn(id).map(|c| c.peer);
+        if let Err(retry_after_ms) = self.take_rate(from, peer) {
+            return Outcome::Respond(rpc_error_resp(&RpcError::RateLimited { retry_after_ms }));
+        }
         let parsed = std::str::from_utf8(body)
             .ok()
+            .filter(|t| !crate::jsonrpc::too_deep(t, crate::jsonrpc::MAX_JSON_DEPTH))
             .and_then(|t| serde_json::from_str::<&RawValue>(t).ok());
         let Some(params) = parsed else {
             return Outcome::Respond(Resp::error(
                 400,
                 "parse_error",
-                "the body is not valid JSON",
+                "the body is not valid JSON, or nests deeper than 128",
             ));
         };
         match self.send(from, Some(params), Some(ReplyTo::Http { conn: id })) {
@@ -813,14 +1070,7 @@ impl Proxy {
 
     /// `GET /v1/control`: token (header or `?token=`), then the RFC 6455 upgrade checks, then
     /// `101` and the session.
-    fn upgrade(&mut self, id: ConnId, peer: SocketAddr, head: &RequestHead) -> Outcome {
-        let token = bearer(head)
-            .map(str::to_string)
-            .or_else(|| head.query_param("token"));
-        let claims = match self.authenticate(token.as_deref(), Want::Federation, peer) {
-            Ok(c) => c,
-            Err(e) => return Outcome::Respond(Resp::auth(&e)),
-        };
+    fn upgrade(&mut self, id: ConnId, head: &RequestHead, claims: &jwt::Claims) -> Outcome {
         if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
             let mut r = Resp::error(
                 426,
@@ -886,7 +1136,7 @@ impl Proxy {
         };
         self.dirty.push(id);
         if self
-            .open_session(id, &claims, welcome_by, tungstenite::protocol::Role::Server)
+            .open_session(id, claims, welcome_by, tungstenite::protocol::Role::Server)
             .is_err()
         {
             self.drop_conn(id, "registry full");

@@ -5,6 +5,10 @@
 //! (`flush`), so a burst of events costs one write. `ts` is milliseconds since the epoch.
 //! It must never receive a token, secret or signature: callers pass only server ids, peer
 //! addresses and fixed reason codes, and strings are JSON-escaped here.
+//!
+//! `auth_failed` lines are limited to [`AUTH_FAILED_PER_SEC`] a second in all (contract §8):
+//! a refused-token flood must not fill the disk. The first line written after a suppressed
+//! stretch carries `"suppressed": N`, the number left out; the metric counts every one.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,6 +24,8 @@ pub enum Event {
     ServerRemoved,
     TokenIssued,
     RateLimited,
+    TokenRevoked,
+    SigningKeyRotated,
 }
 
 impl Event {
@@ -32,6 +38,8 @@ impl Event {
             Event::ServerRemoved => "server_removed",
             Event::TokenIssued => "token_issued",
             Event::RateLimited => "rate_limited",
+            Event::TokenRevoked => "token_revoked",
+            Event::SigningKeyRotated => "signing_key_rotated",
         }
     }
 }
@@ -39,9 +47,18 @@ impl Event {
 /// Bytes buffered before a turn's flush is forced early.
 const AUDIT_BUFFER_BYTES: usize = 64 * 1024;
 
+/// `auth_failed` lines written per second at most (contract §8).
+pub const AUTH_FAILED_PER_SEC: u32 = 10;
+
 pub struct Audit {
     file: Option<File>,
     buf: Vec<u8>,
+    /// The second (ms / 1000) `auth_failed` lines are being counted in, and how many were
+    /// written in it.
+    auth_second: i64,
+    auth_written: u32,
+    /// `auth_failed` lines left out since the last one written.
+    auth_suppressed: u64,
 }
 
 impl Audit {
@@ -63,6 +80,9 @@ impl Audit {
         Ok(Audit {
             file,
             buf: Vec::new(),
+            auth_second: i64::MIN,
+            auth_written: 0,
+            auth_suppressed: 0,
         })
     }
 
@@ -74,6 +94,20 @@ impl Audit {
         peer: Option<SocketAddr>,
         reason: Option<&str>,
     ) {
+        let mut suppressed = 0;
+        if event == Event::AuthFailed {
+            let second = ts_ms.div_euclid(1000);
+            if second != self.auth_second {
+                self.auth_second = second;
+                self.auth_written = 0;
+            }
+            if self.auth_written >= AUTH_FAILED_PER_SEC {
+                self.auth_suppressed = self.auth_suppressed.saturating_add(1);
+                return;
+            }
+            self.auth_written += 1;
+            suppressed = std::mem::take(&mut self.auth_suppressed);
+        }
         let mut line = String::with_capacity(128);
         line.push_str("{\"ts\":");
         line.push_str(&ts_ms.to_string());
@@ -91,6 +125,10 @@ impl Audit {
         if let Some(r) = reason {
             line.push_str(",\"reason\":");
             push_json_str(&mut line, r);
+        }
+        if suppressed > 0 {
+            line.push_str(",\"suppressed\":");
+            line.push_str(&suppressed.to_string());
         }
         line.push('}');
         match self.file {
@@ -171,5 +209,43 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn auth_failed_lines_are_limited_with_a_suppressed_count() {
+        let path = std::env::temp_dir().join(format!("fedmcp-audit-rl-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut a = Audit::open(Some(&path)).unwrap();
+        // 25 refusals in one second: 10 lines; other events are never limited.
+        for i in 0..25 {
+            a.record(10_000 + i, Event::AuthFailed, None, None, Some("expired"));
+            a.record(10_000 + i, Event::SessionOpened, Some("s"), None, None);
+        }
+        // The next second: the first line carries the 15 left out.
+        a.record(11_000, Event::AuthFailed, None, None, Some("bad_signature"));
+        a.record(11_001, Event::AuthFailed, None, None, Some("bad_signature"));
+        a.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let auth: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["event"] == "auth_failed")
+            .collect();
+        assert_eq!(auth.len(), 12);
+        assert!(auth[..10].iter().all(|l| l.get("suppressed").is_none()));
+        assert_eq!(auth[10]["suppressed"], 15);
+        assert_eq!(auth[10]["reason"], "bad_signature");
+        assert!(auth[11].get("suppressed").is_none());
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l["event"] == "session_opened")
+                .count(),
+            25
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }

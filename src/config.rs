@@ -82,10 +82,17 @@ pub struct Config {
     pub clock_skew_secs: u64,
     /// `FEDMCP_QUEUE_MAX_MESSAGES`.
     pub queue_max_messages: usize,
+    /// `FEDMCP_QUEUE_MAX_BYTES`: bytes held for one recipient (queued plus delivered and
+    /// awaiting its answer).
+    pub queue_max_bytes: usize,
     /// `FEDMCP_RESOURCE_MAX_BYTES`.
     pub resource_max_bytes: u64,
     /// `FEDMCP_RESOURCE_QUOTA_BYTES`; never below `resource_max_bytes`.
     pub resource_quota_bytes: u64,
+    /// `FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES`: the resources of one owner together.
+    pub resource_quota_per_server_bytes: u64,
+    /// `FEDMCP_MAX_REVOCATIONS`: revoked `jti`s remembered at once.
+    pub max_revocations: usize,
     /// `FEDMCP_TRUSTED_CA_FILE`; `None`: the bundled web roots.
     pub trusted_ca_file: Option<PathBuf>,
     /// `FEDMCP_AUDIT_LOG`; `None`: stderr, log target `audit`.
@@ -251,6 +258,27 @@ const QUEUE_MAX_MESSAGES: IntVar = IntVar {
     max: 10_000_000,
     expected: "a decimal integer from 1 to 10000000",
 };
+const QUEUE_MAX_BYTES: IntVar = IntVar {
+    name: "FEDMCP_QUEUE_MAX_BYTES",
+    default: 67_108_864,
+    min: 1024,
+    max: TIB,
+    expected: "a decimal number of bytes from 1024 to 1099511627776 (1 TiB)",
+};
+const RESOURCE_QUOTA_PER_SERVER_BYTES: IntVar = IntVar {
+    name: "FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES",
+    default: 1_073_741_824,
+    min: 1,
+    max: PIB,
+    expected: "a decimal number of bytes from 1 to 1125899906842624 (1 PiB)",
+};
+const MAX_REVOCATIONS: IntVar = IntVar {
+    name: "FEDMCP_MAX_REVOCATIONS",
+    default: 65_536,
+    min: 1,
+    max: 10_000_000,
+    expected: "a decimal integer from 1 to 10000000",
+};
 const RESOURCE_MAX_BYTES: IntVar = IntVar {
     name: "FEDMCP_RESOURCE_MAX_BYTES",
     default: 1_073_741_824,
@@ -300,7 +328,7 @@ const RATE_MAX_BURST: u64 = 10_000_000;
 const PLAINTEXT_EXPECTED: &str = "a loopback address (127.0.0.0/8, [::1] or localhost), or FEDMCP_TLS_CERT and FEDMCP_TLS_KEY, or FEDMCP_ALLOW_PLAINTEXT=1";
 
 /// Every variable read, in the order they are checked: what `from_env` looks up.
-const VARIABLES: [&Var; 24] = [
+const VARIABLES: [&Var; 27] = [
     &LISTEN,
     &TLS_CERT,
     &TLS_KEY,
@@ -320,8 +348,11 @@ const VARIABLES: [&Var; 24] = [
     &TOKEN_TTL_SECS.var(),
     &CLOCK_SKEW_SECS.var(),
     &QUEUE_MAX_MESSAGES.var(),
+    &QUEUE_MAX_BYTES.var(),
     &RESOURCE_MAX_BYTES.var(),
     &RESOURCE_QUOTA_BYTES.var(),
+    &RESOURCE_QUOTA_PER_SERVER_BYTES.var(),
+    &MAX_REVOCATIONS.var(),
     &TRUSTED_CA_FILE,
     &AUDIT_LOG,
     &SHUTDOWN_GRACE_MS.var(),
@@ -428,6 +459,7 @@ impl Config {
         let token_ttl_secs = int_var(&TOKEN_TTL_SECS, get(&TOKEN_TTL_SECS.var()))?;
         let clock_skew_secs = int_var(&CLOCK_SKEW_SECS, get(&CLOCK_SKEW_SECS.var()))?;
         let queue_max_messages = int_usize(&QUEUE_MAX_MESSAGES, get(&QUEUE_MAX_MESSAGES.var()))?;
+        let queue_max_bytes = int_usize(&QUEUE_MAX_BYTES, get(&QUEUE_MAX_BYTES.var()))?;
 
         let max_raw = get(&RESOURCE_MAX_BYTES.var());
         let quota_raw = get(&RESOURCE_QUOTA_BYTES.var());
@@ -453,6 +485,12 @@ impl Config {
                 )
             });
         }
+
+        let resource_quota_per_server_bytes = int_var(
+            &RESOURCE_QUOTA_PER_SERVER_BYTES,
+            get(&RESOURCE_QUOTA_PER_SERVER_BYTES.var()),
+        )?;
+        let max_revocations = int_usize(&MAX_REVOCATIONS, get(&MAX_REVOCATIONS.var()))?;
 
         let trusted_ca_file = match get(&TRUSTED_CA_FILE) {
             None => None,
@@ -488,8 +526,11 @@ impl Config {
             token_ttl_secs,
             clock_skew_secs,
             queue_max_messages,
+            queue_max_bytes,
             resource_max_bytes,
             resource_quota_bytes,
+            resource_quota_per_server_bytes,
+            max_revocations,
             trusted_ca_file,
             audit_log,
             shutdown_grace,
@@ -522,6 +563,9 @@ impl Config {
             queue_max_messages: QUEUE_MAX_MESSAGES.default as usize,
             resource_max_bytes: RESOURCE_MAX_BYTES.default,
             resource_quota_bytes: RESOURCE_QUOTA_BYTES.default,
+            queue_max_bytes: QUEUE_MAX_BYTES.default as usize,
+            resource_quota_per_server_bytes: RESOURCE_QUOTA_PER_SERVER_BYTES.default,
+            max_revocations: MAX_REVOCATIONS.default as usize,
             trusted_ca_file: None,
             audit_log: None,
             shutdown_grace: Duration::from_millis(SHUTDOWN_GRACE_MS.default),
@@ -569,6 +613,12 @@ impl fmt::Debug for Config {
             .field("queue_max_messages", &self.queue_max_messages)
             .field("resource_max_bytes", &self.resource_max_bytes)
             .field("resource_quota_bytes", &self.resource_quota_bytes)
+            .field("queue_max_bytes", &self.queue_max_bytes)
+            .field(
+                "resource_quota_per_server_bytes",
+                &self.resource_quota_per_server_bytes,
+            )
+            .field("max_revocations", &self.max_revocations)
             .field("trusted_ca_file", &self.trusted_ca_file)
             .field("audit_log", &self.audit_log)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -879,6 +929,9 @@ mod tests {
         assert_eq!(c.queue_max_messages, 10_000);
         assert_eq!(c.resource_max_bytes, 1_073_741_824);
         assert_eq!(c.resource_quota_bytes, 10_737_418_240);
+        assert_eq!(c.queue_max_bytes, 67_108_864);
+        assert_eq!(c.resource_quota_per_server_bytes, 1_073_741_824);
+        assert_eq!(c.max_revocations, 65_536);
         assert_eq!(c.trusted_ca_file, None);
         assert_eq!(c.audit_log, None);
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
@@ -1251,6 +1304,11 @@ mod tests {
             (&QUEUE_MAX_MESSAGES, |c| c.queue_max_messages as u64),
             (&RESOURCE_MAX_BYTES, |c| c.resource_max_bytes),
             (&RESOURCE_QUOTA_BYTES, |c| c.resource_quota_bytes),
+            (&QUEUE_MAX_BYTES, |c| c.queue_max_bytes as u64),
+            (&RESOURCE_QUOTA_PER_SERVER_BYTES, |c| {
+                c.resource_quota_per_server_bytes
+            }),
+            (&MAX_REVOCATIONS, |c| c.max_revocations as u64),
             (&SHUTDOWN_GRACE_MS, |c| c.shutdown_grace.as_millis() as u64),
         ]
     }

@@ -61,6 +61,8 @@ pub enum HttpPhase {
         body: Vec<u8>,
         chunked: Option<ChunkedDecoder>,
         left: u64,
+        /// The request's verified token (only an authorised request has its body read).
+        claims: Option<crate::jwt::Claims>,
     },
     /// A request is being answered asynchronously (a send awaiting its recipient).
     Waiting { keep_alive: bool },
@@ -79,6 +81,9 @@ pub struct HttpConn {
     pub deadline: Instant,
     /// Close once the output is flushed (`Connection: close`, or an error answered).
     pub close_after: bool,
+    /// A request on this connection presented a valid token (contract §1: only sockets that
+    /// never did are displaced at `FEDMCP_MAX_CONNECTIONS`).
+    pub authenticated: bool,
 }
 
 pub struct WsConn {

@@ -17,9 +17,10 @@ use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
 use crate::proxy::{Proxy, now_ms, secs_to_ms};
-use crate::registry::{Entry, State};
+use crate::registry::State;
 use crate::router::{Reply, ReplyTo};
 use crate::session::{Batch, Bucket, Session, instant_at};
+
 use crate::ws::{self, WsIo};
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
@@ -27,11 +28,10 @@ use std::time::Instant;
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
-/// "Far past its limit" (§4): every refused message also takes a token from a second
-/// bucket of `ABUSE_FACTOR` × burst, refilled at the same rate. Sending a little over the
-/// limit never empties it; sending far past it for long does, and the session is closed
-/// 1008. (A counter of refusals in a row would reset at every refill and never fire.)
-pub const ABUSE_FACTOR: u32 = 2;
+/// "Far past its limit" (§4): a session is closed 1008 once more than this many × burst
+/// messages were refused with no accepted message between them. A pipelined burst a few
+/// times the burst size is answered `-32029` entry by entry and the session stays.
+pub const ABUSE_REFUSALS_PER_BURST: u64 = 10;
 
 impl Proxy {
     /// Turns an authenticated upgrade into a session: registry entry (created if the server
@@ -46,14 +46,7 @@ impl Proxy {
         welcome_by: Instant,
         role: Role,
     ) -> Result<(), crate::registry::RegistryError> {
-        let slot = match self.registry.find(&claims.server_id) {
-            Some(s) => s,
-            None => {
-                let key = self.signing_key(&claims.server_id);
-                self.registry
-                    .insert(Entry::new(claims.server_id.clone(), key))?
-            }
-        };
+        let slot = self.find_or_insert(&claims.server_id)?;
         if let Some(old) = self.registry.get(slot).and_then(|e| e.session)
             && old != id
         {
@@ -76,13 +69,9 @@ impl Proxy {
             last_rx: now,
             next_ping: now + hb,
             heartbeat: hb,
-            bucket: Bucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now),
-            limited: false,
-            abuse: Bucket::new(
-                self.cfg.rate_per_sec,
-                self.cfg.rate_burst.saturating_mul(ABUSE_FACTOR),
-                now,
-            ),
+            jti: claims.jti.clone(),
+            refreshed_jti: None,
+            refused_in_row: 0,
             inflight: 0,
             batches: Default::default(),
             next_batch: 0,
@@ -157,6 +146,43 @@ impl Proxy {
             peer,
             Some(reason),
         );
+    }
+
+    /// Takes one message from `server`'s rate limit (contract §4, `FEDMCP_RATE_LIMIT`): the
+    /// bucket lives in the server's registry entry, so its control session and its HTTP
+    /// sends (`POST /v1/messages`) draw on the same one. A sender the registry has no room
+    /// for shares one overflow bucket. `Err` says in how many ms a token will be there; a
+    /// refusal is counted, and the first of a run is audited.
+    pub fn take_rate(&mut self, server: &str, peer: Option<SocketAddr>) -> Result<(), u64> {
+        let now = Instant::now();
+        let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
+        let slot = self.find_or_insert(server).ok();
+        let (r, first) = match slot.and_then(|s| self.registry.get_mut(s)) {
+            Some(e) => {
+                let r = e
+                    .bucket
+                    .get_or_insert_with(|| Bucket::new(rate, burst, now))
+                    .take(now);
+                let first = r.is_err() && !e.rate_limited;
+                e.rate_limited = r.is_err();
+                (r, first)
+            }
+            None => {
+                let r = self
+                    .overflow_bucket
+                    .get_or_insert_with(|| Bucket::new(rate, burst, now))
+                    .take(now);
+                (r, false)
+            }
+        };
+        if r.is_err() {
+            self.metrics.rate_limited_total += 1;
+            self.metrics.message(MsgResult::RateLimited);
+            if first {
+                self.audit(Event::RateLimited, Some(server), peer, Some("rate_limited"));
+            }
+        }
+        r
     }
 
     /// Bytes from the socket for the session on `id`; every complete message is handled.
@@ -343,28 +369,22 @@ impl Proxy {
             Msg::Notification { method, params } => (None, method, params),
         };
         // Rate limit (requests and notifications; answers to the proxy are not counted).
-        let now = Instant::now();
         let Some(sess) = self.session(id) else {
             return Reply::None;
         };
-        match sess.bucket.take(now) {
-            Ok(()) => sess.limited = false,
+        let from = sess.server_id.clone();
+        let peer = self.conn(id).map(|c| c.peer);
+        let limited = self.take_rate(&from, peer);
+        let abuse_after =
+            ABUSE_REFUSALS_PER_BURST.saturating_mul(u64::from(self.cfg.rate_burst.max(1)));
+        let Some(sess) = self.session(id) else {
+            return Reply::None;
+        };
+        match limited {
+            Ok(()) => sess.refused_in_row = 0,
             Err(retry_after_ms) => {
-                let first = !std::mem::replace(&mut sess.limited, true);
-                let abuse = sess.abuse.take(now).is_err();
-                let server = sess.server_id.clone();
-                self.metrics.rate_limited_total += 1;
-                self.metrics.message(MsgResult::RateLimited);
-                if first {
-                    let peer = self.conn(id).map(|c| c.peer);
-                    self.audit(
-                        Event::RateLimited,
-                        Some(&server),
-                        peer,
-                        Some("rate_limited"),
-                    );
-                }
-                if abuse {
+                sess.refused_in_row = sess.refused_in_row.saturating_add(1);
+                if sess.refused_in_row > abuse_after {
                     self.ws_close(id, 1008, "rate limit abuse");
                     return Reply::None;
                 }
@@ -380,7 +400,6 @@ impl Proxy {
                 };
             }
         }
-        let from = sess.server_id.clone();
         let answer = |r: Result<String, RpcError>| match (rid, r) {
             (None, _) => Reply::None,
             (Some(rid), Ok(res)) => Reply::Now(Ok(jsonrpc::result(rid.get(), &res))),
@@ -426,11 +445,12 @@ impl Proxy {
 
     /// `federation/refresh`: a new token; the session now ends at its expiry.
     fn refresh(&mut self, id: ConnId, server_id: &str) -> String {
-        let (token, exp) = self.mint(server_id, TokenType::Federation);
+        let (token, claims) = self.mint(server_id, TokenType::Federation);
+        let (iat, exp) = (claims.iat, claims.exp);
         let now = Instant::now();
         let now_ms = now_ms();
-        let iat = exp - self.cfg.token_ttl_secs as i64;
         if let Some(sess) = self.session(id) {
+            sess.refreshed_jti = claims.jti;
             sess.expires_at = instant_at(now, now_ms, exp.saturating_mul(1000));
             sess.expires_at_secs = exp;
             sess.expiring_at = Some(Session::expiring_notice(now, now_ms, iat, exp));

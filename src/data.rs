@@ -4,18 +4,24 @@
 //! written to its temporary file (so the proxy reads a body only as fast as it writes it to
 //! disk, and memory does not grow with a resource's size); a download is read from its file
 //! in bounded chunks only when the socket has drained the previous one. Names are percent-
-//! decoded once and validated before any path is built; sizes and the quota are checked
-//! before and while bytes arrive (`413`, `507 quota_exceeded`); a cut-off or refused upload
-//! leaves nothing behind. `Expect: 100-continue` is answered only once the upload is accepted.
+//! decoded once and validated before any path is built; sizes and the quotas (in all and per
+//! owner) are checked before and while bytes arrive (`413`, `507 quota_exceeded`); a cut-off
+//! or refused upload leaves nothing behind. The token is checked on the head, before any
+//! byte of a body is read (`api`), and `Expect: 100-continue` is answered only once the
+//! upload is accepted. Who may read a resource (`?readers=`) is decided here: a listing
+//! shows, and a `GET`/`HEAD` serves, only what the caller may read; others get `404`.
 //! Files are the `store::blobs` module's; the index and quota are `resources`'.
 
-use crate::api::{Resp, bearer};
+use crate::api::Resp;
 use crate::conn::{ConnId, ConnState, HttpPhase};
 use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::http::response;
-use crate::proxy::{Proxy, Want, now_secs};
-use crate::resources::{QuotaError, RangeAnswer, apply_range, valid_name};
+use crate::jwt::{Claims, TokenType};
+use crate::proxy::{Proxy, now_secs};
+use crate::resources::{
+    Limits, QuotaError, RangeAnswer, Readers, apply_range, parse_readers, readers_json, valid_name,
+};
 use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
 use std::fs::File;
 use std::time::Instant;
@@ -27,6 +33,8 @@ const REFILL_BYTES: usize = 4 * READ_CHUNK;
 pub struct Uploading {
     pub owner: String,
     pub name: String,
+    /// Who may read it once stored (`?readers=`).
+    pub readers: Readers,
     pub up: Upload,
     pub chunked: Option<ChunkedDecoder>,
     /// Bytes still expected (Content-Length uploads).
@@ -55,11 +63,6 @@ pub struct Sending {
     pub keep_alive: bool,
 }
 
-/// A `PUT /v1/resources/{name}` is streamed, not buffered.
-pub fn is_upload(head: &RequestHead) -> bool {
-    head.method == Method::Put && head.path.starts_with("/v1/resources/")
-}
-
 fn quota_resp(e: QuotaError) -> Resp {
     match e {
         QuotaError::TooLarge => Resp::error(
@@ -72,7 +75,16 @@ fn quota_resp(e: QuotaError) -> Resp {
             "quota_exceeded",
             "the resources would be over FEDMCP_RESOURCE_QUOTA_BYTES",
         ),
+        QuotaError::OwnerQuotaExceeded => Resp::error(
+            507,
+            "quota_exceeded",
+            "this server's resources would be over FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES",
+        ),
     }
+}
+
+fn not_found() -> Resp {
+    Resp::error(404, "not_found", "no such resource")
 }
 
 impl Proxy {
@@ -88,23 +100,25 @@ impl Proxy {
         if let HttpPhase::Upload(u) =
             std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false })
         {
-            self.resources.release(u.reserved);
+            self.resources.release(&u.owner, u.reserved);
         }
     }
 
-    /// A complete `PUT` head: authenticate, check the name and size, then stream the body.
-    /// On refusal the body is not read: the answer closes the connection.
-    pub fn start_upload(&mut self, id: ConnId, head: RequestHead) {
-        let Some(peer) = self.conn(id).map(|c| c.peer) else {
-            return;
-        };
+    fn resource_limits(&self) -> Limits {
+        Limits {
+            max: self.cfg.resource_max_bytes,
+            quota: self.cfg.resource_quota_bytes,
+            per_owner: self.cfg.resource_quota_per_server_bytes,
+        }
+    }
+
+    /// A complete `PUT` head whose token was checked: check the name, the readers and the
+    /// size, then stream the body. On refusal the body is not read: the answer closes the
+    /// connection.
+    pub fn start_upload(&mut self, id: ConnId, head: RequestHead, claims: Claims) {
         let refuse = |p: &mut Proxy, r: Resp| {
             let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
             p.answer_upload(id, r, head.keep_alive && !has_body);
-        };
-        let claims = match self.authenticate(bearer(&head), Want::Federation, peer) {
-            Ok(c) => c,
-            Err(e) => return refuse(self, Resp::auth(&e)),
         };
         let raw = &head.path["/v1/resources/".len()..];
         let Some(name) = parse::percent_decode(raw).filter(|n| valid_name(n)) else {
@@ -117,28 +131,34 @@ impl Proxy {
                 ),
             );
         };
+        let readers = match parse_readers(head.query_param("readers").as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(self, Resp::error(400, "invalid_readers", &e.to_string()));
+            }
+        };
         let owner = claims.server_id;
-        let (max, quota) = (self.cfg.resource_max_bytes, self.cfg.resource_quota_bytes);
+        let limits = self.resource_limits();
         let (chunked, left, reserve) = match head.body {
-            BodyKind::Chunked => (Some(ChunkedDecoder::new(max)), 0, 0),
+            BodyKind::Chunked => (Some(ChunkedDecoder::new(limits.max)), 0, 0),
             BodyKind::Length(n) => (None, n, n),
             BodyKind::None => (None, 0, 0),
         };
-        if let Err(e) = self.resources.reserve(&owner, &name, reserve, max, quota) {
+        if let Err(e) = self.resources.reserve(&owner, &name, reserve, limits) {
             return refuse(self, quota_resp(e));
         }
         let up = match self.blobs.as_mut().map(|b| b.begin()) {
             Some(Ok(up)) => up,
             Some(Err(e)) => {
                 log::error!("resource upload cannot start: {e}");
-                self.resources.release(reserve);
+                self.resources.release(&owner, reserve);
                 return refuse(
                     self,
                     Resp::error(503, "storage_failed", "the resource cannot be stored"),
                 );
             }
             None => {
-                self.resources.release(reserve);
+                self.resources.release(&owner, reserve);
                 return refuse(
                     self,
                     Resp::error(503, "storage_failed", "no resource storage"),
@@ -150,7 +170,7 @@ impl Proxy {
             return;
         };
         if head.expect_continue {
-            conn.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            conn.out.extend_from_slice(response::CONTINUE);
         }
         let ConnState::Http(h) = &mut conn.state else {
             return;
@@ -159,6 +179,7 @@ impl Proxy {
         h.phase = HttpPhase::Upload(Box::new(Uploading {
             owner,
             name,
+            readers,
             up,
             chunked,
             left,
@@ -182,7 +203,7 @@ impl Proxy {
 
     /// Moves buffered body bytes into the upload. True when the request is done (answered).
     pub fn upload_progress(&mut self, id: ConnId) -> bool {
-        let (max, quota) = (self.cfg.resource_max_bytes, self.cfg.resource_quota_bytes);
+        let limits = self.resource_limits();
         let idle = self.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
             return true;
@@ -243,8 +264,8 @@ impl Proxy {
         if failure.is_none() && u.up.written > u.reserved {
             let (owner, name) = (u.owner.clone(), u.name.clone());
             let (reserved, written) = (u.reserved, u.up.written);
-            self.resources.release(reserved);
-            let r = self.resources.reserve(&owner, &name, written, max, quota);
+            self.resources.release(&owner, reserved);
+            let r = self.resources.reserve(&owner, &name, written, limits);
             let now_reserved = if r.is_ok() { written } else { 0 };
             if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state)
                 && let HttpPhase::Upload(u) = &mut h.phase
@@ -270,14 +291,14 @@ impl Proxy {
             return true;
         };
         let u = *u;
-        self.resources.release(u.reserved);
+        self.resources.release(&u.owner, u.reserved);
         if let Some(r) = failure {
             drop(u.up); // removes the temporary file
             self.answer_upload(id, r, false);
             return true;
         }
         let size = u.up.written;
-        if let Err(e) = self.resources.reserve(&u.owner, &u.name, size, max, quota) {
+        if let Err(e) = self.resources.reserve(&u.owner, &u.name, size, limits) {
             drop(u.up);
             self.answer_upload(id, quota_resp(e), u.keep_alive);
             return true;
@@ -285,12 +306,9 @@ impl Proxy {
         let Some(blobs) = self.blobs.as_mut() else {
             return true;
         };
-        match blobs.finish(u.up, &u.owner, &u.name) {
+        match blobs.finish(u.up, &u.owner, &u.name, u.readers) {
             Ok(meta) => {
-                let body = format!(
-                    "{{\"owner\":\"{}\",\"name\":\"{}\",\"size\":{},\"sha256\":\"{}\"}}",
-                    u.owner, u.name, meta.size, meta.sha256
-                );
+                let body = resource_json(&u.owner, &u.name, &meta);
                 self.resources.commit(&u.owner, &u.name, meta, size);
                 let mut r = Resp::json(201, body);
                 r.headers
@@ -299,7 +317,7 @@ impl Proxy {
             }
             Err(e) => {
                 log::error!("resource could not be stored: {e}");
-                self.resources.release(size);
+                self.resources.release(&u.owner, size);
                 self.answer_upload(
                     id,
                     Resp::error(503, "storage_failed", "the resource could not be stored"),
@@ -310,39 +328,32 @@ impl Proxy {
         true
     }
 
-    /// `GET`/`HEAD`/`DELETE /v1/resources/{owner}/{name}` and `GET /v1/resources`.
+    /// `GET`/`HEAD`/`DELETE /v1/resources/{owner}/{name}` (the token was checked on the
+    /// head). A resource the caller may not read is `404`, exactly as one that does not exist.
     pub fn resource_route(
         &mut self,
         id: ConnId,
         head: &RequestHead,
-        rest: Option<&str>,
+        rest: &str,
+        claims: &Claims,
     ) -> Option<Resp> {
-        let peer = self.conn(id).map(|c| c.peer)?;
-        let Some(rest) = rest else {
-            return Some(match head.method {
-                Method::Get | Method::Head => {
-                    match self.authenticate(bearer(head), Want::Either, peer) {
-                        Ok(_) => self.list_resources(),
-                        Err(e) => Resp::auth(&e),
-                    }
-                }
-                _ => Resp::method_not_allowed("GET, HEAD"),
-            });
-        };
         let (owner_raw, name_raw) = rest.split_once('/').unwrap_or((rest, ""));
         let owner = parse::percent_decode(owner_raw).filter(|o| crate::jwt::valid_server_id(o));
         let name = parse::percent_decode(name_raw).filter(|n| valid_name(n));
         let (Some(owner), Some(name)) = (owner, name) else {
-            return Some(Resp::error(404, "not_found", "no such resource"));
+            return Some(not_found());
         };
-        let claims = match self.authenticate(bearer(head), Want::Either, peer) {
-            Ok(c) => c,
-            Err(e) => return Some(Resp::auth(&e)),
-        };
+        let admin = claims.token_type == TokenType::Admin;
+        let readable = self
+            .resources
+            .get(&owner, &name)
+            .is_some_and(|m| m.readable_by(&owner, &claims.server_id, admin));
+        if !readable {
+            return Some(not_found());
+        }
         match head.method {
             Method::Get | Method::Head => self.download(id, head, &owner, &name),
             Method::Delete => {
-                let admin = claims.token_type == crate::jwt::TokenType::Admin;
                 if !admin && claims.server_id != owner {
                     return Some(Resp::error(
                         403,
@@ -350,18 +361,11 @@ impl Proxy {
                         "only the owner or an admin may delete a resource",
                     ));
                 }
-                if self.resources.get(&owner, &name).is_none() {
-                    return Some(Resp::error(404, "not_found", "no such resource"));
-                }
                 let removed = self.blobs.as_mut().map(|b| b.remove(&owner, &name));
                 match removed {
                     Some(Ok(())) => {
                         self.resources.remove(&owner, &name);
-                        Some(Resp {
-                            status: 204,
-                            headers: Vec::new(),
-                            body: Vec::new(),
-                        })
+                        Some(Resp::no_content())
                     }
                     _ => Some(Resp::error(
                         503,
@@ -374,18 +378,32 @@ impl Proxy {
         }
     }
 
-    fn list_resources(&self) -> Resp {
+    /// `GET /v1/resources`: only what the caller may read.
+    pub fn list_resources(&self, claims: &Claims) -> Resp {
+        let admin = claims.token_type == TokenType::Admin;
         let items: Vec<String> = self
             .resources
             .list()
-            .map(|(o, n, m)| {
-                format!(
-                    "{{\"owner\":\"{o}\",\"name\":\"{n}\",\"size\":{},\"sha256\":\"{}\"}}",
-                    m.size, m.sha256
-                )
-            })
+            .filter(|(o, _, m)| m.readable_by(o, &claims.server_id, admin))
+            .map(|(o, n, m)| resource_json(o, n, m))
             .collect();
         Resp::json(200, format!("{{\"resources\":[{}]}}", items.join(",")))
+    }
+
+    /// Deletes every resource of a removed server (files first, then the index).
+    pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
+        let names = self.resources.names_of(owner);
+        if names.is_empty() {
+            return Ok(());
+        }
+        let r = match self.blobs.as_mut() {
+            Some(b) => b.remove_owner(owner, &names),
+            None => Ok(()),
+        };
+        for n in &names {
+            self.resources.remove(owner, n);
+        }
+        r
     }
 
     /// Writes the head of a download and starts sending its bytes (`None`: answered here).
@@ -397,7 +415,7 @@ impl Proxy {
         name: &str,
     ) -> Option<Resp> {
         let Some(meta) = self.resources.get(owner, name).cloned() else {
-            return Some(Resp::error(404, "not_found", "no such resource"));
+            return Some(not_found());
         };
         let etag = format!("\"{}\"", meta.sha256);
         if head
@@ -529,4 +547,14 @@ impl Proxy {
         self.dirty.push(id);
         self.resume.push(id);
     }
+}
+
+/// A resource as the API shows it: `{"owner","name","size","sha256","readers"}`.
+fn resource_json(owner: &str, name: &str, m: &crate::resources::Meta) -> String {
+    format!(
+        "{{\"owner\":\"{owner}\",\"name\":\"{name}\",\"size\":{},\"sha256\":\"{}\",\"readers\":{}}}",
+        m.size,
+        m.sha256,
+        readers_json(&m.readers)
+    )
 }

@@ -13,7 +13,7 @@ use crate::api::Resp;
 use crate::conn::ConnId;
 use crate::jsonrpc::RpcError;
 use crate::proxy::{Proxy, now_ms};
-use crate::registry::{Entry, Queued, Slot};
+use crate::registry::{Queued, Slot};
 use crate::router::ReplyTo;
 use crate::session::instant_at;
 use crate::store::state::{Op, Replay};
@@ -69,8 +69,15 @@ fn sane(op: &Op) -> bool {
             id,
             endpoints,
             capabilities,
-        } => id_ok(id) && object(endpoints) && object(capabilities),
-        Op::Remove { id, at } => id_ok(id) && (0..=MAX_TIME_SECS).contains(at),
+            epoch,
+        } => id_ok(id) && object(endpoints) && object(capabilities) && *epoch <= MAX_SEQ,
+        Op::Remove { id, at, epoch } => {
+            id_ok(id) && (0..=MAX_TIME_SECS).contains(at) && *epoch <= MAX_SEQ
+        }
+        Op::Rekey { id, epoch } => id_ok(id) && (1..=MAX_SEQ).contains(epoch),
+        Op::Revoke { jti, until } => {
+            crate::jwt::valid_jti(jti) && (0..=MAX_TIME_SECS).contains(until)
+        }
         Op::Enqueue {
             to,
             seq,
@@ -199,9 +206,10 @@ impl Proxy {
         let mut ops: Vec<Op> = self
             .registry
             .removals()
-            .map(|(id, at)| Op::Remove {
+            .map(|(id, r)| Op::Remove {
                 id: id.to_string(),
-                at,
+                at: r.at,
+                epoch: r.epoch,
             })
             .collect();
         for e in self.registry.entries() {
@@ -210,8 +218,21 @@ impl Proxy {
                     id: e.server_id.clone(),
                     endpoints: raw(&e.endpoints),
                     capabilities: raw(&e.reg_capabilities),
+                    epoch: e.key_epoch,
+                });
+            } else if e.key_epoch > 1 {
+                // A known server whose key was rotated: the epoch must survive too.
+                ops.push(Op::Rekey {
+                    id: e.server_id.clone(),
+                    epoch: e.key_epoch,
                 });
             }
+        }
+        for (jti, until) in self.revocations.iter() {
+            ops.push(Op::Revoke {
+                jti: jti.to_string(),
+                until,
+            });
         }
         let now = Instant::now();
         let now_ms = now_ms();
@@ -251,6 +272,22 @@ impl Proxy {
         }
     }
 
+    /// Sets an entry's signing-key epoch (and key) when it is later than the one it has.
+    pub fn set_epoch(&mut self, slot: Option<Slot>, epoch: u64) {
+        let Some(id) = slot
+            .and_then(|s| self.registry.get(s))
+            .filter(|e| e.key_epoch < epoch)
+            .map(|e| e.server_id.clone())
+        else {
+            return;
+        };
+        let key = self.signing_key_at(&id, epoch);
+        if let Some(e) = slot.and_then(|s| self.registry.get_mut(s)) {
+            e.key_epoch = epoch;
+            e.signing_key = key;
+        }
+    }
+
     /// Rebuilds the registry, removals and queues from what was on disk.
     pub fn restore(&mut self, replay: Replay) {
         let now = Instant::now();
@@ -268,14 +305,12 @@ impl Proxy {
                     id,
                     endpoints,
                     capabilities,
+                    epoch,
                 } => {
-                    let slot = match self.registry.find(&id) {
-                        Some(s) => Some(s),
-                        None => {
-                            let key = self.signing_key(&id);
-                            self.registry.insert(Entry::new(id.clone(), key)).ok()
-                        }
-                    };
+                    let slot = self.find_or_insert(&id).ok();
+                    if epoch > 0 {
+                        self.set_epoch(slot, epoch);
+                    }
                     if let Some(e) = slot.and_then(|s| self.registry.get_mut(s)) {
                         e.registered = true;
                         e.endpoints = endpoints.get().to_string();
@@ -284,15 +319,37 @@ impl Proxy {
                         regs += 1;
                     }
                 }
-                Op::Remove { id, at } => {
+                Op::Remove { id, at, epoch } => {
                     match self.registry.find(&id) {
                         Some(slot) => {
                             self.unqueue_all(slot);
-                            self.registry.remove(slot, at);
+                            if let Some(e) = self.registry.remove(slot, at) {
+                                self.registry
+                                    .record_removal(&id, at, e.key_epoch.max(epoch));
+                            }
                         }
-                        None => self.registry.record_removal(&id, at),
+                        None => self.registry.record_removal(&id, at, epoch),
                     }
                     removals += 1;
+                }
+                Op::Rekey { id, epoch } => {
+                    let slot = self.find_or_insert(&id).ok();
+                    self.set_epoch(slot, epoch);
+                }
+                Op::Revoke { jti, until } => {
+                    let (now_secs, skew) = (now_ms / 1000, self.cfg.clock_skew_secs as i64);
+                    if until.saturating_add(skew) > now_secs
+                        && self
+                            .revocations
+                            .revoke(&jti, until, now_secs, skew)
+                            .is_err()
+                    {
+                        // Lowered FEDMCP_MAX_REVOCATIONS: a revocation that does not fit
+                        // would be forgotten silently; say so.
+                        log::error!(
+                            "state restore: more live revocations than FEDMCP_MAX_REVOCATIONS; one was not restored"
+                        );
+                    }
                 }
                 Op::Enqueue {
                     to,
@@ -305,13 +362,7 @@ impl Proxy {
                     notify,
                 } => {
                     max_seq = max_seq.max(seq);
-                    let slot = match self.registry.find(&to) {
-                        Some(s) => Some(s),
-                        None => {
-                            let key = self.signing_key(&to);
-                            self.registry.insert(Entry::new(to.clone(), key)).ok()
-                        }
-                    };
+                    let slot = self.find_or_insert(&to).ok();
                     let Some(slot) = slot else { continue };
                     if self.find_queued(slot, seq).is_some() {
                         continue;

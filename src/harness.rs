@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::conn::{Conn, ConnState, HttpConn, HttpPhase};
 use crate::jwt::{Claims, TokenType};
 use crate::proxy::{Proxy, now_secs};
-use crate::registry::Entry;
 use crate::ws::client_frame;
 use std::time::{Duration, Instant};
 
@@ -42,12 +41,12 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
                 phase: HttpPhase::Head { idle: false },
                 deadline: start + Duration::from_secs(10),
                 close_after: false,
+                authenticated: false,
             }),
         )
     })?;
     // Another server, offline, so sends can queue.
-    let key = p.signing_key("peer");
-    let _ = p.registry.insert(Entry::new("peer".into(), key));
+    let _ = p.find_or_insert("peer");
     let now_s = now_secs();
     let claims = Claims {
         server_id: "fuzz".into(),

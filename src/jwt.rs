@@ -188,10 +188,24 @@ pub fn verify(token: &str, secrets: &[&[u8]], now: i64, skew: i64) -> Result<Cla
 
 /// True when `s` is 1 to 64 characters, each one of `A-Z a-z 0-9 . _ : -`.
 pub fn valid_server_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SERVER_ID_CHARS
+    s.len() <= MAX_SERVER_ID_CHARS
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && !s.contains("__")
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The longest `jti` accepted.
+pub const MAX_JTI_CHARS: usize = 64;
+
+/// A `jti` (contract §2): 1 to 64 printable ASCII characters (space through `~`).
+pub fn valid_jti(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_JTI_CHARS && s.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// A fresh random `jti` for a token the proxy issues: 128 bits, hex.
+pub fn new_jti() -> String {
+    crate::proxy::hex(&crate::proxy::random_bytes::<16>())
 }
 
 /// base64url (no padding) of HMAC-SHA256(`key`, the concatenation of `data`).
@@ -336,7 +350,7 @@ fn parse_claims(json: &[u8]) -> Result<Claims, JwtError> {
     };
     let jti = match jti {
         None => None,
-        Some(Value::String(s)) => Some(s),
+        Some(Value::String(s)) if valid_jti(&s) => Some(s),
         Some(_) => return Err(JwtError::Malformed),
     };
     Ok(Claims {
@@ -584,11 +598,23 @@ mod tests {
             server_id: "a.b_c:d-E9".to_string(),
             token_type: TokenType::Admin,
             nbf: Some(NOW - 5),
-            jti: Some("id \"with\" quotes\n".to_string()),
+            jti: Some("id \"with\" quotes ~".to_string()),
             ..c
         };
         let token = sign(SECRET, &full);
-        assert_eq!(check(&token), Ok(full));
+        assert_eq!(check(&token), Ok(full.clone()));
+        // A jti is 1 to 64 printable ASCII: a control character, an empty or a long one is
+        // malformed.
+        for bad in ["", "a\n", "é", &"j".repeat(65)] {
+            let t = sign(
+                SECRET,
+                &Claims {
+                    jti: Some(bad.to_string()),
+                    ..full.clone()
+                },
+            );
+            assert_eq!(check(&t), Err(JwtError::Malformed), "{bad:?}");
+        }
         assert!(token.len() < MAX_TOKEN_BYTES);
         assert!(!token.contains('='));
     }
@@ -907,7 +933,14 @@ mod tests {
         assert!(valid_server_id(&"a".repeat(64)));
         assert!(!valid_server_id(""));
         assert!(!valid_server_id(&"a".repeat(65)));
-        for bad in ["a b", "a/b", "a\0", "é", "a*", "a\n", "a+b", "a@b"] {
+        assert!(valid_server_id("a_b"));
+        assert!(valid_server_id("0.x"));
+        // v1.1: the first character is a letter or digit, and `__` never appears, so an id
+        // is never `.`, `..` or a hidden name, and splits cleanly out of an MCP tool name.
+        for bad in [
+            "a b", "a/b", "a\0", "é", "a*", "a\n", "a+b", "a@b", ".", "..", ".tmp", "-a", "_a",
+            ":a", "a__b", "__", "a___",
+        ] {
             assert!(!valid_server_id(bad), "{bad:?}");
         }
     }

@@ -43,6 +43,7 @@ pub mod proxy;
 pub mod reactor;
 pub mod registry;
 pub mod resources;
+pub mod revocations;
 pub mod router;
 pub mod session;
 pub mod store;

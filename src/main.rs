@@ -249,7 +249,9 @@ fn token(args: &[String]) -> ExitCode {
         }
     }
     let Some(server_id) = server_id.filter(|s| jwt::valid_server_id(s)) else {
-        eprintln!("fedmcp token: --server-id takes 1 to 64 of A-Z a-z 0-9 . _ : -");
+        eprintln!(
+            "fedmcp token: --server-id takes 1 to 64 of A-Z a-z 0-9 . _ : -, starting with a letter or digit, without __"
+        );
         return ExitCode::from(2);
     };
     let cfg = match config() {
@@ -277,7 +279,7 @@ fn token(args: &[String]) -> ExitCode {
         iat,
         exp: iat + ttl.unwrap_or(cfg.token_ttl_secs) as i64,
         nbf: None,
-        jti: None,
+        jti: Some(jwt::new_jti()),
     };
     println!("{}", jwt::sign(&secret, &claims));
     ExitCode::SUCCESS

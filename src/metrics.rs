@@ -109,6 +109,7 @@ pub struct Metrics {
     delivery_count: u64,
     pub accepted_total: u64,
     pub refused_total: u64,
+    pub displaced_total: u64,
     pub http_requests_total: u64,
     pub ws_messages_in_total: u64,
     pub notifications_dropped_total: u64,
@@ -227,6 +228,11 @@ impl Metrics {
                 "fedmcp_connections_refused_total",
                 "Sockets refused at FEDMCP_MAX_CONNECTIONS.",
                 self.refused_total,
+            ),
+            (
+                "fedmcp_connections_displaced_total",
+                "Unauthenticated sockets dropped to make room for a new one at FEDMCP_MAX_CONNECTIONS.",
+                self.displaced_total,
             ),
             (
                 "fedmcp_http_requests_total",

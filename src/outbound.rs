@@ -11,7 +11,7 @@
 //! thread holds no proxy state and does nothing else.
 
 use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
-use crate::jwt::{Claims, TokenType};
+use crate::jwt::TokenType;
 use crate::proxy::{Proxy, TimerKey, now_ms, random_bytes};
 use crate::registry::{OutPhase, Outbound, Slot};
 use base64::Engine;
@@ -26,6 +26,8 @@ pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bytes of an upgrade answer head accepted from a dialled server.
 pub const MAX_ANSWER_HEAD: usize = 16 * 1024;
+/// Addresses of one name tried in turn (a name with more is tried on its first ones).
+pub const MAX_ADDRESSES: usize = 16;
 
 /// A parsed `endpoints.control` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +105,16 @@ impl ControlUrl {
         } else {
             format!("{h}:{}", self.port)
         }
+    }
+
+    /// Whether the host, as written in the URL (never resolved), is loopback: `localhost`,
+    /// an address in 127.0.0.0/8, or `::1` (§5: only there may a token travel in clear).
+    pub fn loopback_host(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<IpAddr>().is_ok_and(|ip| match ip {
+                IpAddr::V4(v4) => v4.is_loopback(),
+                IpAddr::V6(v6) => v6.is_loopback(),
+            })
     }
 
     /// The address when the host is an IP literal (no resolver needed).
@@ -211,7 +223,7 @@ pub struct Lookup {
 /// The resolver thread's two ends, as the loop sees them.
 pub struct Resolver {
     tx: Sender<Lookup>,
-    pub rx: Receiver<(u64, Result<SocketAddr, String>)>,
+    pub rx: Receiver<(u64, Result<Vec<SocketAddr>, String>)>,
 }
 
 impl Resolver {
@@ -226,7 +238,14 @@ impl Resolver {
                     let r = (l.host.as_str(), l.port)
                         .to_socket_addrs()
                         .map_err(|e| e.to_string())
-                        .and_then(|mut it| it.next().ok_or_else(|| "no address".to_string()));
+                        .map(|it| it.take(MAX_ADDRESSES).collect::<Vec<_>>())
+                        .and_then(|v| {
+                            if v.is_empty() {
+                                Err("no address".to_string())
+                            } else {
+                                Ok(v)
+                            }
+                        });
                     if ans_tx.send((l.id, r)).is_err() {
                         return;
                     }
@@ -285,6 +304,7 @@ impl Proxy {
                     next_attempt_ms: Some(now_ms()),
                     timer: Some(timer),
                     online_since: None,
+                    untried: Vec::new(),
                 });
             }
         }
@@ -315,6 +335,12 @@ impl Proxy {
         let busy = e.session.is_some();
         let Some(o) = e.outbound.as_mut() else { return };
         o.timer = None;
+        if let OutPhase::Resolving(lookup) = o.phase {
+            // The resolver did not answer within the handshake timeout (§5).
+            self.lookups.remove(&lookup);
+            let why = "name resolution timed out".to_string();
+            return self.dial_failed(slot, OutPhase::Resolving(lookup), why);
+        }
         if o.phase != OutPhase::Backoff {
             return;
         }
@@ -334,6 +360,13 @@ impl Proxy {
             return;
         }
         let url = o.url.clone();
+        o.untried.clear();
+        if !url.tls && !url.loopback_host() && !self.cfg.allow_plaintext {
+            // A registration from before this check (restored state): never send its token
+            // in clear text off the machine.
+            let why = "insecure endpoint: ws:// to a host that is not loopback (FEDMCP_ALLOW_PLAINTEXT is not set)";
+            return self.dial_failed(slot, OutPhase::Backoff, why.into());
+        }
         if let Some(addr) = url.literal() {
             return self.dial_connect(slot, addr);
         }
@@ -365,12 +398,18 @@ impl Proxy {
             return self.dial_failed(slot, OutPhase::Backoff, "resolver thread gone".into());
         }
         self.lookups.insert(id, slot);
+        // Resolving has the handshake timeout: the dial timer fires then (see above).
+        let t = self.timers.insert(
+            Instant::now() + self.cfg.handshake_timeout,
+            TimerKey::Dial(slot),
+        );
         if let Some(o) = self
             .registry
             .get_mut(slot)
             .and_then(|e| e.outbound.as_mut())
         {
             o.phase = OutPhase::Resolving(id);
+            o.timer = Some(t);
         }
     }
 
@@ -394,8 +433,31 @@ impl Proxy {
             if current != Some(OutPhase::Resolving(id)) {
                 continue;
             }
+            if let Some(t) = self
+                .registry
+                .get_mut(slot)
+                .and_then(|e| e.outbound.as_mut())
+                .and_then(|o| o.timer.take())
+            {
+                self.timers.cancel(t);
+            }
             match result {
-                Ok(addr) => self.dial_connect(slot, addr),
+                Ok(mut addrs) if !addrs.is_empty() => {
+                    let first = addrs.remove(0);
+                    if let Some(o) = self
+                        .registry
+                        .get_mut(slot)
+                        .and_then(|e| e.outbound.as_mut())
+                    {
+                        o.untried = addrs;
+                    }
+                    self.dial_connect(slot, first)
+                }
+                Ok(_) => self.dial_failed(
+                    slot,
+                    OutPhase::Resolving(id),
+                    "cannot resolve: no address".into(),
+                ),
                 Err(e) => self.dial_failed(
                     slot,
                     OutPhase::Resolving(id),
@@ -421,16 +483,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return self.dial_failed(slot, phase, format!("connect to {addr}: {e}")),
         };
-        let (token, exp) = self.mint(&server_id, TokenType::Federation);
-        let iat = exp - self.cfg.token_ttl_secs as i64;
-        let claims = Claims {
-            server_id,
-            token_type: TokenType::Federation,
-            iat,
-            exp,
-            nbf: None,
-            jti: None,
-        };
+        let (token, claims) = self.mint(&server_id, TokenType::Federation);
         let key = base64::engine::general_purpose::STANDARD.encode(random_bytes::<16>());
         let deadline = Instant::now() + self.cfg.handshake_timeout;
         let dialing = Dialing {
@@ -592,6 +645,15 @@ impl Proxy {
         if o.phase != expect {
             return;
         }
+        if matches!(expect, OutPhase::Dialing(_)) && !o.untried.is_empty() && !draining {
+            // The name has more addresses: the next one, in the same attempt.
+            let next = o.untried.remove(0);
+            log::debug!("outbound {server}: {why}; trying {next}");
+            o.last_error = Some(why);
+            o.phase = OutPhase::Backoff;
+            return self.dial_connect(slot, next);
+        }
+        o.untried.clear();
         // A session that stayed online for a while starts the schedule again; one that ended
         // at once (welcome refused, closed straight away) counts as a failed attempt, so a
         // remote that accepts and drops is not dialled every 250 ms forever.

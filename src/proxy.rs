@@ -98,6 +98,10 @@ pub struct Proxy {
     pub timers: Timers<TimerKey>,
     pub metrics: Metrics,
     pub audit: Audit,
+    /// Accepted connections in accept order, for displacing the oldest unauthenticated one at
+    /// `FEDMCP_MAX_CONNECTIONS` (entries of connections gone or authenticated are skipped
+    /// and dropped lazily; compacted past twice the capacity).
+    pub accept_order: std::collections::VecDeque<ConnId>,
     /// Connections with output to flush at the end of the turn.
     pub dirty: Vec<ConnId>,
     /// HTTP connections to process again (an asynchronous answer was written).
@@ -124,6 +128,10 @@ pub struct Proxy {
     /// Resource files (`None` only if they could not be opened) and their index.
     pub blobs: Option<crate::store::blobs::Blobs>,
     pub resources: crate::resources::Index,
+    /// Revoked token ids (`DELETE /v1/tokens/{jti}`).
+    pub revocations: crate::revocations::Revocations,
+    /// The rate limit of senders the registry had no room for (shared: still bounded).
+    pub overflow_bucket: Option<crate::session::Bucket>,
     /// Where the last persisted record sits in the store's batch (see `persist`).
     pub last_record: Option<std::ops::Range<usize>>,
     /// Set while the state dir cannot be written (readyz 503), with the error.
@@ -184,6 +192,7 @@ impl Proxy {
             secrets.push(prev);
         }
         let conns = Slab::with_capacity(cfg.max_connections);
+        let cfg_max_revocations = cfg.max_revocations;
         let registry = Registry::new(cfg.max_servers);
         Proxy {
             cfg,
@@ -195,6 +204,7 @@ impl Proxy {
             timers: Timers::new(),
             metrics: Metrics::default(),
             audit,
+            accept_order: std::collections::VecDeque::new(),
             dirty: Vec::new(),
             resume: Vec::new(),
             tls: None,
@@ -210,6 +220,8 @@ impl Proxy {
             last_record: None,
             blobs: None,
             resources: crate::resources::Index::default(),
+            revocations: crate::revocations::Revocations::new(cfg_max_revocations),
+            overflow_bucket: None,
             degraded: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
@@ -250,6 +262,42 @@ impl Proxy {
         };
         entry.insert(make(id));
         Some(id)
+    }
+
+    /// Whether a connection may be displaced for a new one (contract §1): it never presented
+    /// a valid token (or it is only finishing its close).
+    fn displaceable(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| match &c.state {
+            ConnState::Http(h) => !h.authenticated,
+            ConnState::Closing(_) => true,
+            _ => false,
+        })
+    }
+
+    /// Records an accepted connection for [`Proxy::displace_one`].
+    pub fn accepted(&mut self, id: ConnId) {
+        self.accept_order.push_back(id);
+        if self.accept_order.len() > self.cfg.max_connections.saturating_mul(2) {
+            let order = std::mem::take(&mut self.accept_order);
+            self.accept_order = order
+                .into_iter()
+                .filter(|&c| self.displaceable(c))
+                .collect();
+        }
+    }
+
+    /// At `FEDMCP_MAX_CONNECTIONS`: drops the oldest connection that never presented a valid
+    /// token, making room for a new one. False when every held connection is authenticated
+    /// (the new one is then refused `503`).
+    pub fn displace_one(&mut self) -> bool {
+        while let Some(id) = self.accept_order.pop_front() {
+            if self.displaceable(id) {
+                self.metrics.displaced_total += 1;
+                self.drop_conn(id, "displaced: FEDMCP_MAX_CONNECTIONS reached");
+                return true;
+            }
+        }
+        false
     }
 
     pub fn conn(&self, id: ConnId) -> Option<&Conn> {
@@ -445,19 +493,56 @@ impl Proxy {
         }
     }
 
-    /// The signing key of a server: `HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)`.
-    pub fn signing_key(&self, server_id: &str) -> [u8; 32] {
+    /// A server's signing key at `epoch` (contract §6):
+    /// `HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch)`.
+    pub fn signing_key_at(&self, server_id: &str, epoch: u64) -> [u8; 32] {
         use hmac::{KeyInit, Mac};
         let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.secrets[0])
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(b"fedmcp/v1/sign/");
         mac.update(server_id.as_bytes());
+        mac.update(b"/");
+        mac.update(epoch.to_string().as_bytes());
         mac.finalize().into_bytes().into()
     }
 
-    /// Mints a token for `server_id`. Its `iat` is after any removal of that id, so a token
-    /// issued now is never mistaken for one issued before the removal.
-    pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, i64) {
+    /// The current signing key of a server: its entry's, or (no entry yet) the one its
+    /// next entry will get.
+    pub fn signing_key(&self, server_id: &str) -> [u8; 32] {
+        match self.registry.by_id(server_id) {
+            Some(e) => e.signing_key,
+            None => self.signing_key_at(server_id, self.registry.next_epoch(server_id)),
+        }
+    }
+
+    /// A new registry entry for `server_id`, with the key epoch it is due.
+    pub fn new_entry(&self, server_id: &str) -> crate::registry::Entry {
+        let epoch = self.registry.next_epoch(server_id);
+        crate::registry::Entry::new(
+            server_id.to_string(),
+            epoch,
+            self.signing_key_at(server_id, epoch),
+        )
+    }
+
+    /// The slot of `server_id`, inserting a "known" entry (not registered) when it has none.
+    pub fn find_or_insert(
+        &mut self,
+        server_id: &str,
+    ) -> Result<Slot, crate::registry::RegistryError> {
+        match self.registry.find(server_id) {
+            Some(s) => Ok(s),
+            None => {
+                let e = self.new_entry(server_id);
+                self.registry.insert(e)
+            }
+        }
+    }
+
+    /// Mints a token for `server_id`, with a fresh random `jti`. Its `iat` is after any
+    /// removal of that id, so a token issued now is never mistaken for one issued before the
+    /// removal.
+    pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, Claims) {
         let now = now_secs();
         let iat = match self.registry.removed_at(server_id) {
             Some(r) if token_type == TokenType::Federation => now.max(r.saturating_add(1)),
@@ -470,9 +555,9 @@ impl Proxy {
             iat,
             exp,
             nbf: None,
-            jti: None,
+            jti: Some(jwt::new_jti()),
         };
-        (jwt::sign(&self.secrets[0], &claims), exp)
+        (jwt::sign(&self.secrets[0], &claims), claims)
     }
 
     /// Verifies a presented token for an endpoint; failures are counted and audited (never
@@ -484,6 +569,28 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Claims, AuthError> {
         let r = self.check_token(token, want);
+        if let Ok(c) = &r
+            && let Some(jti) = &c.jti
+            && self.revocations.saw(jti, c.exp)
+        {
+            // A revoked jti seen with a later expiry: remembered (durably) that long.
+            let op = crate::store::state::Op::Revoke {
+                jti: jti.clone(),
+                until: c.exp,
+            };
+            self.persist(op);
+            self.last_record = None;
+        }
+        let r = match r {
+            Ok(c)
+                if c.jti
+                    .as_deref()
+                    .is_some_and(|j| self.revocations.is_revoked(j)) =>
+            {
+                Err(AuthError::new(401, "revoked"))
+            }
+            r => r,
+        };
         if let Err(e) = &r {
             self.metrics.auth_failure(e.code);
             self.audit

@@ -201,7 +201,7 @@ impl Reactor {
                     return;
                 }
             };
-            if proxy.conns.len() >= proxy.cfg.max_connections {
+            if proxy.conns.len() >= proxy.cfg.max_connections && !proxy.displace_one() {
                 proxy.metrics.refused_total += 1;
                 let _ = io::Write::write(&mut sock, REFUSED_503);
                 continue;
@@ -218,11 +218,13 @@ impl Reactor {
                         phase: HttpPhase::Head { idle: false },
                         deadline,
                         close_after: false,
+                        authenticated: false,
                     }),
                 )
             });
             let Some(id) = id else { continue };
             proxy.metrics.accepted_total += 1;
+            proxy.accepted(id);
             if let Some(cfg) = proxy.tls.clone() {
                 match rustls::ServerConnection::new(cfg) {
                     Ok(mut t) => {

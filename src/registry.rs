@@ -86,6 +86,9 @@ pub struct Outbound {
     pub timer: Option<TimerId>,
     /// When the current dialled session came online (its welcome was answered).
     pub online_since: Option<std::time::Instant>,
+    /// Addresses of the resolved name not tried yet in this attempt (§5: all are tried in
+    /// turn before the attempt counts as failed).
+    pub untried: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -100,7 +103,10 @@ pub struct Entry {
     pub reg_capabilities: String,
     /// Registered by an admin (true) or known because it connected with a valid token.
     pub registered: bool,
-    /// `K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)` (contract §6).
+    /// The signing key's epoch (contract §6): 1 for a new id, one more than the last epoch
+    /// of a removed id registered again, and one more at each rotation.
+    pub key_epoch: u64,
+    /// `K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch)` (contract §6).
     pub signing_key: [u8; 32],
     /// Tokens with `iat <= revoked_through` were issued before a removal and stay revoked.
     pub revoked_through: Option<i64>,
@@ -114,6 +120,15 @@ pub struct Entry {
     pub last_seen_at_ms: Option<i64>,
     pub queue: VecDeque<Queued>,
     pub queue_bytes: usize,
+    /// Bytes of copies of direct deliveries awaiting this server's answer (`queue: true`
+    /// sends keep one to requeue it): with `queue_bytes`, bounded by
+    /// `FEDMCP_QUEUE_MAX_BYTES` (contract §4).
+    pub inflight_bytes: usize,
+    /// The server's rate limit, shared by its control session and its HTTP sends (made at
+    /// its first message).
+    pub bucket: Option<crate::session::Bucket>,
+    /// In a run of refused messages (one `rate_limited` audit line per run).
+    pub rate_limited: bool,
     pub sent: u64,
     pub received: u64,
 }
@@ -134,12 +149,20 @@ impl std::fmt::Display for RegistryError {
     }
 }
 
+/// What is remembered of a removed id: when (older tokens stay revoked) and its last key
+/// epoch (a new registration gets the next one, so the old key never verifies again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removal {
+    pub at: i64,
+    pub epoch: u64,
+}
+
 pub struct Registry {
     cells: Vec<Cell>,
     free: Vec<u32>,
     by_id: HashMap<String, u32>,
-    /// serverId → last removal time (unix seconds); bounded by `capacity` (oldest dropped).
-    removed: HashMap<String, i64>,
+    /// serverId → its last removal; bounded by `capacity` (oldest dropped).
+    removed: HashMap<String, Removal>,
     capacity: usize,
 }
 
@@ -207,13 +230,21 @@ impl Registry {
 
     /// The last removal time of a server id, if it was ever removed (and not forgotten).
     pub fn removed_at(&self, server_id: &str) -> Option<i64> {
-        self.removed.get(server_id).copied()
+        self.removed.get(server_id).map(|r| r.at)
+    }
+
+    /// The key epoch a new entry for `server_id` gets: one past a removed id's last epoch,
+    /// else 1.
+    pub fn next_epoch(&self, server_id: &str) -> u64 {
+        self.removed
+            .get(server_id)
+            .map_or(1, |r| r.epoch.saturating_add(1))
     }
 
     /// Inserts a new entry (the caller checked the id is absent).
     pub fn insert(&mut self, mut entry: Entry) -> Result<Slot, RegistryError> {
         let idx = self.free.pop().ok_or(RegistryError::Full)?;
-        entry.revoked_through = self.removed.get(&entry.server_id).copied();
+        entry.revoked_through = self.removed_at(&entry.server_id);
         self.by_id.insert(entry.server_id.clone(), idx);
         let cell = &mut self.cells[idx as usize];
         cell.entry = Some(entry);
@@ -233,28 +264,33 @@ impl Registry {
         cell.generation = cell.generation.wrapping_add(1);
         self.by_id.remove(&entry.server_id);
         self.free.push(slot.idx);
-        self.record_removal(&entry.server_id, now_secs);
+        self.record_removal(&entry.server_id, now_secs, entry.key_epoch);
         Some(entry)
     }
 
     /// Records a removal without an entry (restoring state).
-    pub fn record_removal(&mut self, server_id: &str, at: i64) {
+    pub fn record_removal(&mut self, server_id: &str, at: i64, epoch: u64) {
         // Bounded: at capacity, the oldest removal record is forgotten.
         if self.removed.len() >= self.capacity
             && !self.removed.contains_key(server_id)
             && let Some(oldest) = self
                 .removed
                 .iter()
-                .min_by_key(|(_, t)| **t)
+                .min_by_key(|(_, r)| r.at)
                 .map(|(k, _)| k.clone())
         {
             self.removed.remove(&oldest);
         }
-        self.removed.insert(server_id.to_string(), at);
+        let epoch = self
+            .removed
+            .get(server_id)
+            .map_or(epoch, |r| r.epoch.max(epoch));
+        self.removed
+            .insert(server_id.to_string(), Removal { at, epoch });
     }
 
-    /// Every removal record: server id and removal time (unix seconds).
-    pub fn removals(&self) -> impl Iterator<Item = (&str, i64)> + '_ {
+    /// Every removal record: server id and its removal.
+    pub fn removals(&self) -> impl Iterator<Item = (&str, Removal)> + '_ {
         self.removed.iter().map(|(k, v)| (k.as_str(), *v))
     }
 
@@ -276,13 +312,16 @@ impl Registry {
 }
 
 impl Entry {
-    pub fn new(server_id: String, signing_key: [u8; 32]) -> Entry {
+    /// A new entry whose key has epoch `key_epoch` and value `signing_key` (derived by the
+    /// caller, who holds the secret).
+    pub fn new(server_id: String, key_epoch: u64, signing_key: [u8; 32]) -> Entry {
         Entry {
             server_id,
             endpoints: "{}".to_string(),
             capabilities: "{}".to_string(),
             reg_capabilities: "{}".to_string(),
             registered: false,
+            key_epoch,
             signing_key,
             revoked_through: None,
             session: None,
@@ -293,6 +332,9 @@ impl Entry {
             last_seen_at_ms: None,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            inflight_bytes: 0,
+            bucket: None,
+            rate_limited: false,
             sent: 0,
             received: 0,
         }
@@ -306,20 +348,20 @@ mod tests {
     #[test]
     fn fixed_capacity_and_generations() {
         let mut r = Registry::new(2);
-        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
-        let _b = r.insert(Entry::new("b".into(), [0; 32])).unwrap();
+        let a = r.insert(Entry::new("a".into(), 1, [0; 32])).unwrap();
+        let _b = r.insert(Entry::new("b".into(), 1, [0; 32])).unwrap();
         assert_eq!(
-            r.insert(Entry::new("c".into(), [0; 32])).unwrap_err(),
+            r.insert(Entry::new("c".into(), 1, [0; 32])).unwrap_err(),
             RegistryError::Full
         );
         assert_eq!(r.find("a"), Some(a));
         assert!(r.remove(a, 100).is_some());
         assert!(r.get(a).is_none(), "a stale slot reaches nothing");
         assert_eq!(r.removed_at("a"), Some(100));
-        let c = r.insert(Entry::new("c".into(), [0; 32])).unwrap();
+        let c = r.insert(Entry::new("c".into(), 1, [0; 32])).unwrap();
         assert_eq!(c.idx, a.idx);
         assert_ne!(c.generation, a.generation);
-        let a2 = r.insert(Entry::new("a".into(), [0; 32])).unwrap_err();
+        let a2 = r.insert(Entry::new("a".into(), 1, [0; 32])).unwrap_err();
         assert_eq!(a2, RegistryError::Full);
         assert_eq!(r.len(), 2);
     }
@@ -327,17 +369,23 @@ mod tests {
     #[test]
     fn reinserted_entry_keeps_old_tokens_revoked() {
         let mut r = Registry::new(4);
-        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
+        let a = r.insert(Entry::new("a".into(), 1, [0; 32])).unwrap();
         r.remove(a, 50);
-        let a = r.insert(Entry::new("a".into(), [0; 32])).unwrap();
+        let a = r.insert(Entry::new("a".into(), 1, [0; 32])).unwrap();
         assert_eq!(r.get(a).unwrap().revoked_through, Some(50));
+        assert_eq!(
+            r.next_epoch("a"),
+            2,
+            "a removed id's next key is a new epoch"
+        );
+        assert_eq!(r.next_epoch("zz"), 1);
     }
 
     #[test]
     fn removal_records_are_bounded() {
         let mut r = Registry::new(2);
         for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
-            let s = r.insert(Entry::new(name.to_string(), [0; 32])).unwrap();
+            let s = r.insert(Entry::new(name.to_string(), 1, [0; 32])).unwrap();
             r.remove(s, i as i64);
         }
         assert!(r.removed.len() <= 2);

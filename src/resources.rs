@@ -6,7 +6,7 @@
 //! (`FEDMCP_RESOURCE_MAX_BYTES` per resource, `FEDMCP_RESOURCE_QUOTA_BYTES` in all). The
 //! streaming to and from disk is built on these (issue 5).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The longest resource name.
 pub const MAX_NAME: usize = 128;
@@ -84,12 +84,87 @@ pub fn apply_range(header: Option<&str>, size: u64) -> RangeAnswer {
     }
 }
 
+/// Most server ids in one resource's `?readers=` list.
+pub const MAX_READERS: usize = 256;
+
+/// Who may read a resource besides its owner and admins: `None` every federation member,
+/// `Some(ids)` only those (empty: the owner only).
+pub type Readers = Option<Vec<String>>;
+
+/// Why a `?readers=` value is refused (`400 invalid_readers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadersError {
+    /// An entry is not a valid serverId.
+    BadId(String),
+    /// More than [`MAX_READERS`] ids.
+    TooMany,
+}
+
+impl std::fmt::Display for ReadersError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadersError::BadId(id) => write!(
+                f,
+                "readers must be serverIds separated by commas; {id:?} is not a serverId"
+            ),
+            ReadersError::TooMany => write!(f, "readers names more than {MAX_READERS} servers"),
+        }
+    }
+}
+
+/// Parses the (percent-decoded) `?readers=` value of an upload: absent is everyone, empty
+/// is the owner only, else comma-separated serverIds (order kept, repeats dropped).
+pub fn parse_readers(value: Option<&str>) -> Result<Readers, ReadersError> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let mut ids: Vec<String> = Vec::new();
+    for id in v.split(',').filter(|p| !p.is_empty()) {
+        if !crate::jwt::valid_server_id(id) {
+            let shown: String = id.chars().take(80).collect();
+            return Err(ReadersError::BadId(shown));
+        }
+        if !ids.iter().any(|x| x == id) {
+            if ids.len() == MAX_READERS {
+                return Err(ReadersError::TooMany);
+            }
+            ids.push(id.to_string());
+        }
+    }
+    Ok(Some(ids))
+}
+
+/// The `readers` value of a resource as JSON: `null` for everyone, else an array.
+pub fn readers_json(readers: &Readers) -> String {
+    match readers {
+        None => "null".to_string(),
+        Some(ids) => {
+            let quoted: Vec<String> = ids.iter().map(|i| format!("\"{i}\"")).collect();
+            format!("[{}]", quoted.join(","))
+        }
+    }
+}
+
 /// What is known of one stored resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     pub size: u64,
     /// Lower-case hex SHA-256 of the bytes (also the `ETag`).
     pub sha256: String,
+    pub readers: Readers,
+}
+
+impl Meta {
+    /// Whether `server_id` (holding a federation token, or an admin one when `admin`) may
+    /// read the resource `owner` stored.
+    pub fn readable_by(&self, owner: &str, server_id: &str, admin: bool) -> bool {
+        admin
+            || owner == server_id
+            || self
+                .readers
+                .as_ref()
+                .is_none_or(|ids| ids.iter().any(|i| i == server_id))
+    }
 }
 
 /// Why an upload cannot be taken.
@@ -99,15 +174,47 @@ pub enum QuotaError {
     TooLarge,
     /// Over `FEDMCP_RESOURCE_QUOTA_BYTES` with everything else stored: `507 quota_exceeded`.
     QuotaExceeded,
+    /// Over `FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES` with the owner's other resources:
+    /// `507 quota_exceeded`.
+    OwnerQuotaExceeded,
 }
 
-/// The stored resources by owner and name, with the bytes they use.
+/// The limits an upload is checked against (from the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `FEDMCP_RESOURCE_MAX_BYTES`.
+    pub max: u64,
+    /// `FEDMCP_RESOURCE_QUOTA_BYTES`.
+    pub quota: u64,
+    /// `FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES`.
+    pub per_owner: u64,
+}
+
+impl Limits {
+    /// No limit at all (rebuilding the index from disk: what is stored is counted as is).
+    pub const NONE: Limits = Limits {
+        max: u64::MAX,
+        quota: u64::MAX,
+        per_owner: u64::MAX,
+    };
+}
+
+/// Bytes one owner stores and has promised to uploads in progress.
+#[derive(Debug, Default, Clone, Copy)]
+struct OwnerUse {
+    stored: u64,
+    reserved: u64,
+}
+
+/// The stored resources by owner and name, with the bytes they use in all and per owner.
 #[derive(Debug, Default)]
 pub struct Index {
     items: BTreeMap<(String, String), Meta>,
     total: u64,
     /// Bytes promised to uploads in progress (so two uploads cannot both fit the quota).
     reserved: u64,
+    /// Per owner: the same two counts (an owner with neither is not kept).
+    owners: HashMap<String, OwnerUse>,
 }
 
 impl Index {
@@ -119,17 +226,21 @@ impl Index {
         self.total
     }
 
+    /// Bytes `owner` stores now.
+    pub fn owner_bytes(&self, owner: &str) -> u64 {
+        self.owners.get(owner).map_or(0, |u| u.stored)
+    }
+
     /// Checks that `size` more bytes fit, replacing `owner/name` if it exists, and reserves
-    /// them until `commit` or `release`.
+    /// them (in all and for the owner) until `commit` or `release`.
     pub fn reserve(
         &mut self,
         owner: &str,
         name: &str,
         size: u64,
-        max: u64,
-        quota: u64,
+        limits: Limits,
     ) -> Result<(), QuotaError> {
-        if size > max {
+        if size > limits.max {
             return Err(QuotaError::TooLarge);
         }
         let replaced = self.get(owner, name).map_or(0, |m| m.size);
@@ -138,33 +249,66 @@ impl Index {
             .saturating_sub(replaced)
             .saturating_add(self.reserved)
             .saturating_add(size);
-        if after > quota {
+        if after > limits.quota {
             return Err(QuotaError::QuotaExceeded);
         }
+        let mine = self.owners.get(owner).copied().unwrap_or_default();
+        let mine_after = mine
+            .stored
+            .saturating_sub(replaced)
+            .saturating_add(mine.reserved)
+            .saturating_add(size);
+        if mine_after > limits.per_owner {
+            return Err(QuotaError::OwnerQuotaExceeded);
+        }
         self.reserved += size;
+        self.owners.entry(owner.to_string()).or_default().reserved += size;
         Ok(())
     }
 
-    pub fn release(&mut self, size: u64) {
+    /// Ends a reservation of `size` bytes made for `owner`.
+    pub fn release(&mut self, owner: &str, size: u64) {
         self.reserved = self.reserved.saturating_sub(size);
+        if let Some(u) = self.owners.get_mut(owner) {
+            u.reserved = u.reserved.saturating_sub(size);
+            if u.reserved == 0 && u.stored == 0 {
+                self.owners.remove(owner);
+            }
+        }
     }
 
     /// Records a completed upload (its reservation of `reserved` bytes ends).
     pub fn commit(&mut self, owner: &str, name: &str, meta: Meta, reserved: u64) {
-        self.release(reserved);
-        self.total += meta.size;
-        if let Some(old) = self
+        self.release(owner, reserved);
+        let size = meta.size;
+        let old = self
             .items
             .insert((owner.to_string(), name.to_string()), meta)
-        {
-            self.total = self.total.saturating_sub(old.size);
-        }
+            .map_or(0, |m| m.size);
+        self.total = self.total.saturating_sub(old).saturating_add(size);
+        let u = self.owners.entry(owner.to_string()).or_default();
+        u.stored = u.stored.saturating_sub(old).saturating_add(size);
     }
 
     pub fn remove(&mut self, owner: &str, name: &str) -> Option<Meta> {
         let m = self.items.remove(&(owner.to_string(), name.to_string()))?;
         self.total = self.total.saturating_sub(m.size);
+        if let Some(u) = self.owners.get_mut(owner) {
+            u.stored = u.stored.saturating_sub(m.size);
+            if u.reserved == 0 && u.stored == 0 {
+                self.owners.remove(owner);
+            }
+        }
         Some(m)
+    }
+
+    /// The names `owner` stores, ordered.
+    pub fn names_of(&self, owner: &str) -> Vec<String> {
+        self.items
+            .range((owner.to_string(), String::new())..)
+            .take_while(|((o, _), _)| o == owner)
+            .map(|((_, n), _)| n.clone())
+            .collect()
     }
 
     /// Every resource as `(owner, name, meta)`, ordered.
@@ -224,40 +368,115 @@ mod tests {
         assert_eq!(r("bytes=99999999999999999999999-", 10), Full);
     }
 
+    fn meta(size: u64) -> Meta {
+        Meta {
+            size,
+            sha256: "x".into(),
+            readers: None,
+        }
+    }
+
+    const L: Limits = Limits {
+        max: 10,
+        quota: 15,
+        per_owner: 100,
+    };
+
     #[test]
     fn quota_counts_replacements_and_reservations() {
         let mut ix = Index::default();
-        assert_eq!(ix.reserve("o", "a", 11, 10, 100), Err(QuotaError::TooLarge));
-        ix.reserve("o", "a", 10, 10, 15).unwrap();
+        assert_eq!(ix.reserve("o", "a", 11, L), Err(QuotaError::TooLarge));
+        ix.reserve("o", "a", 10, L).unwrap();
         assert_eq!(
-            ix.reserve("o", "b", 10, 10, 15),
+            ix.reserve("o", "b", 10, L),
             Err(QuotaError::QuotaExceeded),
             "reserved bytes count"
         );
-        ix.commit(
-            "o",
-            "a",
-            Meta {
-                size: 10,
-                sha256: "x".into(),
-            },
-            10,
-        );
+        ix.commit("o", "a", meta(10), 10);
         assert_eq!(ix.total_bytes(), 10);
         // Replacing a resource frees its old size.
-        ix.reserve("o", "a", 10, 10, 15).unwrap();
-        ix.commit(
-            "o",
-            "a",
-            Meta {
-                size: 8,
-                sha256: "y".into(),
-            },
-            10,
-        );
+        ix.reserve("o", "a", 10, L).unwrap();
+        ix.commit("o", "a", meta(8), 10);
         assert_eq!(ix.total_bytes(), 8);
+        assert_eq!(ix.owner_bytes("o"), 8);
         assert_eq!(ix.remove("o", "a").unwrap().size, 8);
         assert_eq!(ix.total_bytes(), 0);
+        assert_eq!(ix.owner_bytes("o"), 0);
         assert_eq!(ix.list().count(), 0);
+        assert!(ix.owners.is_empty(), "an owner with nothing is forgotten");
+    }
+
+    #[test]
+    fn per_owner_quota_is_apart_from_the_total() {
+        let lim = Limits {
+            max: 10,
+            quota: 100,
+            per_owner: 12,
+        };
+        let mut ix = Index::default();
+        ix.reserve("alice", "a", 10, lim).unwrap();
+        assert_eq!(
+            ix.reserve("alice", "b", 5, lim),
+            Err(QuotaError::OwnerQuotaExceeded),
+            "alice's reservation counts against alice"
+        );
+        ix.reserve("bob", "b", 10, lim).unwrap();
+        ix.commit("alice", "a", meta(10), 10);
+        ix.release("bob", 10);
+        assert_eq!(
+            ix.reserve("alice", "c", 3, lim),
+            Err(QuotaError::OwnerQuotaExceeded)
+        );
+        // Replacing her own resource frees its size for her too.
+        ix.reserve("alice", "a", 10, lim).unwrap();
+        ix.release("alice", 10);
+        ix.reserve("alice", "c", 2, lim).unwrap();
+        ix.commit("alice", "c", meta(2), 2);
+        assert_eq!(ix.names_of("alice"), vec!["a".to_string(), "c".to_string()]);
+        assert!(ix.names_of("bob").is_empty());
+        assert_eq!(ix.names_of("alic"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn readers_parse_and_decide() {
+        assert_eq!(parse_readers(None), Ok(None));
+        assert_eq!(parse_readers(Some("")), Ok(Some(vec![])));
+        assert_eq!(
+            parse_readers(Some("b,a,b,,c")),
+            Ok(Some(vec!["b".into(), "a".into(), "c".into()]))
+        );
+        assert!(matches!(
+            parse_readers(Some("ok,../x")),
+            Err(ReadersError::BadId(_))
+        ));
+        assert!(matches!(
+            parse_readers(Some("a__b")),
+            Err(ReadersError::BadId(_))
+        ));
+        let many: Vec<String> = (0..=MAX_READERS).map(|i| format!("s{i}")).collect();
+        assert_eq!(
+            parse_readers(Some(&many.join(","))),
+            Err(ReadersError::TooMany)
+        );
+        let everyone = meta(1);
+        assert!(everyone.readable_by("o", "x", false));
+        let only = Meta {
+            readers: Some(vec!["r".into()]),
+            ..meta(1)
+        };
+        assert!(only.readable_by("o", "r", false));
+        assert!(only.readable_by("o", "o", false), "the owner always reads");
+        assert!(only.readable_by("o", "x", true), "an admin always reads");
+        assert!(!only.readable_by("o", "x", false));
+        let owner_only = Meta {
+            readers: Some(vec![]),
+            ..meta(1)
+        };
+        assert!(!owner_only.readable_by("o", "r", false));
+        assert_eq!(readers_json(&None), "null");
+        assert_eq!(
+            readers_json(&Some(vec!["a".into(), "b".into()])),
+            r#"["a","b"]"#
+        );
     }
 }

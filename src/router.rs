@@ -10,8 +10,10 @@
 //! recipient's deliveries are written to its one output buffer in the order sent, so order
 //! per sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
 //! Bounds: unsent bytes per session ([`Proxy::unsent_bound`]), deliveries awaiting one
-//! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), queue length (`FEDMCP_QUEUE_MAX_MESSAGES`) and
-//! bytes ([`QUEUE_MAX_BYTES`]).
+//! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), queue length (`FEDMCP_QUEUE_MAX_MESSAGES`),
+//! and the bytes held for one recipient (`FEDMCP_QUEUE_MAX_BYTES`): its queue plus the
+//! copies kept of direct deliveries awaiting its answer (`queue: true` sends keep one to
+//! requeue it if the recipient goes away), so no copy is ever outside a bound.
 
 use crate::conn::{ConnId, ConnState};
 use crate::durable::Deferred;
@@ -32,9 +34,6 @@ pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
 
 /// The longest `ttlMs` honoured (a century); longer is treated as this.
 pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// Bytes of queued messages kept for one recipient (beside the message-count bound).
-pub const QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Where the answer to a send goes.
 #[derive(Debug, Clone)]
@@ -231,6 +230,13 @@ impl Proxy {
                     return Reply::None;
                 };
                 let requeue = queue.then(|| Box::new(make_queued(seq)));
+                if let Some(q) = &requeue
+                    && !self.hold(slot, q.bytes())
+                {
+                    // The copy kept until the answer would go over what may be held for
+                    // this recipient (§4).
+                    return Reply::Now(Err(RpcError::RecipientOverloaded));
+                }
                 let params = self.deliver_params_for(slot, &msg_id, from, message, sent_at);
                 let kind = PendingKind::Direct {
                     reply_to,
@@ -391,7 +397,7 @@ impl Proxy {
         {
             let to = e.server_id.clone();
             if e.queue.len() < self.cfg.queue_max_messages
-                && e.queue_bytes + q.bytes() <= QUEUE_MAX_BYTES
+                && e.queue_bytes + e.inflight_bytes + q.bytes() <= self.cfg.queue_max_bytes
             {
                 self.persist_enqueue(&to, &q);
             }
@@ -407,11 +413,12 @@ impl Proxy {
     }
 
     fn insert_queued(&mut self, slot: Slot, mut q: Queued, bounded: bool) -> Result<(), RpcError> {
-        let max = self.cfg.queue_max_messages;
+        let (max, max_bytes) = (self.cfg.queue_max_messages, self.cfg.queue_max_bytes);
         let Some(e) = self.registry.get(slot) else {
             return Err(RpcError::UnknownServer);
         };
-        if bounded && (e.queue.len() >= max || e.queue_bytes + q.bytes() > QUEUE_MAX_BYTES) {
+        let held = e.queue_bytes + e.inflight_bytes + q.bytes();
+        if bounded && (e.queue.len() >= max || held > max_bytes) {
             return Err(RpcError::QueueFull);
         }
         if let (Some(at), None) = (q.expires, q.ttl_timer) {
@@ -425,6 +432,30 @@ impl Proxy {
         let pos = e.queue.partition_point(|x| x.seq < q.seq);
         e.queue.insert(pos, q);
         Ok(())
+    }
+
+    /// Counts `bytes` of a delivery's copy as held for the recipient in `slot`, if they fit
+    /// under `FEDMCP_QUEUE_MAX_BYTES` with its queue and its other held copies.
+    fn hold(&mut self, slot: Slot, bytes: usize) -> bool {
+        let max = self.cfg.queue_max_bytes;
+        match self.registry.get_mut(slot) {
+            Some(e) if e.queue_bytes + e.inflight_bytes + bytes <= max => {
+                e.inflight_bytes += bytes;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A pending delivery is settled: the copy it kept (if any) is no longer held.
+    fn unhold(&mut self, p: &Pending) {
+        if let PendingKind::Direct {
+            requeue: Some(q), ..
+        } = &p.kind
+            && let Some(e) = self.registry.get_mut(p.slot)
+        {
+            e.inflight_bytes = e.inflight_bytes.saturating_sub(q.bytes());
+        }
     }
 
     /// Delivers queued messages to an online recipient while it has room, in order.
@@ -530,6 +561,7 @@ impl Proxy {
         let Some(p) = self.pending.remove(&seq) else {
             return;
         };
+        self.unhold(&p);
         if let Some(t) = p.timer {
             self.timers.cancel(t);
         }
@@ -579,6 +611,7 @@ impl Proxy {
         let Some(p) = self.pending.remove(&seq) else {
             return;
         };
+        self.unhold(&p);
         if let Some(ConnState::Ws(ws)) = self.conn_mut(p.recipient).map(|c| &mut c.state) {
             ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
         }
@@ -637,6 +670,7 @@ impl Proxy {
             let Some(p) = self.pending.remove(&seq) else {
                 continue;
             };
+            self.unhold(&p);
             if let Some(t) = p.timer {
                 self.timers.cancel(t);
             }

@@ -3,7 +3,8 @@
 //! Owns the per-session facts the router and the loop consult: the server id and registry
 //! slot, the welcome handshake (a session is `connecting` until the server answers the
 //! welcome), token expiry and the one-time `tokenExpiring` notice, heartbeat bookkeeping,
-//! the token bucket of the rate limit, deliveries awaiting this server's answer, and batches
+//! the run of rate-limit refusals (the token bucket itself is the server's, in the registry,
+//! shared with its HTTP sends), deliveries awaiting this server's answer, and batches
 //! whose answer waits on deliveries. Times are passed in; nothing here does I/O.
 
 use crate::registry::Slot;
@@ -88,11 +89,15 @@ pub struct Session {
     pub last_rx: Instant,
     pub next_ping: Instant,
     pub heartbeat: Duration,
-    pub bucket: Bucket,
-    /// In a run of refused messages (one `rate_limited` audit line per run).
-    pub limited: bool,
-    /// Refused messages drain it; empty means "far past the limit": close 1008.
-    pub abuse: Bucket,
+    /// The `jti` of the token the session was opened (or last refreshed) with: revoking it
+    /// closes the session 4001.
+    pub jti: Option<String>,
+    /// The `jti` of the token the last `federation/refresh` issued (revoking it closes the
+    /// session too).
+    pub refreshed_jti: Option<String>,
+    /// Messages refused by the rate limit since the last accepted one; over
+    /// `ABUSE_REFUSALS_PER_BURST` × burst the session is closed 1008 (contract §4).
+    pub refused_in_row: u64,
     /// Deliveries written to this server and awaiting its answer.
     pub inflight: usize,
     pub batches: HashMap<u64, Batch>,
@@ -110,6 +115,11 @@ pub fn instant_at(now: Instant, now_ms: i64, at_ms: i64) -> Instant {
 impl Session {
     pub fn is_online(&self) -> bool {
         self.welcome.is_none()
+    }
+
+    /// Whether the session rests on a token with this `jti`.
+    pub fn uses_jti(&self, jti: &str) -> bool {
+        self.jti.as_deref() == Some(jti) || self.refreshed_jti.as_deref() == Some(jti)
     }
 
     /// The instant `federation/tokenExpiring` is due for a token valid from `iat` to `exp`

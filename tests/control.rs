@@ -114,11 +114,12 @@ fn wait_state(p: &Proxy, id: &str, state: &str, within: Duration) -> Duration {
     }
 }
 
-/// K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId) (contract §6), raw bytes.
+/// K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch) at epoch 1 (a
+/// server registered once, or known from its token; contract §6), raw bytes.
 fn signing_key(server_id: &str) -> Vec<u8> {
     let b64 = jwt::hmac_b64(
         SECRET.as_bytes(),
-        &[b"fedmcp/v1/sign/", server_id.as_bytes()],
+        &[b"fedmcp/v1/sign/", server_id.as_bytes(), b"/1"],
     );
     URL_SAFE_NO_PAD.decode(b64).unwrap()
 }
@@ -1798,9 +1799,31 @@ fn rate_limit_refuses_requests_drops_notifications_and_closes_abusers() {
     assert_quiet(&mut a, "after-wait"); // no answer to the dropped notification
     assert_quiet(&mut b, "bob-quiet"); // and it was not forwarded
 
-    // A flood: refusals drain a second bucket of 2×burst (refilled at the rate, so the two
-    // refusals above have mostly been paid back); when it is empty the session closes 1008.
-    let flood: Vec<Value> = (0..40)
+    // A pipelined burst three times the burst size is answered entry by entry (5 results,
+    // 10 refusals) and the session stays (contract v1.1 §4).
+    sleep_ms(1100);
+    let triple: Vec<Value> = (0..15)
+        .map(|i| rpc(json!(format!("t{i}")), "federation/servers", json!({})))
+        .collect();
+    send_burst(&mut a, &triple);
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..15 {
+        let m = a.recv();
+        assert_eq!(m["id"], json!(format!("t{i}")), "answered in order: {m}");
+        if m["error"]["code"] == -32029 {
+            refused += 1;
+        } else {
+            ok += 1;
+        }
+    }
+    assert_eq!((ok, refused), (5, 10));
+    sleep_ms(1100);
+    a.send(&rpc(json!("still"), "federation/servers", json!({})));
+    assert!(a.recv_id(&json!("still"))["result"]["servers"].is_array());
+
+    // A flood: more than 10 × burst (50) refusals with no accepted message between them
+    // closes the session 1008; the 51st refusal is the close, not an answer.
+    let flood: Vec<Value> = (0..90)
         .map(|i| rpc(json!(format!("f{i}")), "federation/servers", json!({})))
         .collect();
     send_burst(&mut a, &flood);
@@ -1823,9 +1846,9 @@ fn rate_limit_refuses_requests_drops_notifications_and_closes_abusers() {
         }
     };
     assert_eq!(code, Some(1008));
-    assert!(
-        (8..=10).contains(&run),
-        "the session must close once about 2×burst (10) refusals drained the abuse bucket: {run}"
+    assert_eq!(
+        run, 50,
+        "the session closes at the 51st refusal in a row (more than 10 × burst)"
     );
     wait_state(&p, "alice", "offline", WAIT);
 }

@@ -354,7 +354,7 @@ fn assert_created(r: &Resp, owner: &str, name: &str, body: &[u8]) {
     let v = r.json();
     assert_eq!(
         keys(&v),
-        ["name", "owner", "sha256", "size"]
+        ["name", "owner", "readers", "sha256", "size"]
             .iter()
             .map(|s| s.to_string())
             .collect(),
@@ -458,7 +458,7 @@ fn listed(p: &Proxy, token: &str) -> BTreeSet<(String, String, u64, String)> {
         .map(|e| {
             assert_eq!(
                 keys(e),
-                ["name", "owner", "sha256", "size"]
+                ["name", "owner", "readers", "sha256", "size"]
                     .iter()
                     .map(|s| s.to_string())
                     .collect(),

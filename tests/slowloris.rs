@@ -47,10 +47,15 @@ fn past_max_connections_new_sockets_get_503_and_sessions_carry_on() {
     let p = Proxy::start(&[("FEDMCP_MAX_CONNECTIONS", "20")]);
     let t = p.register("keeper");
     let (mut ws, _) = p.online(&t, json!({}));
-    // Fill the table with idle connections.
+    // Fill the table with authenticated sessions: idle unauthenticated sockets would be
+    // displaced by a newcomer (contract v1.1 §1), sessions are not.
+    std::thread::sleep(Duration::from_millis(200));
     let mut held = Vec::new();
-    for _ in 0..19 {
-        held.push(TcpStream::connect(p.addr).unwrap());
+    for i in 0..19 {
+        held.push(
+            p.online(&p.federation_token(&format!("holder-{i}")), json!({}))
+                .0,
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
     // The next one is refused at once.

@@ -210,15 +210,22 @@ impl Serving {
     }
 }
 
-/// `curl` is on PATH.
-fn have_curl() -> bool {
-    Command::new("curl")
+/// Panics unless `curl` is on PATH: the HTTPS checks need a real client, and a missing one
+/// must fail the run rather than skip them. `make test` installs curl (target `test-tools`).
+#[track_caller]
+fn require_curl() {
+    let ok = Command::new("curl")
         .arg("--version")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "curl is required for the HTTPS checks but `curl --version` did not run; \
+         install it (e.g. `apt-get install curl`) or run `make test`, which installs it"
+    );
 }
 
 /// `GET /healthz` over HTTPS with curl, trusting `cafile`: (exit code, body, stderr).
@@ -254,10 +261,7 @@ fn tls_ready_line_is_https_and_serves_healthz() {
         dir.path("stderr.log"),
     );
     let port = p.ready_port("127.0.0.1");
-    if !have_curl() {
-        println!("note: curl is not installed; the HTTPS /healthz check with curl was not run");
-        return;
-    }
+    require_curl();
     let (code, body, err) = curl_healthz(port, &cert);
     assert_eq!(
         code,
@@ -414,11 +418,10 @@ fn tls_listener_on_any_address_needs_no_allow_plaintext() {
         "the proxy exited after its ready line: {}",
         p.stderr_text()
     );
-    if have_curl() {
-        let (code, body, err) = curl_healthz(port, &cert);
-        assert_eq!(code, Some(0), "curl https /healthz failed: {err}");
-        assert_eq!(body.trim(), r#"{"status":"ok"}"#);
-    }
+    require_curl();
+    let (code, body, err) = curl_healthz(port, &cert);
+    assert_eq!(code, Some(0), "curl https /healthz failed: {err}");
+    assert_eq!(body.trim(), r#"{"status":"ok"}"#);
 }
 
 #[test]
@@ -522,10 +525,7 @@ fn ca_signed_chain_is_served_and_verifies_through_the_ca() {
         dir.path("stderr.log"),
     );
     let port = s.ready_port("127.0.0.1");
-    if !have_curl() {
-        println!("note: curl is not installed; the HTTPS chain check with curl was not run");
-        return;
-    }
+    require_curl();
     let (code, body, err) = curl_healthz(port, &p(&ca_cert));
     assert_eq!(code, Some(0), "curl trusting only the CA failed: {err}");
     assert_eq!(body.trim(), r#"{"status":"ok"}"#);

@@ -25,6 +25,9 @@ const MONTHS: [&str; 12] = [
 ];
 
 /// The standard reason phrase for `status`, `"Unknown"` for codes the proxy does not use.
+/// The interim answer to `Expect: 100-continue`, sent only once a request is authorised.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",

@@ -4,14 +4,21 @@
 //! `resources/.tmp/`, hashed on the way, and on completion fsynced, renamed into place and
 //! its directory fsynced — so a cut-off, oversize or failed upload leaves nothing behind
 //! (the temporary file is removed) and a `201` is sent only for a resource that is on disk.
-//! Each resource has a sidecar `<owner>/.<name>.meta` (`size sha256`) so the index is rebuilt
-//! at start without reading every byte; a resource without a valid sidecar is hashed once.
-//! Names are validated by the caller before any path is built (`resources::valid_name`).
+//! Each resource has a sidecar `<owner>/.<name>.meta` (`size sha256 readers`) so the index
+//! is rebuilt at start without reading every byte; a resource without a valid sidecar is
+//! hashed once (and readable by everyone, as before `readers` existed).
+//!
+//! Paths: `owner` and `name` are validated by the caller before any path is built
+//! (`jwt::valid_server_id`, `resources::valid_name`): both start with a letter or digit (an
+//! owner) or are not `.`-led (a name), contain no separator, and so are always one plain
+//! entry under `resources/` or `resources/<owner>/` — never `.`, `..`, `.tmp`, or a sidecar.
+//! Every file is created 0600 and exclusively (temporary file, then rename), every
+//! directory 0700.
 //! Reads are bounded chunks at an offset; nothing here ever holds a whole resource in memory.
 
-use crate::resources::{Index, Meta, valid_name};
+use crate::resources::{Index, Limits, Meta, Readers, parse_readers, valid_name};
 use sha2::{Digest, Sha256};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -79,7 +86,7 @@ impl Blobs {
                     _ => hash_file(&item.path())?,
                 };
                 let size = meta.size;
-                let _ = index.reserve(&owner_name, &name, size, u64::MAX, u64::MAX);
+                let _ = index.reserve(&owner_name, &name, size, Limits::NONE);
                 index.commit(&owner_name, &name, meta, size);
             }
         }
@@ -96,21 +103,18 @@ impl Blobs {
         self.root.join(owner).join(name)
     }
 
+    /// A fresh temporary path under `.tmp/`.
+    fn tmp_path(&mut self) -> PathBuf {
+        self.next_tmp += 1;
+        self.root
+            .join(".tmp")
+            .join(format!("{}-{}", std::process::id(), self.next_tmp))
+    }
+
     /// Starts an upload into a fresh temporary file.
     pub fn begin(&mut self) -> io::Result<Upload> {
-        self.next_tmp += 1;
-        let tmp = self
-            .root
-            .join(".tmp")
-            .join(format!("{}-{}", std::process::id(), self.next_tmp));
-        let mut o = OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            o.mode(0o600);
-        }
-        let file = o.open(&tmp)?;
+        let tmp = self.tmp_path();
+        let file = super::create_new_private(&tmp)?;
         Ok(Upload {
             file: Some(file),
             tmp,
@@ -121,7 +125,13 @@ impl Blobs {
     }
 
     /// Completes an upload: fsync, sidecar, rename into place, fsync the directory.
-    pub fn finish(&mut self, mut up: Upload, owner: &str, name: &str) -> io::Result<Meta> {
+    pub fn finish(
+        &mut self,
+        mut up: Upload,
+        owner: &str,
+        name: &str,
+        readers: Readers,
+    ) -> io::Result<Meta> {
         let file = up
             .file
             .take()
@@ -133,10 +143,21 @@ impl Blobs {
         let meta = Meta {
             size: up.written,
             sha256: hex(&up.hasher.clone().finalize()),
+            readers,
         };
-        let side = dir.join(format!(".{name}.meta"));
-        fs::write(&side, format!("{} {}\n", meta.size, meta.sha256))?;
-        File::open(&side)?.sync_all()?;
+        let side_tmp = self.tmp_path();
+        let side = format!(
+            "{} {} {}\n",
+            meta.size,
+            meta.sha256,
+            sidecar_readers(&meta.readers)
+        );
+        if let Err(e) = super::write_new_private(&side_tmp, side.as_bytes())
+            .and_then(|_| fs::rename(&side_tmp, dir.join(format!(".{name}.meta"))))
+        {
+            let _ = fs::remove_file(&side_tmp);
+            return Err(e);
+        }
         fs::rename(&up.tmp, dir.join(name))?;
         up.finished = true;
         sync_dir(&dir)?;
@@ -154,6 +175,23 @@ impl Blobs {
         fs::remove_file(dir.join(name))?;
         let _ = fs::remove_file(dir.join(format!(".{name}.meta")));
         sync_dir(&dir)
+    }
+
+    /// Deletes every resource of `owner` and its directory (the owner was removed, §3).
+    pub fn remove_owner(&mut self, owner: &str, names: &[String]) -> io::Result<()> {
+        let dir = self.root.join(owner);
+        for name in names {
+            match fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let _ = fs::remove_file(dir.join(format!(".{name}.meta")));
+        }
+        match fs::remove_dir(&dir) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads at most `max` bytes at `offset` of a resource file into `out`.
@@ -197,13 +235,31 @@ impl Upload {
     }
 }
 
+/// The readers field of a sidecar: `*` everyone, `-` the owner only, else the ids.
+fn sidecar_readers(readers: &Readers) -> String {
+    match readers {
+        None => "*".to_string(),
+        Some(ids) if ids.is_empty() => "-".to_string(),
+        Some(ids) => ids.join(","),
+    }
+}
+
 fn read_sidecar(dir: &Path, name: &str) -> Option<Meta> {
     let text = fs::read_to_string(dir.join(format!(".{name}.meta"))).ok()?;
     let mut parts = text.split_whitespace();
     let size = parts.next()?.parse().ok()?;
     let sha256 = parts.next()?.to_string();
-    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then_some(Meta { size, sha256 })
+    let readers = match parts.next() {
+        None | Some("*") => None,
+        Some("-") => Some(Vec::new()),
+        // A damaged list is read as the owner only: never wider than what was stored.
+        Some(ids) => parse_readers(Some(ids)).unwrap_or(Some(Vec::new())),
+    };
+    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit())).then_some(Meta {
+        size,
+        sha256,
+        readers,
+    })
 }
 
 fn hash_file(path: &Path) -> io::Result<Meta> {
@@ -222,6 +278,7 @@ fn hash_file(path: &Path) -> io::Result<Meta> {
     Ok(Meta {
         size,
         sha256: hex(&h.finalize()),
+        readers: None,
     })
 }
 
@@ -238,7 +295,20 @@ mod tests {
         let mut up = b.begin().unwrap();
         up.write(b"hello ").unwrap();
         up.write(b"world").unwrap();
-        let m = b.finish(up, "alice", "greeting.txt").unwrap();
+        let m = b
+            .finish(up, "alice", "greeting.txt", Some(vec!["bob".into()]))
+            .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for f in ["greeting.txt", ".greeting.txt.meta"] {
+                let mode = fs::metadata(root.join("alice").join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
+        }
         assert_eq!(m.size, 11);
         assert_eq!(
             m.sha256,
@@ -252,12 +322,19 @@ mod tests {
             0,
             "an aborted upload leaves nothing"
         );
-        let (_, ix) = Blobs::open(&root).unwrap();
+        let (mut b, ix) = Blobs::open(&root).unwrap();
         assert_eq!(ix.get("alice", "greeting.txt"), Some(&m));
         let mut f = File::open(root.join("alice").join("greeting.txt")).unwrap();
         let mut out = Vec::new();
         assert_eq!(Blobs::read_at(&mut f, 6, 100, &mut out).unwrap(), 5);
         assert_eq!(out, b"world");
+        assert_eq!(
+            ix.get("alice", "greeting.txt").unwrap().readers,
+            Some(vec!["bob".into()])
+        );
+        b.remove_owner("alice", &["greeting.txt".to_string()])
+            .unwrap();
+        assert!(!root.join("alice").exists());
         let _ = fs::remove_dir_all(&root);
     }
 }

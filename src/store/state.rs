@@ -28,14 +28,28 @@ pub const COMPACT_MIN_BYTES: u64 = 8 * 1024 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
-    /// A registration (new or updated): the entry's endpoints and capabilities.
+    /// A registration (new or updated): the entry's endpoints, capabilities and signing-key
+    /// epoch (`0` in records written before epochs existed: read as 1).
     Register {
         id: String,
         endpoints: Box<RawValue>,
         capabilities: Box<RawValue>,
+        #[serde(default)]
+        epoch: u64,
     },
-    /// A removal at `at` (unix seconds): the entry and its queue are gone, older tokens revoked.
-    Remove { id: String, at: i64 },
+    /// A removal at `at` (unix seconds): the entry, its queue and its resources are gone,
+    /// older tokens revoked; `epoch` is its last key epoch (the next registration gets a
+    /// later one).
+    Remove {
+        id: String,
+        at: i64,
+        #[serde(default)]
+        epoch: u64,
+    },
+    /// A server's signing key was rotated to `epoch` (contract §6).
+    Rekey { id: String, epoch: u64 },
+    /// Tokens with this `jti` are refused until `until` (unix seconds) has passed.
+    Revoke { jti: String, until: i64 },
     /// A message queued for `to`, in its order `seq`.
     Enqueue {
         to: String,
@@ -77,18 +91,22 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn open_private(path: &Path, truncate: bool) -> io::Result<File> {
+/// Opens (creating, mode 0600) the log; an existing log is made 0600 too (§7).
+fn open_private(path: &Path) -> io::Result<File> {
     let mut o = OpenOptions::new();
     o.create(true).read(true).write(true);
-    if truncate {
-        o.truncate(true);
-    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         o.mode(0o600);
     }
-    o.open(path)
+    let f = o.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(f)
 }
 
 /// Reads every intact record of a file; returns the ops, the unreadable count, and the
@@ -123,6 +141,7 @@ impl Store {
     pub fn open(dir: &Path) -> io::Result<(Store, Replay)> {
         super::create_dir_private(dir)?;
         let mut replay = Replay::default();
+        super::keep_private(&dir.join(SNAP_FILE))?;
         let (snap_bytes, snap_torn) = read_file(&dir.join(SNAP_FILE), &mut replay)?;
         if let Some((at, why)) = snap_torn {
             // A snapshot is renamed into place only when complete: damage here is disk
@@ -131,7 +150,7 @@ impl Store {
         }
         let log_path = dir.join(LOG_FILE);
         let (good, torn) = read_file(&log_path, &mut replay)?;
-        let mut file = open_private(&log_path, false)?;
+        let mut file = open_private(&log_path)?;
         fsync_dir(dir)?; // the log's directory entry survives a power loss too
         if let Some((at, why)) = torn {
             let len = file.metadata()?.len();
@@ -223,11 +242,7 @@ impl Store {
                 log::encode(&p, &mut buf);
             }
         }
-        {
-            let mut f = open_private(&tmp, true)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
+        super::write_new_private(&tmp, &buf)?;
         fs::rename(&tmp, self.dir.join(SNAP_FILE))?;
         self.snap_bytes = buf.len() as u64;
         let emptied = fsync_dir(&self.dir)
@@ -286,6 +301,7 @@ mod tests {
             id: "bob".into(),
             endpoints: raw("{}"),
             capabilities: raw(r#"{"x":1}"#),
+            epoch: 1,
         });
         s.append(&enqueue(1));
         s.append(&enqueue(2));

@@ -74,9 +74,10 @@ def b64url_decode(s: str) -> bytes:
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
-def signing_key(secret: bytes, server_id: str) -> bytes:
-    """K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId) (contract §6)."""
-    return hmac.new(secret, b"fedmcp/v1/sign/" + server_id.encode(), hashlib.sha256).digest()
+def signing_key(secret: bytes, server_id: str, epoch: int = 1) -> bytes:
+    """K = HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch) (contract §6)."""
+    data = b"fedmcp/v1/sign/" + server_id.encode() + b"/" + str(epoch).encode()
+    return hmac.new(secret, data, hashlib.sha256).digest()
 
 
 def message_sig(key: bytes, msg_id: str, sender: str, message_bytes: bytes) -> str:

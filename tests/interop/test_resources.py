@@ -92,7 +92,8 @@ class Resources(ProxyTestCase):
         body, code = split_status(out)
         self.assertEqual(code, "201", body)
         self.assertEqual(json.loads(body),
-                         {"owner": "curl-res", "name": "by-length.bin", "size": size, "sha256": want})
+                         {"owner": "curl-res", "name": "by-length.bin", "size": size, "sha256": want,
+                          "readers": None})
 
         # Chunked upload.
         out = curl("-X", "PUT", "--data-binary", f"@{src}", "-H", auth,
@@ -178,7 +179,8 @@ class Resources(ProxyTestCase):
 
         r = p.http("PUT", "/v1/resources/py.bin", data, token=tok, headers=octet)
         self.assertEqual(r.status, 201, r)
-        self.assertEqual(r.json(), {"owner": "py-res", "name": "py.bin", "size": len(data), "sha256": want})
+        self.assertEqual(r.json(), {"owner": "py-res", "name": "py.bin", "size": len(data), "sha256": want,
+                                    "readers": None})
 
         # An iterable body without a length: urllib sends it chunked.
         def pieces():

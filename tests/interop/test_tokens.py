@@ -68,8 +68,10 @@ class TokenTests(ProxyTestCase):
         header = jwt.get_unverified_header(body["token"])
         self.assertEqual(header["alg"], "HS256")
         self.assertIn(header.get("typ", "JWT"), ("JWT",))
-        # signingKey = base64url(HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId)), no padding.
+        # signingKey = base64url(HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch)),
+        # no padding; a first registration has epoch 1.
         self.assertNotIn("=", body["signingKey"])
+        self.assertEqual(body["signingKeyEpoch"], 1)
         self.assertEqual(b64url_decode(body["signingKey"]), signing_key(p.key, "alice.example:1"))
         # Registering again updates: 200.
         r2 = p.http("POST", "/v1/servers", {"serverId": "alice.example:1"}, token=p.admin_token())
