@@ -170,8 +170,11 @@ impl std::fmt::Display for AnswerError {
 /// Checks the answer to our upgrade request. `Ok(None)`: incomplete; `Ok(Some(n))`: a valid
 /// `101` whose head is `buf[..n]` (bytes after it are the first frames).
 pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() > MAX_ANSWER_HEAD {
+    // The bound holds however the bytes arrive: a head is looked for only within the first
+    // MAX_ANSWER_HEAD bytes, so one large read cannot pass a longer head.
+    let window = &buf[..buf.len().min(MAX_ANSWER_HEAD)];
+    let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() >= MAX_ANSWER_HEAD {
             Err(AnswerError::TooLarge)
         } else {
             Ok(None)
@@ -745,5 +748,10 @@ mod tests {
             check_answer(&[b'a'; MAX_ANSWER_HEAD + 1], key),
             Err(AnswerError::TooLarge)
         );
+        // A head longer than the bound is refused even when it arrives whole in one read.
+        let mut long = b"HTTP/1.1 101 OK\r\nX: ".to_vec();
+        long.resize(MAX_ANSWER_HEAD + 10, b'a');
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(check_answer(&long, key), Err(AnswerError::TooLarge));
     }
 }

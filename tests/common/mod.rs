@@ -24,6 +24,15 @@ pub fn now_secs() -> i64 {
     fedmcp::proxy::now_secs()
 }
 
+/// The `fedmcp` binary the tests run: `FEDMCP_TEST_BIN` when set (e.g. an older build, to
+/// show that a test catches what it was written for), else the one cargo built.
+pub fn bin() -> PathBuf {
+    match std::env::var_os("FEDMCP_TEST_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_fedmcp")),
+    }
+}
+
 pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
@@ -49,9 +58,20 @@ impl Proxy {
     }
 
     pub fn try_start(env: &[(&str, &str)]) -> Result<Proxy, String> {
+        Self::try_start_unset(env, &[])
+    }
+
+    /// Starts the proxy like [`Proxy::start`], but with each variable named in `unset` left
+    /// out of its environment (e.g. `FEDMCP_JWT_SECRET`, which the harness otherwise always
+    /// sets). `secret` then still holds [`SECRET`]: the caller sets it if it needs to mint.
+    pub fn start_unset(env: &[(&str, &str)], unset: &[&str]) -> Proxy {
+        Self::try_start_unset(env, unset).unwrap_or_else(|e| panic!("proxy did not start: {e}"))
+    }
+
+    pub fn try_start_unset(env: &[(&str, &str)], unset: &[&str]) -> Result<Proxy, String> {
         let dir = scratch_dir("proxy");
         let stderr = dir.join("stderr.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedmcp"));
+        let mut cmd = Command::new(bin());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FEDMCP_LISTEN", "127.0.0.1:0")
@@ -64,6 +84,9 @@ impl Proxy {
             if *k == "FEDMCP_JWT_SECRET" {
                 secret = v.to_string();
             }
+        }
+        for k in unset {
+            cmd.env_remove(k);
         }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
