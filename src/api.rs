@@ -239,7 +239,10 @@ impl Proxy {
     pub fn http_input(&mut self, id: ConnId, data: &[u8]) {
         if let Some(conn) = self.conn_mut(id)
             && let ConnState::Http(h) = &mut conn.state
+            && !h.close_after
         {
+            // Once the connection is to close (an answer from the head to a request whose
+            // body is not read), what still arrives is not kept.
             h.inbuf.extend_from_slice(data);
         }
         self.http_process(id);

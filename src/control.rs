@@ -154,9 +154,19 @@ impl Proxy {
     /// for shares one overflow bucket. `Err` says in how many ms a token will be there; a
     /// refusal is counted, and the first of a run is audited.
     pub fn take_rate(&mut self, server: &str, peer: Option<SocketAddr>) -> Result<(), u64> {
+        let slot = self.find_or_insert(server).ok();
+        self.take_rate_at(slot, server, peer)
+    }
+
+    /// [`Proxy::take_rate`] for a server whose slot is known (its session's): no lookup by id.
+    fn take_rate_at(
+        &mut self,
+        slot: Option<crate::registry::Slot>,
+        server: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), u64> {
         let now = Instant::now();
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
-        let slot = self.find_or_insert(server).ok();
         let (r, first) = match slot.and_then(|s| self.registry.get_mut(s)) {
             Some(e) => {
                 let r = e
@@ -373,8 +383,9 @@ impl Proxy {
             return Reply::None;
         };
         let from = sess.server_id.clone();
+        let slot = sess.slot;
         let peer = self.conn(id).map(|c| c.peer);
-        let limited = self.take_rate(&from, peer);
+        let limited = self.take_rate_at(Some(slot), &from, peer);
         let abuse_after =
             ABUSE_REFUSALS_PER_BURST.saturating_mul(u64::from(self.cfg.rate_burst.max(1)));
         let Some(sess) = self.session(id) else {

@@ -54,7 +54,7 @@ class TokenTests(ProxyTestCase):
                    token=p.admin_token())
         self.assertEqual(r.status, 201, r)
         body = r.json()
-        self.assertEqual(set(body), {"serverId", "token", "expiresAt", "signingKey"}, body)
+        self.assertEqual(set(body), {"serverId", "token", "expiresAt", "signingKey", "signingKeyEpoch"}, body)
         self.assertEqual(body["serverId"], "alice.example:1")
         claims = jwt.decode(body["token"], p.secret, algorithms=["HS256"])
         self.assertEqual(claims["serverId"], "alice.example:1")
@@ -186,3 +186,47 @@ class TokenTests(ProxyTestCase):
         p = self.start_proxy({"FEDMCP_JWT_PREVIOUS_SECRET": old})
         tok = p.token("ops", "admin", key=old.encode())
         self.assertEqual(p.http("GET", "/v1/servers", token=tok).status, 200)
+
+    async def test_jti_revocation_with_pyjwt_and_websockets(self):
+        """v1.1 §2: every issued token has a jti (read here with PyJWT); revoking it refuses
+        the token everywhere, closes the session opened with it (4001), and covers admin
+        tokens minted by PyJWT with a jti of their own."""
+        p = self.start_proxy()
+        body = p.register("alice")
+        claims = jwt.decode(body["token"], p.secret, algorithms=["HS256"])
+        self.assertRegex(claims.get("jti", ""), r"^[0-9a-f]{32}$", claims)
+        c = await p.online("alice", token=body["token"])
+        r = p.http("DELETE", "/v1/tokens/" + claims["jti"], token=p.admin_token())
+        self.assertEqual(r.status, 204, r)
+        self.assertEqual(await c.expect_close(), 4001)
+        self.assert_401(p.http("POST", "/v1/token", token=body["token"]), "revoked")
+        with self.assertRaises(InvalidStatus) as e:
+            await p.connect(body["token"])
+        self.assertEqual(e.exception.response.status_code, 401)
+        # A fresh token for the same server is not affected.
+        fresh = p.http("POST", "/v1/servers", {"serverId": "alice"}, token=p.admin_token()).json()
+        c2 = await p.online("alice", token=fresh["token"])
+        await c2.close()
+        # An operator's own admin token, minted with PyJWT and a jti, revoked by another.
+        now = int(time.time())
+        ops = jwt.encode({"serverId": "ops", "type": "admin", "iat": now, "exp": now + 300,
+                          "jti": "ops-laptop-1"}, p.secret, algorithm="HS256")
+        self.assertEqual(p.http("GET", "/v1/servers", token=ops).status, 200)
+        self.assertEqual(p.http("DELETE", "/v1/tokens/ops-laptop-1", token=p.admin_token()).status, 204)
+        self.assert_401(p.http("GET", "/v1/servers", token=ops), "revoked")
+
+    async def test_signing_key_rotation_moves_the_epoch(self):
+        """v1.1 §6: the key is HMAC(secret, "fedmcp/v1/sign/" + id + "/" + epoch); a rotation
+        or a removal and new registration moves to the next epoch."""
+        p = self.start_proxy()
+        b1 = p.register("alice")
+        self.assertEqual(b1["signingKeyEpoch"], 1)
+        self.assertEqual(b64url_decode(b1["signingKey"]), signing_key(p.key, "alice", 1))
+        r = p.http("POST", "/v1/servers/alice/signing-key", token=p.admin_token())
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["signingKeyEpoch"], 2)
+        self.assertEqual(b64url_decode(r.json()["signingKey"]), signing_key(p.key, "alice", 2))
+        self.assertEqual(p.http("DELETE", "/v1/servers/alice", token=p.admin_token()).status, 204)
+        b3 = p.register("alice")
+        self.assertEqual(b3["signingKeyEpoch"], 3, b3)
+        self.assertEqual(b64url_decode(b3["signingKey"]), signing_key(p.key, "alice", 3))
