@@ -19,8 +19,30 @@ def curl(*args: str) -> subprocess.CompletedProcess:
 
 class Curl(ProxyTestCase):
     def setUp(self):
-        if CURL is None:
-            self.skipTest("curl is not installed on this machine: the curl interop checks were not run")
+        # `make test` installs curl (target test-tools): its absence is a failure, not a skip.
+        self.assertIsNotNone(CURL, "curl is required for the interop suite (make test installs it)")
+
+    async def test_unauthenticated_body_is_refused_from_the_head(self):
+        """v1.1 §3: a POST without a token announcing 1 MiB is answered 401 before the body
+        is read, and curl's `Expect: 100-continue` gets no `100 Continue`."""
+        import os
+        import tempfile
+        p = self.start_proxy()
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(b"{" + b" " * (1024 * 1024 - 2) + b"}")
+            path = f.name
+        try:
+            out = curl("-v", "-X", "POST", "-H", "Content-Type: application/json",
+                       "-H", "Expect: 100-continue", "--data-binary", "@" + path,
+                       "-w", "\n%{http_code} %{size_upload}", p.base + "/v1/servers")
+        finally:
+            os.unlink(path)
+        body, status = out.stdout.rsplit("\n", 1)
+        code, uploaded = status.split()
+        self.assertEqual(code, "401", out.stderr)
+        self.assertEqual(json.loads(body)["error"]["code"], "missing_token")
+        self.assertNotIn("HTTP/1.1 100", out.stderr)
+        self.assertLess(int(float(uploaded)), 1024 * 1024, "curl did not have to send the body")
 
     async def test_register_health_metrics_with_curl(self):
         p = self.start_proxy()
