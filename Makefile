@@ -57,12 +57,18 @@ test: cargo-test interop test-smoke
 cargo-test: test-tools
 	$(CARGO) test --no-fail-fast
 
-# Command-line tools the cargo tests run: curl (tests/tls_startup.rs fails without it).
+# Command-line tools the tests run: curl (tests/tls_startup.rs and the interop suite) and
+# openssl (the TLS interop checks make certificates with it). A missing one is installed from
+# Debian's packages; the tests fail, never skip, without them.
+TEST_TOOLS := curl openssl
+
 test-tools:
-	@command -v curl >/dev/null 2>&1 || { \
-	  echo "test-tools: installing curl (tests/tls_startup.rs needs it)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq curl; fi; }
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "test-tools: installing$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; fi; \
+	fi
 
 # ---- smoke tests: other engineers add their targets here --------------------------------
 # Add each smoke target as a prerequisite of test-smoke (and so of `make test`).
@@ -75,7 +81,7 @@ $(INTEROP_STAMP): $(INTEROP_REQS)
 	'$(VENV_PY)' -m pip install --disable-pip-version-check --quiet -r '$(INTEROP_REQS)'
 	@touch '$@'
 
-interop: $(INTEROP_STAMP)
+interop: $(INTEROP_STAMP) test-tools
 	@bin='$(FEDMCP_BIN)'; \
 	if [ -z "$$bin" ]; then \
 	  $(CARGO) build --bin fedmcp; \

@@ -631,7 +631,7 @@ class WssTrust(OutboundTestCase):
 
     def setUp(self):
         if OPENSSL is None:
-            self.skipTest("openssl is not installed on this machine: the wss:// outbound checks were not run")
+            self.fail("openssl is required for these checks (make test installs it)")
         self.certs = tempfile.mkdtemp(prefix="fedmcp-outbound-")
         self.addCleanup(shutil.rmtree, self.certs, True)
 
