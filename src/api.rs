@@ -19,7 +19,7 @@ use crate::http::response;
 use crate::jsonrpc::RpcError;
 use crate::jwt::{self, TokenType};
 use crate::metrics::Gauges;
-use crate::proxy::{AuthError, CLOSE_LINGER, Proxy, Want, now_secs, secs_to_ms};
+use crate::proxy::{AuthError, CLOSE_LINGER, Proxy, Want, secs_to_ms};
 use crate::registry::{Entry, RegistryError, State};
 use crate::router::{Reply, ReplyTo};
 use base64::Engine;
@@ -266,7 +266,7 @@ impl Proxy {
     /// Processes every complete request in the buffer, in order, until one is incomplete,
     /// asynchronous, or ends the connection.
     pub fn http_process(&mut self, id: ConnId) {
-        let now = Instant::now();
+        let now = self.now.at;
         loop {
             let handshake = self.cfg.handshake_timeout;
             let Some(conn) = self.conn_mut(id) else {
@@ -500,7 +500,8 @@ impl Proxy {
 
     /// Writes an answer and moves the connection to its next request (or to closing).
     fn respond(&mut self, id: ConnId, r: Resp, keep_alive: bool, head_only: bool) {
-        let now = Instant::now();
+        let now_t = self.now;
+        let now = self.now.at;
         let idle = self.cfg.idle_timeout;
         let handshake = self.cfg.handshake_timeout;
         let draining = self.draining.is_some();
@@ -522,7 +523,7 @@ impl Proxy {
             &r.body,
             head_only,
             keep,
-            now_secs() as u64,
+            now_t.secs() as u64,
         );
         // The request is answered: the connection waits for the next one (or, with
         // `close_after`, is closed by the flush once the answer is out).
@@ -577,6 +578,7 @@ impl Proxy {
 
     /// An HTTP connection's deadline fired: idle keep-alive close, or `408`.
     pub fn http_timer(&mut self, id: ConnId, now: Instant) {
+        let now_t = self.now;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
@@ -605,7 +607,7 @@ impl Proxy {
                 );
                 let headers: Vec<(&str, &str)> =
                     r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let date = now_secs() as u64;
+                let date = now_t.secs() as u64;
                 response::write_response(&mut conn.out, 408, &headers, &r.body, false, false, date);
                 // Closing: the past deadline cannot fire this answer again.
                 let deadline = now + CLOSE_LINGER;
@@ -894,7 +896,7 @@ impl Proxy {
                 "a token id (jti) is 1 to 64 printable ASCII characters",
             );
         };
-        let now = now_secs();
+        let now = self.now.secs();
         let skew = self.cfg.clock_skew_secs as i64;
         let sessions: Vec<(ConnId, i64)> = self
             .conns
@@ -1009,7 +1011,7 @@ impl Proxy {
         }
         self.removing = None;
         self.drop_queue(slot);
-        let at = now_secs();
+        let at = self.now.secs();
         if let Some(e) = self.registry.remove(slot, at) {
             // Its resources go with it (§3); their files are removed before the removal is
             // acknowledged.

@@ -16,10 +16,10 @@ use crate::conn::{ConnId, ConnState, WsConn};
 use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, now_ms, secs_to_ms};
+use crate::proxy::{Proxy, secs_to_ms};
 use crate::registry::State;
 use crate::router::{Reply, ReplyTo};
-use crate::session::{Batch, Bucket, Session, instant_at};
+use crate::session::{Batch, Bucket, Session};
 
 use crate::ws::{self, WsIo};
 use serde_json::value::RawValue;
@@ -52,8 +52,7 @@ impl Proxy {
         {
             self.ws_close(old, 4003, "replaced by a newer session");
         }
-        let now = Instant::now();
-        let now_ms = now_ms();
+        let (now, now_ms) = (self.now.at, self.now.wall_ms);
         let welcome_id = self.next_seq();
         let hb = self.cfg.heartbeat;
         let sess = Session {
@@ -61,11 +60,9 @@ impl Proxy {
             slot,
             session_id: self.session_id(),
             welcome: Some((welcome_id, welcome_by.min(now + self.cfg.handshake_timeout))),
-            expires_at: instant_at(now, now_ms, claims.exp.saturating_mul(1000)),
+            expires_at: self.now.instant_of(claims.exp.saturating_mul(1000)),
             expires_at_secs: claims.exp,
-            expiring_at: Some(Session::expiring_notice(
-                now, now_ms, claims.iat, claims.exp,
-            )),
+            expiring_at: Some(Session::expiring_notice(self.now, claims.iat, claims.exp)),
             last_rx: now,
             next_ping: now + hb,
             heartbeat: hb,
@@ -99,7 +96,7 @@ impl Proxy {
             e.outbound_session = role == Role::Client;
             e.state = State::Connecting;
             e.connected_at_ms = Some(now_ms);
-            e.last_seen_at_ms = Some(now_ms);
+            e.last_seen_at_ms = Some(self.now.wall_ms);
         }
         self.metrics.sessions_opened_total += 1;
         self.audit(
@@ -165,7 +162,7 @@ impl Proxy {
         server: &str,
         peer: Option<SocketAddr>,
     ) -> Result<(), u64> {
-        let now = Instant::now();
+        let now = self.now.at;
         let (rate, burst) = (self.cfg.rate_per_sec, self.cfg.rate_burst);
         let (r, first) = match slot.and_then(|s| self.registry.get_mut(s)) {
             Some(e) => {
@@ -197,7 +194,7 @@ impl Proxy {
 
     /// Bytes from the socket for the session on `id`; every complete message is handled.
     pub fn ws_input(&mut self, id: ConnId, mut input: &[u8]) {
-        let now = Instant::now();
+        let now = self.now.at;
         let slot = match self.conn_mut(id).map(|c| &mut c.state) {
             Some(ConnState::Ws(ws)) => {
                 ws.sess.last_rx = now;
@@ -206,7 +203,7 @@ impl Proxy {
             _ => return,
         };
         if let Some(e) = self.registry.get_mut(slot) {
-            e.last_seen_at_ms = Some(now_ms());
+            e.last_seen_at_ms = Some(self.now.wall_ms);
         }
         let bound = self.unsent_bound();
         loop {
@@ -458,13 +455,12 @@ impl Proxy {
     fn refresh(&mut self, id: ConnId, server_id: &str) -> String {
         let (token, claims) = self.mint(server_id, TokenType::Federation);
         let (iat, exp) = (claims.iat, claims.exp);
-        let now = Instant::now();
-        let now_ms = now_ms();
+        let turn = self.now;
         if let Some(sess) = self.session(id) {
             sess.refreshed_jti = claims.jti;
-            sess.expires_at = instant_at(now, now_ms, exp.saturating_mul(1000));
+            sess.expires_at = turn.instant_of(exp.saturating_mul(1000));
             sess.expires_at_secs = exp;
-            sess.expiring_at = Some(Session::expiring_notice(now, now_ms, iat, exp));
+            sess.expiring_at = Some(Session::expiring_notice(turn, iat, exp));
         }
         let peer = self.conn(id).map(|c| c.peer);
         self.audit(Event::TokenIssued, Some(server_id), peer, Some("refresh"));
@@ -477,6 +473,7 @@ impl Proxy {
 
     /// An answer from the server: to the welcome, or to a delivery.
     fn on_response(&mut self, id: ConnId, rid: &RawValue, outcome: Result<&RawValue, &RawValue>) {
+        let self_now = self.now.at;
         let Ok(n) = rid.get().parse::<u64>() else {
             log::debug!("conn {}: answer with an id the proxy never sent", id.idx);
             return;
@@ -494,7 +491,7 @@ impl Proxy {
                 if let Some(e) = self.registry.get_mut(slot) {
                     e.state = State::Online;
                     if let Some(o) = e.outbound.as_mut() {
-                        o.online_since = Some(Instant::now());
+                        o.online_since = Some(self_now);
                         o.last_error = None;
                     }
                     if let Some(c) = caps {

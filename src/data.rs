@@ -18,13 +18,12 @@ use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::http::response;
 use crate::jwt::{Claims, TokenType};
-use crate::proxy::{Proxy, now_secs};
+use crate::proxy::Proxy;
 use crate::resources::{
     Limits, QuotaError, RangeAnswer, Readers, apply_range, parse_readers, readers_json, valid_name,
 };
 use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
 use std::fs::File;
-use std::time::Instant;
 
 /// Bytes of a download put in the output per refill.
 const REFILL_BYTES: usize = 4 * READ_CHUNK;
@@ -116,6 +115,7 @@ impl Proxy {
     /// size, then stream the body. On refusal the body is not read: the answer closes the
     /// connection.
     pub fn start_upload(&mut self, id: ConnId, head: RequestHead, claims: Claims) {
+        let now_t = self.now;
         let refuse = |p: &mut Proxy, r: Resp| {
             let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
             p.answer_upload(id, r, head.keep_alive && !has_body);
@@ -175,7 +175,7 @@ impl Proxy {
         let ConnState::Http(h) = &mut conn.state else {
             return;
         };
-        h.deadline = Instant::now() + idle;
+        h.deadline = now_t.at + idle;
         h.phase = HttpPhase::Upload(Box::new(Uploading {
             owner,
             name,
@@ -203,6 +203,7 @@ impl Proxy {
 
     /// Moves buffered body bytes into the upload. True when the request is done (answered).
     pub fn upload_progress(&mut self, id: ConnId) -> bool {
+        let now_t = self.now;
         let limits = self.resource_limits();
         let idle = self.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
@@ -217,7 +218,7 @@ impl Proxy {
         if h.inbuf.is_empty() && (u.chunked.is_some() || u.left > 0) {
             return false;
         }
-        h.deadline = Instant::now() + idle;
+        h.deadline = now_t.at + idle;
         let mut failure: Option<Resp> = None;
         let done = match u.chunked.as_mut() {
             None => {
@@ -414,6 +415,7 @@ impl Proxy {
         owner: &str,
         name: &str,
     ) -> Option<Resp> {
+        let now_t = self.now;
         let Some(meta) = self.resources.get(owner, name).cloned() else {
             return Some(not_found());
         };
@@ -483,14 +485,14 @@ impl Proxy {
             &headers,
             Some(len),
             keep_alive,
-            now_secs() as u64,
+            now_t.secs() as u64,
         );
         if head_only || len == 0 {
             self.finish_sending(id, keep_alive);
             return None;
         }
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
-            h.deadline = Instant::now() + idle;
+            h.deadline = now_t.at + idle;
             h.phase = HttpPhase::Sending(Box::new(Sending {
                 file,
                 offset: start,
@@ -504,6 +506,7 @@ impl Proxy {
 
     /// The socket drained: put the next chunk of a download in the output.
     pub fn refill(&mut self, id: ConnId) {
+        let now_t = self.now;
         let idle = self.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
             return;
@@ -519,7 +522,7 @@ impl Proxy {
             Ok(n) if n > 0 => {
                 s.offset += n as u64;
                 s.left -= n as u64;
-                h.deadline = Instant::now() + idle;
+                h.deadline = now_t.at + idle;
                 let (left, keep) = (s.left, s.keep_alive);
                 self.dirty.push(id);
                 if left == 0 {
@@ -534,6 +537,7 @@ impl Proxy {
     }
 
     fn finish_sending(&mut self, id: ConnId, keep_alive: bool) {
+        let now_t = self.now;
         let idle = self.cfg.idle_timeout;
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
             if !keep_alive {
@@ -542,7 +546,7 @@ impl Proxy {
             h.phase = HttpPhase::Head {
                 idle: h.inbuf.is_empty(),
             };
-            h.deadline = Instant::now() + idle;
+            h.deadline = now_t.at + idle;
         }
         self.dirty.push(id);
         self.resume.push(id);

@@ -12,14 +12,12 @@
 use crate::api::Resp;
 use crate::conn::ConnId;
 use crate::jsonrpc::RpcError;
-use crate::proxy::{Proxy, now_ms};
+use crate::proxy::Proxy;
 use crate::registry::{Queued, Slot};
 use crate::router::ReplyTo;
-use crate::session::instant_at;
 use crate::store::state::{Op, Replay};
 use serde_json::value::RawValue;
 use std::ops::Range;
-use std::time::Instant;
 
 /// An answer that waits for the turn's fsync.
 #[derive(Debug)]
@@ -124,10 +122,7 @@ impl Proxy {
         if !self.durable() {
             return;
         }
-        let expires_at = q.expires.map(|at| {
-            let left = at.saturating_duration_since(Instant::now()).as_millis() as i64;
-            now_ms().saturating_add(left)
-        });
+        let expires_at = q.expires.map(|at| self.now.wall_of(at));
         let op = Op::Enqueue {
             to: to.to_string(),
             seq: q.seq,
@@ -234,8 +229,7 @@ impl Proxy {
                 until,
             });
         }
-        let now = Instant::now();
-        let now_ms = now_ms();
+        let turn = self.now;
         for e in self.registry.entries() {
             for q in &e.queue {
                 ops.push(Op::Enqueue {
@@ -245,9 +239,7 @@ impl Proxy {
                     from: q.from.clone(),
                     message: raw(&q.message),
                     sent_at: q.sent_at_ms,
-                    expires_at: q.expires.map(|at| {
-                        now_ms.saturating_add(at.saturating_duration_since(now).as_millis() as i64)
-                    }),
+                    expires_at: q.expires.map(|at| turn.wall_of(at)),
                     notify: q.notify_sender,
                 });
             }
@@ -290,8 +282,7 @@ impl Proxy {
 
     /// Rebuilds the registry, removals and queues from what was on disk.
     pub fn restore(&mut self, replay: Replay) {
-        let now = Instant::now();
-        let now_ms = now_ms();
+        let now_ms = self.now.wall_ms;
         let (mut regs, mut removals, mut queued) = (0usize, 0usize, 0usize);
         let mut max_seq = 0u64;
         let mut insane = 0usize;
@@ -373,7 +364,7 @@ impl Proxy {
                         from,
                         message: message.get().to_string(),
                         sent_at_ms: sent_at,
-                        expires: expires_at.map(|ms| instant_at(now, now_ms, ms)),
+                        expires: expires_at.map(|ms| self.now.instant_of(ms)),
                         ttl_timer: None,
                         inflight: None,
                         notify_sender: notify,

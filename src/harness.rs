@@ -5,14 +5,17 @@
 //! plays a script: client frames (masked here, so the fuzzer reaches the JSON-RPC layer),
 //! raw bytes, timer ticks on a virtual clock, and the peer reading its output. Everything
 //! runs through the same code as the reactor does: `ws_input`, `session_timer`, `commit`.
+//! Time is virtual: the proxy's turn time starts at a fixed wall-clock moment and moves only
+//! when the script says, so a script plays the same way every time.
 
 use crate::audit::Audit;
+use crate::clock::Now;
 use crate::config::Config;
 use crate::conn::{Conn, ConnState, HttpConn, HttpPhase};
 use crate::jwt::{Claims, TokenType};
-use crate::proxy::{Proxy, now_secs};
+use crate::proxy::Proxy;
 use crate::ws::client_frame;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Plays `script` against one session. Ops (one byte each, then operands):
 /// `0 op len(2) payload` a final frame · `1 op len(2) payload` a non-final frame ·
@@ -24,13 +27,22 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
     cfg.max_message_bytes = 4096;
     cfg.heartbeat = Duration::from_millis(1000);
     let audit = Audit::open(None).ok()?;
-    let mut p = Proxy::new(cfg, b"harness-secret-0123456789-abcdefghij".to_vec(), audit);
+    // 2026-01-01T00:00:00Z, whatever the real clock says.
+    let start = Now {
+        at: std::time::Instant::now(),
+        wall_ms: 1_767_225_600_000,
+    };
+    let mut p = Proxy::new(
+        cfg,
+        b"harness-secret-0123456789-abcdefghij".to_vec(),
+        audit,
+        start,
+    );
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
     let _client = std::net::TcpStream::connect(listener.local_addr().ok()?).ok()?;
     let (server, peer) = listener.accept().ok()?;
     server.set_nonblocking(true).ok()?;
     let sock = mio::net::TcpStream::from_std(server);
-    let start = Instant::now();
     let id = p.insert_conn(|id| {
         Conn::new(
             id,
@@ -39,7 +51,7 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
             ConnState::Http(HttpConn {
                 inbuf: Vec::new(),
                 phase: HttpPhase::Head { idle: false },
-                deadline: start + Duration::from_secs(10),
+                deadline: start.at + Duration::from_secs(10),
                 close_after: false,
                 authenticated: false,
             }),
@@ -47,7 +59,7 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
     })?;
     // Another server, offline, so sends can queue.
     let _ = p.find_or_insert("peer");
-    let now_s = now_secs();
+    let now_s = start.secs();
     let claims = Claims {
         server_id: "fuzz".into(),
         token_type: TokenType::Federation,
@@ -59,23 +71,16 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
     p.open_session(
         id,
         &claims,
-        start + Duration::from_secs(10),
+        start.at + Duration::from_secs(10),
         tungstenite::protocol::Role::Server,
     )
     .ok()?;
-    let mut clock = start;
     let mut i = 0;
-    play(&mut p, id, script, &mut i, &mut clock);
+    play(&mut p, id, script, &mut i);
     Some((p, id))
 }
 
-fn play(
-    p: &mut Proxy,
-    id: crate::conn::ConnId,
-    script: &[u8],
-    i: &mut usize,
-    clock: &mut Instant,
-) -> Option<()> {
+fn play(p: &mut Proxy, id: crate::conn::ConnId, script: &[u8], i: &mut usize) -> Option<()> {
     let take = |i: &mut usize, n: usize| -> Option<&[u8]> {
         let s = script.get(*i..*i + n)?;
         *i += n;
@@ -99,13 +104,16 @@ fn play(
                 p.ws_input(id, raw);
             }
             3 => {
-                *clock += Duration::from_millis(100 * take(i, 1)?[0] as u64);
-                while let Some(k) = p.timers.pop_due(*clock) {
+                p.now = p
+                    .now
+                    .after(Duration::from_millis(100 * take(i, 1)?[0] as u64));
+                let at = p.now.at;
+                while let Some(k) = p.timers.pop_due(at) {
                     if let crate::proxy::TimerKey::Conn(c) = k {
                         if let Some(conn) = p.conn_mut(c) {
                             conn.timer = None;
                         }
-                        p.session_timer(c, *clock);
+                        p.session_timer(c, at);
                     }
                 }
             }

@@ -27,6 +27,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod control;

@@ -191,7 +191,7 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut proxy = Proxy::new(cfg, secret, audit);
+    let mut proxy = Proxy::new(cfg, secret, audit, fedmcp::clock::Now::read());
     proxy.resources = blobs.1;
     proxy.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {

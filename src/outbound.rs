@@ -12,7 +12,7 @@
 
 use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
 use crate::jwt::TokenType;
-use crate::proxy::{Proxy, TimerKey, now_ms, random_bytes};
+use crate::proxy::{Proxy, TimerKey, random_bytes};
 use crate::registry::{OutPhase, Outbound, Slot};
 use base64::Engine;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -297,14 +297,14 @@ impl Proxy {
         }
         self.outbound_stop(slot);
         if let Some(url) = url {
-            let timer = self.timers.insert(Instant::now(), TimerKey::Dial(slot));
+            let timer = self.timers.insert(self.now.at, TimerKey::Dial(slot));
             if let Some(e) = self.registry.get_mut(slot) {
                 e.outbound = Some(Outbound {
                     url,
                     attempt: 0,
                     phase: OutPhase::Backoff,
                     last_error: None,
-                    next_attempt_ms: Some(now_ms()),
+                    next_attempt_ms: Some(self.now.wall_ms),
                     timer: Some(timer),
                     online_since: None,
                     untried: Vec::new(),
@@ -332,6 +332,7 @@ impl Proxy {
         if self.draining.is_some() {
             return;
         }
+        let (now, now_ms) = (self.now.at, self.now.wall_ms);
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
@@ -349,10 +350,8 @@ impl Proxy {
         }
         if busy {
             // The server is connected (inbound): look again later instead of replacing it.
-            o.next_attempt_ms = Some(now_ms() + BACKOFF_MAX.as_millis() as i64);
-            let t = self
-                .timers
-                .insert(Instant::now() + BACKOFF_MAX, TimerKey::Dial(slot));
+            o.next_attempt_ms = Some(now_ms + BACKOFF_MAX.as_millis() as i64);
+            let t = self.timers.insert(now + BACKOFF_MAX, TimerKey::Dial(slot));
             if let Some(o) = self
                 .registry
                 .get_mut(slot)
@@ -403,7 +402,7 @@ impl Proxy {
         self.lookups.insert(id, slot);
         // Resolving has the handshake timeout: the dial timer fires then (see above).
         let t = self.timers.insert(
-            Instant::now() + self.cfg.handshake_timeout,
+            self.now.at + self.cfg.handshake_timeout,
             TimerKey::Dial(slot),
         );
         if let Some(o) = self
@@ -488,7 +487,7 @@ impl Proxy {
         };
         let (token, claims) = self.mint(&server_id, TokenType::Federation);
         let key = base64::engine::general_purpose::STANDARD.encode(random_bytes::<16>());
-        let deadline = Instant::now() + self.cfg.handshake_timeout;
+        let deadline = self.now.at + self.cfg.handshake_timeout;
         let dialing = Dialing {
             slot,
             url,
@@ -640,6 +639,7 @@ impl Proxy {
     /// the phase the failure belongs to; a stale failure changes nothing.
     pub fn dial_failed(&mut self, slot: Slot, expect: OutPhase, why: String) {
         let draining = self.draining.is_some();
+        let (now, now_ms) = (self.now.at, self.now.wall_ms);
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
@@ -662,22 +662,20 @@ impl Proxy {
         // remote that accepts and drops is not dialled every 250 ms forever.
         if o.online_since
             .take()
-            .is_some_and(|t| t.elapsed() >= BACKOFF_MAX)
+            .is_some_and(|t| now.saturating_duration_since(t) >= BACKOFF_MAX)
         {
             o.attempt = 0;
         }
         let delay = backoff(o.attempt, jitter_unit());
         o.attempt = o.attempt.saturating_add(1);
         o.phase = OutPhase::Backoff;
-        o.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
+        o.next_attempt_ms = Some(now_ms + delay.as_millis() as i64);
         log::warn!("outbound {server}: {why}; next attempt in {delay:?}");
         o.last_error = Some(why);
         if draining {
             return;
         }
-        let t = self
-            .timers
-            .insert(Instant::now() + delay, TimerKey::Dial(slot));
+        let t = self.timers.insert(now + delay, TimerKey::Dial(slot));
         if let Some(o) = self
             .registry
             .get_mut(slot)

@@ -89,6 +89,9 @@ pub enum Want {
 
 pub struct Proxy {
     pub cfg: Config,
+    /// The time of this loop turn, set by the reactor (the only reader of the clock) before
+    /// it hands the turn's events in.
+    pub now: crate::clock::Now,
     /// Verification keys: the current secret first, then the previous one (rotation).
     pub secrets: Vec<Vec<u8>>,
     pub conns: Slab<Conn>,
@@ -143,7 +146,7 @@ pub struct Proxy {
     boot_id: String,
 }
 
-/// Milliseconds since the epoch.
+/// Milliseconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -156,7 +159,7 @@ pub fn secs_to_ms(secs: i64) -> i64 {
     secs.saturating_mul(1000)
 }
 
-/// Seconds since the epoch.
+/// Seconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
 pub fn now_secs() -> i64 {
     now_ms() / 1000
 }
@@ -186,7 +189,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 impl Proxy {
-    pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit) -> Proxy {
+    /// A proxy whose first turn is at `now` (the reactor moves it on every turn after).
+    pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit, now: crate::clock::Now) -> Proxy {
         let mut secrets = vec![secret];
         if let Some(prev) = cfg.jwt_previous_secret.clone() {
             secrets.push(prev);
@@ -196,6 +200,7 @@ impl Proxy {
         let registry = Registry::new(cfg.max_servers);
         Proxy {
             cfg,
+            now,
             secrets,
             conns,
             next_generation: 1,
@@ -378,7 +383,7 @@ impl Proxy {
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let deadline = Instant::now() + CLOSE_LINGER;
+        let deadline = self.now.at + CLOSE_LINGER;
         let old = std::mem::replace(
             &mut conn.state,
             ConnState::Closing(Closing {
@@ -412,7 +417,7 @@ impl Proxy {
             return;
         };
         let closing = Closing {
-            deadline: Instant::now() + CLOSE_LINGER,
+            deadline: self.now.at + CLOSE_LINGER,
             fin_sent: false,
         };
         let old = std::mem::replace(&mut conn.state, ConnState::Closing(closing));
@@ -445,7 +450,7 @@ impl Proxy {
         let state = std::mem::replace(
             &mut conn.state,
             ConnState::Closing(Closing {
-                deadline: Instant::now(),
+                deadline: self.now.at,
                 fin_sent: true,
             }),
         );
@@ -543,7 +548,7 @@ impl Proxy {
     /// removal of that id, so a token issued now is never mistaken for one issued before the
     /// removal.
     pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, Claims) {
-        let now = now_secs();
+        let now = self.now.secs();
         let iat = match self.registry.removed_at(server_id) {
             Some(r) if token_type == TokenType::Federation => now.max(r.saturating_add(1)),
             _ => now,
@@ -593,8 +598,13 @@ impl Proxy {
         };
         if let Err(e) = &r {
             self.metrics.auth_failure(e.code);
-            self.audit
-                .record(now_ms(), Event::AuthFailed, None, Some(peer), Some(e.code));
+            self.audit.record(
+                self.now.wall_ms,
+                Event::AuthFailed,
+                None,
+                Some(peer),
+                Some(e.code),
+            );
         }
         r
     }
@@ -602,7 +612,12 @@ impl Proxy {
     fn check_token(&self, token: Option<&str>, want: Want) -> Result<Claims, AuthError> {
         let token = token.ok_or(AuthError::new(401, "missing_token"))?;
         let keys: Vec<&[u8]> = self.secrets.iter().map(|s| s.as_slice()).collect();
-        let claims = jwt::verify(token, &keys, now_secs(), self.cfg.clock_skew_secs as i64)?;
+        let claims = jwt::verify(
+            token,
+            &keys,
+            self.now.secs(),
+            self.cfg.clock_skew_secs as i64,
+        )?;
         let type_ok = match want {
             Want::Federation => claims.token_type == TokenType::Federation,
             Want::Admin => claims.token_type == TokenType::Admin,
@@ -627,7 +642,8 @@ impl Proxy {
         peer: Option<SocketAddr>,
         reason: Option<&str>,
     ) {
-        self.audit.record(now_ms(), event, server_id, peer, reason);
+        self.audit
+            .record(self.now.wall_ms, event, server_id, peer, reason);
     }
 
     /// SIGHUP: reload the certificate and key from the configured paths; a bad pair keeps

@@ -9,8 +9,10 @@
 //! SIGINT start the drain, SIGHUP asks for a certificate reload.
 //!
 //! It never interprets protocol bytes and never sleeps: the poll timeout is the nearest
-//! deadline, so an idle proxy makes no wake-ups at all.
+//! deadline, so an idle proxy makes no wake-ups at all. It is the only reader of the clock:
+//! one reading per turn (`Proxy::now`) is the time every handler of that turn works with.
 
+use crate::clock::Now;
 use crate::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
 use crate::proxy::{CLOSE_LINGER, Proxy, TimerKey};
 use crate::registry::State;
@@ -75,6 +77,7 @@ impl Reactor {
         proxy.waker = Some(self.waker.clone());
         loop {
             let now = Instant::now();
+            proxy.now = Now::read();
             let mut timeout = proxy
                 .timers
                 .next_deadline()
@@ -100,6 +103,8 @@ impl Reactor {
             {
                 return Err(e);
             }
+            // The turn's one reading of the clock: everything handled below sees this time.
+            proxy.now = Now::read();
             let tokens: Vec<(Token, bool, bool)> = self
                 .events
                 .iter()
@@ -133,7 +138,7 @@ impl Reactor {
                     }
                 }
             }
-            if self.accept_retry_at.is_some_and(|t| Instant::now() >= t) {
+            if self.accept_retry_at.is_some_and(|t| proxy.now.at >= t) {
                 self.accept_retry_at = None;
                 self.accept(proxy);
             }
@@ -148,7 +153,7 @@ impl Reactor {
                 proxy.http_process(id);
                 self.read(proxy, id);
             }
-            let now = Instant::now();
+            let now = proxy.now.at;
             while let Some(key) = proxy.timers.pop_due(now) {
                 match key {
                     TimerKey::Conn(id) => {
@@ -173,7 +178,7 @@ impl Reactor {
                     log::info!("drained: no session or request left");
                     return Ok(());
                 }
-                if Instant::now() >= end {
+                if proxy.now.at >= end {
                     log::warn!(
                         "grace time over with {} connections open; exiting",
                         proxy.conns.len()
@@ -197,7 +202,7 @@ impl Reactor {
                     // Out of descriptors or similar: the edge will not fire again for the
                     // connections already waiting, so come back on a timer.
                     log::warn!("accept failed: {e}");
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    self.accept_retry_at = Some(proxy.now.at + ACCEPT_RETRY);
                     return;
                 }
             };
@@ -207,7 +212,7 @@ impl Reactor {
                 continue;
             }
             let _ = sock.set_nodelay(true);
-            let deadline = Instant::now() + proxy.cfg.handshake_timeout;
+            let deadline = proxy.now.at + proxy.cfg.handshake_timeout;
             let id = proxy.insert_conn(|id| {
                 Conn::new(
                     id,
@@ -281,7 +286,7 @@ impl Reactor {
         // even with the last turn's work.
         let grace = proxy.cfg.shutdown_grace;
         let margin = (grace / 10).min(Duration::from_millis(100));
-        proxy.draining = Some(Instant::now() + grace - margin);
+        proxy.draining = Some(proxy.now.at + grace - margin);
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
@@ -370,6 +375,7 @@ impl Reactor {
 
     /// Writes every connection's owed output; finishes closing connections.
     fn flush(&mut self, proxy: &mut Proxy) {
+        let now = proxy.now.at;
         let mut dirty = std::mem::take(&mut proxy.dirty);
         dirty.sort_unstable_by_key(|id| (id.idx, id.generation));
         dirty.dedup();
@@ -403,7 +409,7 @@ impl Reactor {
                         continue;
                     }
                     conn.state = ConnState::Closing(Closing {
-                        deadline: Instant::now() + CLOSE_LINGER,
+                        deadline: now + CLOSE_LINGER,
                         fin_sent: true,
                     });
                     proxy.rearm(id);

@@ -20,7 +20,7 @@ use crate::durable::Deferred;
 use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, TimerKey, now_ms};
+use crate::proxy::{Proxy, TimerKey};
 use crate::registry::{Queued, Slot, State};
 use crate::timer::TimerId;
 use serde::Deserialize;
@@ -191,7 +191,7 @@ impl Proxy {
         }
         let seq = self.next_seq();
         let msg_id = self.msg_id(seq);
-        let sent_at = now_ms();
+        let sent_at = self.now.wall_ms;
         if p.to == "*" {
             let n = self.broadcast(from, &msg_id, message, sent_at);
             self.metrics.message(MsgResult::Broadcast);
@@ -208,7 +208,7 @@ impl Proxy {
         // conversion (Instant, ms on disk) in range.
         let expires = p
             .ttl_ms
-            .map(|t| Instant::now() + Duration::from_millis(t.min(MAX_TTL_MS)));
+            .map(|t| self.now.at + Duration::from_millis(t.min(MAX_TTL_MS)));
         let make_queued = |qseq: u64| Queued {
             seq: qseq,
             msg_id: msg_id.clone(),
@@ -339,7 +339,7 @@ impl Proxy {
     fn deliver(&mut self, conn: ConnId, slot: Slot, seq: u64, params: &str, kind: PendingKind) {
         let timer = match kind {
             PendingKind::Direct { .. } => Some(self.timers.insert(
-                Instant::now() + self.cfg.delivery_timeout,
+                self.now.at + self.cfg.delivery_timeout,
                 TimerKey::Delivery(seq),
             )),
             PendingKind::FromQueue { .. } => None,
@@ -357,7 +357,7 @@ impl Proxy {
             Pending {
                 recipient: conn,
                 slot,
-                started: Instant::now(),
+                started: self.now.at,
                 timer,
                 kind,
             },
@@ -476,7 +476,7 @@ impl Proxy {
                 return;
             }
             let q = &entry.queue[i];
-            if q.expires.is_some_and(|at| at <= Instant::now()) {
+            if q.expires.is_some_and(|at| at <= self.now.at) {
                 let qseq = q.seq;
                 self.on_ttl(slot, qseq);
                 continue;
@@ -568,8 +568,12 @@ impl Proxy {
         if let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) {
             ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
         }
-        self.metrics
-            .observe_delivery(p.started.elapsed().as_secs_f64());
+        self.metrics.observe_delivery(
+            self.now
+                .at
+                .saturating_duration_since(p.started)
+                .as_secs_f64(),
+        );
         self.metrics.message(if outcome.is_ok() {
             MsgResult::Delivered
         } else {
@@ -628,9 +632,7 @@ impl Proxy {
         };
         if self.queued_answer_pending(slot, qseq) {
             // `expired` must not overtake `queued`: look again after this turn's commit.
-            let t = self
-                .timers
-                .insert(Instant::now(), TimerKey::Ttl(slot, qseq));
+            let t = self.timers.insert(self.now.at, TimerKey::Ttl(slot, qseq));
             if let Some(e) = self.registry.get_mut(slot) {
                 e.queue[i].ttl_timer = Some(t);
             }

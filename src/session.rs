@@ -7,6 +7,7 @@
 //! shared with its HTTP sends), deliveries awaiting this server's answer, and batches
 //! whose answer waits on deliveries. Times are passed in; nothing here does I/O.
 
+use crate::clock::Now;
 use crate::registry::Slot;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -104,14 +105,6 @@ pub struct Session {
     pub next_batch: u64,
 }
 
-/// The `Instant` of a wall-clock time `at_ms` (ms since the epoch), given that `now_ms` is
-/// the wall clock at `now`; a time in the past is `now`.
-/// The distance is capped (a century) so a peer's absurd `exp` cannot overflow an `Instant`.
-pub fn instant_at(now: Instant, now_ms: i64, at_ms: i64) -> Instant {
-    const CAP_MS: i64 = 100 * 365 * 24 * 3600 * 1000;
-    now + Duration::from_millis(at_ms.saturating_sub(now_ms).clamp(0, CAP_MS) as u64)
-}
-
 impl Session {
     pub fn is_online(&self) -> bool {
         self.welcome.is_none()
@@ -125,10 +118,10 @@ impl Session {
     /// The instant `federation/tokenExpiring` is due for a token valid from `iat` to `exp`
     /// (seconds): when a tenth of its lifetime or 60 s, whichever is less, remains. Computed
     /// in milliseconds, so a short token still gets its notice before it ends.
-    pub fn expiring_notice(now: Instant, now_ms: i64, iat: i64, exp: i64) -> Instant {
+    pub fn expiring_notice(now: Now, iat: i64, exp: i64) -> Instant {
         let lifetime_ms = exp.saturating_sub(iat).max(0).saturating_mul(1000);
         let lead_ms = (lifetime_ms / 10).min(60_000);
-        instant_at(now, now_ms, exp.saturating_mul(1000) - lead_ms)
+        now.instant_of(exp.saturating_mul(1000) - lead_ms)
     }
 
     /// The earliest instant at which this session needs the loop's attention.
@@ -164,28 +157,32 @@ mod tests {
         assert!(b.take(t0 + Duration::from_millis(100)).is_err());
     }
 
+    fn at(t0: Instant, wall_ms: i64) -> Now {
+        Now { at: t0, wall_ms }
+    }
+
     #[test]
     fn expiring_notice_is_a_tenth_or_sixty_seconds() {
         let t0 = Instant::now();
         // 100 s token: notice 10 s before the end.
         assert_eq!(
-            Session::expiring_notice(t0, 1_000_000, 1000, 1100),
+            Session::expiring_notice(at(t0, 1_000_000), 1000, 1100),
             t0 + Duration::from_secs(90)
         );
         // 1 day token: notice 60 s before the end.
         assert_eq!(
-            Session::expiring_notice(t0, 0, 0, 86400),
+            Session::expiring_notice(at(t0, 0), 0, 86400),
             t0 + Duration::from_secs(86340)
         );
         // 3 s token: notice 300 ms before the end, not at the end.
         assert_eq!(
-            Session::expiring_notice(t0, 1_000_000, 1000, 1003),
+            Session::expiring_notice(at(t0, 1_000_000), 1000, 1003),
             t0 + Duration::from_millis(2700)
         );
         // An absurd exp (a signed token can say anything) neither panics nor overflows.
-        let far = Session::expiring_notice(t0, 0, i64::MIN, i64::MAX);
+        let far = Session::expiring_notice(at(t0, 0), i64::MIN, i64::MAX);
         assert!(far > t0 + Duration::from_secs(86400 * 365 * 99));
         // Already inside the window: due now.
-        assert_eq!(Session::expiring_notice(t0, 1_099_500, 1000, 1100), t0);
+        assert_eq!(Session::expiring_notice(at(t0, 1_099_500), 1000, 1100), t0);
     }
 }
