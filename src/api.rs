@@ -13,6 +13,7 @@
 
 use crate::audit::Event;
 use crate::conn::{Closing, ConnId, ConnState, HttpPhase};
+use crate::durable::Record;
 use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::http::response;
@@ -562,8 +563,7 @@ impl Proxy {
 
     /// An answer that promises durability waits for the turn's fsync when changes were
     /// made (contract §7: `201`, `200` and `204` only once the change is on disk).
-    fn durable_answer(&mut self, id: ConnId, resp: Resp) -> Outcome {
-        let record = self.last_record.take();
+    fn durable_answer(&mut self, id: ConnId, (resp, record): (Resp, Record)) -> Outcome {
         if record.is_some() && resp.status < 300 {
             self.deferred.push(crate::durable::Deferred::Http {
                 conn: id,
@@ -655,24 +655,20 @@ impl Proxy {
         };
         match route {
             Route::Register => {
-                self.last_record = None;
                 let r = self.register(body, peer);
                 self.durable_answer(id, r)
             }
             Route::ListServers => R(self.list_servers()),
             Route::GetServer(raw) => R(self.get_server(raw)),
             Route::RemoveServer(raw) => {
-                self.last_record = None;
                 let r = self.remove_server(raw, peer);
                 self.durable_answer(id, r)
             }
             Route::RotateKey(raw) => {
-                self.last_record = None;
                 let r = self.rotate_key(raw, peer);
                 self.durable_answer(id, r)
             }
             Route::RevokeToken(raw) => {
-                self.last_record = None;
                 let r = self.revoke_token(raw, peer);
                 self.durable_answer(id, r)
             }
@@ -726,8 +722,8 @@ impl Proxy {
         g
     }
 
-    fn register(&mut self, body: &[u8], peer: SocketAddr) -> Resp {
-        let bad = |m: &str| Resp::error(400, "invalid_request", m);
+    fn register(&mut self, body: &[u8], peer: SocketAddr) -> (Resp, Record) {
+        let bad = |m: &str| (Resp::error(400, "invalid_request", m), None);
         let Ok(text) = std::str::from_utf8(body) else {
             return bad("the body is not UTF-8");
         };
@@ -749,11 +745,13 @@ impl Proxy {
                     );
                 }
             };
-            if e.control
-                .as_deref()
-                .is_some_and(|u| !url_ok(u, &["ws", "wss"]))
-            {
-                return bad("endpoints.control must be a ws:// or wss:// URL");
+            if e.control.as_deref().is_some_and(|u| {
+                !url_ok(u, &["ws", "wss"]) || crate::outbound::ControlUrl::parse(u).is_none()
+            }) {
+                // A URL the proxy could not dial is refused now, not left to fail silently.
+                return bad(
+                    "endpoints.control must be a ws:// or wss:// URL with a host, an optional port from 1 to 65535, no user info and no fragment",
+                );
             }
             // A token is never sent in clear text off the machine (§5).
             if let Some(u) = e
@@ -764,11 +762,11 @@ impl Proxy {
                 && !u.loopback_host()
                 && !self.cfg.allow_plaintext
             {
-                return Resp::error(
+                return no_record(Resp::error(
                     400,
                     "insecure_endpoint",
                     "endpoints.control is ws:// to a host that is not loopback: the proxy would send a token in clear text; use wss:// (or set FEDMCP_ALLOW_PLAINTEXT=1)",
-                );
+                ));
             }
             if e.data
                 .as_deref()
@@ -809,15 +807,16 @@ impl Proxy {
                 match self.registry.insert(e) {
                     Ok(_) => 201,
                     Err(RegistryError::Full) => {
-                        return Resp::error(
+                        return no_record(Resp::error(
                             507,
                             "registry_full",
                             "the registry is at FEDMCP_MAX_SERVERS",
-                        );
+                        ));
                     }
                 }
             }
         };
+        let mut record = None;
         if let Some(slot) = self.registry.find(&b.server_id) {
             if let Some(e) = self.registry.get(slot) {
                 let op = crate::store::state::Op::Register {
@@ -828,7 +827,7 @@ impl Proxy {
                         .unwrap_or_else(|_| raw_empty()),
                     epoch: e.key_epoch,
                 };
-                self.persist(op);
+                record = self.persist(op);
             }
             self.outbound_update(slot);
         }
@@ -848,53 +847,55 @@ impl Proxy {
         let epoch = self.registry.by_id(&b.server_id).map_or(1, |e| e.key_epoch);
         let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(self.signing_key_at(&b.server_id, epoch));
-        Resp::json(
+        let resp = Resp::json(
             status,
             format!(
                 "{{\"serverId\":\"{}\",\"token\":\"{token}\",\"expiresAt\":{},\"signingKey\":\"{key}\",\"signingKeyEpoch\":{epoch}}}",
                 b.server_id,
                 secs_to_ms(claims.exp)
             ),
-        )
+        );
+        (resp, record)
     }
 
     /// `POST /v1/servers/{id}/signing-key` (§6): the key moves to the next epoch; the old
     /// one stops verifying at once. Durable before it is answered.
-    fn rotate_key(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+    fn rotate_key(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
-            return Resp::error(404, "unknown_server", "no server with that id");
+            return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
         let Some((id, epoch)) = self
             .registry
             .get(slot)
             .map(|e| (e.server_id.clone(), e.key_epoch.saturating_add(1)))
         else {
-            return Resp::error(404, "unknown_server", "no server with that id");
+            return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
         self.set_epoch(Some(slot), epoch);
-        self.persist(crate::store::state::Op::Rekey {
+        let record = self.persist(crate::store::state::Op::Rekey {
             id: id.clone(),
             epoch,
         });
         self.audit(Event::SigningKeyRotated, Some(&id), Some(peer), None);
         let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(self.signing_key_at(&id, epoch));
-        Resp::json(
+        let resp = Resp::json(
             200,
             format!("{{\"signingKey\":\"{key}\",\"signingKeyEpoch\":{epoch}}}"),
-        )
+        );
+        (resp, record)
     }
 
     /// `DELETE /v1/tokens/{jti}` (§2): every token with that `jti` is refused from now on,
     /// durably; sessions resting on it are closed 4001. Remembered until the latest `exp`
     /// seen with it (the sessions' tokens), else for `FEDMCP_TOKEN_TTL_SECS`.
-    fn revoke_token(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+    fn revoke_token(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(jti) = parse::percent_decode(raw).filter(|j| jwt::valid_jti(j)) else {
-            return Resp::error(
+            return no_record(Resp::error(
                 400,
                 "invalid_request",
                 "a token id (jti) is 1 to 64 printable ASCII characters",
-            );
+            ));
         };
         let now = self.now.secs();
         let skew = self.cfg.clock_skew_secs as i64;
@@ -916,24 +917,22 @@ impl Proxy {
         let until = match self.revocations.revoke(&jti, until, now, skew) {
             Ok(u) => u,
             Err(crate::revocations::RevokeError::Full) => {
-                return Resp::error(
+                return no_record(Resp::error(
                     507,
                     "revocations_full",
                     "FEDMCP_MAX_REVOCATIONS revocations are held; try again once some expire",
-                );
+                ));
             }
         };
-        self.persist(crate::store::state::Op::Revoke {
+        let record = self.persist(crate::store::state::Op::Revoke {
             jti: jti.clone(),
             until,
         });
-        let record = self.last_record.take();
         for (conn, _) in sessions {
             self.ws_close(conn, 4001, "token revoked");
         }
-        self.last_record = record;
         self.audit(Event::TokenRevoked, None, Some(peer), None);
-        Resp::no_content()
+        (Resp::no_content(), record)
     }
 
     fn entry_json(e: &Entry) -> String {
@@ -1000,32 +999,34 @@ impl Proxy {
         }
     }
 
-    fn remove_server(&mut self, raw: &str, peer: SocketAddr) -> Resp {
+    fn remove_server(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
-            return Resp::error(404, "unknown_server", "no server with that id");
+            return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
         self.outbound_stop(slot);
-        self.removing = Some(slot);
         if let Some(conn) = self.registry.get(slot).and_then(|e| e.session) {
+            // Its unanswered deliveries fail `unknown_server` now, instead of going back to
+            // a queue that is about to be dropped; then the session closes.
+            self.settle_deliveries(conn, crate::router::Gone::Removed);
             self.ws_close(conn, 4001, "server removed");
         }
-        self.removing = None;
         self.drop_queue(slot);
         let at = self.now.secs();
+        let mut record = None;
         if let Some(e) = self.registry.remove(slot, at) {
             // Its resources go with it (§3); their files are removed before the removal is
             // acknowledged.
             if let Err(e) = self.remove_owned_resources(&e.server_id) {
                 log::error!("resources of a removed server could not all be deleted: {e}");
             }
-            self.persist(crate::store::state::Op::Remove {
+            record = self.persist(crate::store::state::Op::Remove {
                 id: e.server_id.clone(),
                 at,
                 epoch: e.key_epoch,
             });
             self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
         }
-        Resp::no_content()
+        (Resp::no_content(), record)
     }
 
     fn issue_token(&mut self, server_id: &str, peer: SocketAddr) -> Resp {
@@ -1152,6 +1153,11 @@ impl Proxy {
         }
         Outcome::Upgraded
     }
+}
+
+/// An answer that changed nothing on disk.
+fn no_record(r: Resp) -> (Resp, Record) {
+    (r, None)
 }
 
 fn raw_empty() -> Box<RawValue> {

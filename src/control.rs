@@ -133,7 +133,7 @@ impl Proxy {
             e.state = State::Offline;
             e.capabilities = e.reg_capabilities.clone();
         }
-        self.fail_deliveries_to(id);
+        self.settle_deliveries(id, crate::router::Gone::Offline);
         // A dialled session that ended is dialled again (§5).
         let phase = crate::registry::OutPhase::Session(id);
         self.dial_failed(sess.slot, phase, format!("session ended: {reason}"));

@@ -394,9 +394,6 @@ impl Proxy {
     /// Deletes every resource of a removed server (files first, then the index).
     pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
         let names = self.resources.names_of(owner);
-        if names.is_empty() {
-            return Ok(());
-        }
         let r = match self.blobs.as_mut() {
             Some(b) => b.remove_owner(owner, &names),
             None => Ok(()),

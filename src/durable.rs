@@ -19,6 +19,10 @@ use crate::store::state::{Op, Replay};
 use serde_json::value::RawValue;
 use std::ops::Range;
 
+/// Where a change's record sits in this turn's batch (`None`: nothing was written, e.g. a
+/// memory-only proxy): an answer deferred on it can take it back out if the commit fails.
+pub type Record = Option<Range<usize>>;
+
 /// An answer that waits for the turn's fsync.
 #[derive(Debug)]
 pub enum Deferred {
@@ -109,18 +113,16 @@ impl Proxy {
         )
     }
 
-    /// Adds a change to this turn's batch. Its place in the batch is kept in `last_record`
-    /// for the caller that defers an answer on it.
-    pub fn persist(&mut self, op: Op) {
-        if let Some(s) = self.store.as_mut() {
-            self.last_record = s.append(&op);
-        }
+    /// Adds a change to this turn's batch; returns where its record sits, for a caller that
+    /// defers an answer on it.
+    pub fn persist(&mut self, op: Op) -> Record {
+        self.store.as_mut().and_then(|s| s.append(&op))
     }
 
     /// The `Enqueue` record of a queued copy.
-    pub fn persist_enqueue(&mut self, to: &str, q: &Queued) {
+    pub fn persist_enqueue(&mut self, to: &str, q: &Queued) -> Record {
         if !self.durable() {
-            return;
+            return None;
         }
         let expires_at = q.expires.map(|at| self.now.wall_of(at));
         let op = Op::Enqueue {
@@ -133,7 +135,7 @@ impl Proxy {
             expires_at,
             notify: q.notify_sender,
         };
-        self.persist(op);
+        self.persist(op)
     }
 
     /// Writes the turn's changes with one fsync, then releases (or fails) what waited on it.

@@ -264,6 +264,18 @@ fn token(args: &[String]) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // A token outlives neither the proxy's own (FEDMCP_TOKEN_TTL_SECS): a revocation of an
+    // id never seen in use is remembered that long (contract §2), so no token it could
+    // cover may last longer.
+    if let Some(t) = ttl
+        && t > cfg.token_ttl_secs
+    {
+        eprintln!(
+            "fedmcp token: --ttl {t} is over FEDMCP_TOKEN_TTL_SECS ({}); expected 1 to {} seconds",
+            cfg.token_ttl_secs, cfg.token_ttl_secs
+        );
+        return ExitCode::from(2);
+    }
     let secret = match secret(&cfg) {
         Ok(s) => s,
         Err(code) => return code,

@@ -16,7 +16,7 @@
 //! requeue it if the recipient goes away), so no copy is ever outside a bound.
 
 use crate::conn::{ConnId, ConnState};
-use crate::durable::Deferred;
+use crate::durable::{Deferred, Record};
 use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
@@ -34,6 +34,15 @@ pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
 
 /// The longest `ttlMs` honoured (a century); longer is treated as this.
 pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// Why a recipient's unanswered deliveries are being settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Its session ended: it may come back.
+    Offline,
+    /// Its server is being removed.
+    Removed,
+}
 
 /// Where the answer to a send goes.
 #[derive(Debug, Clone)]
@@ -254,11 +263,10 @@ impl Proxy {
                         RpcError::ServerOffline
                     }));
                 }
-                self.last_record = None;
-                if let Err(e) = self.enqueue(slot, make_queued(seq)) {
-                    return Reply::Now(Err(e));
-                }
-                let record = self.last_record.take();
+                let record = match self.enqueue(slot, make_queued(seq)) {
+                    Ok(record) => record,
+                    Err(e) => return Reply::Now(Err(e)),
+                };
                 self.metrics.message(MsgResult::Queued);
                 let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
                 // An online recipient with room may take it at once.
@@ -391,7 +399,9 @@ impl Proxy {
 
     /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
     /// TTL already past fires on the next turn and drops it as `expired`).
-    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<(), RpcError> {
+    /// Returns the enqueue record (`queued` is answered once it is on disk).
+    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<Record, RpcError> {
+        let mut record = None;
         if self.durable()
             && let Some(e) = self.registry.get(slot)
         {
@@ -399,10 +409,10 @@ impl Proxy {
             if e.queue.len() < self.cfg.queue_max_messages
                 && e.queue_bytes + e.inflight_bytes + q.bytes() <= self.cfg.queue_max_bytes
             {
-                self.persist_enqueue(&to, &q);
+                record = self.persist_enqueue(&to, &q);
             }
         }
-        self.insert_queued(slot, q, true)
+        self.insert_queued(slot, q, true).map(|()| record)
     }
 
     /// A queued copy read back from the state log (not written again).
@@ -656,10 +666,12 @@ impl Proxy {
         }
     }
 
-    /// The session on `conn` ended: its unanswered deliveries are settled. Direct sends
-    /// with `queue: true` go back to the queue (the sender is told `queued`); other direct
-    /// sends fail `server_offline`; queued deliveries become undelivered again.
-    pub fn fail_deliveries_to(&mut self, conn: ConnId) {
+    /// The session on `conn` ended (`Gone::Offline`) or its server is being removed
+    /// (`Gone::Removed`): its unanswered deliveries are settled. When it went offline, direct
+    /// sends with `queue: true` go back to the queue (the sender is told `queued`), other
+    /// direct sends fail `server_offline`, and queued deliveries become undelivered again.
+    /// When it is removed, direct sends fail `unknown_server` (its queue is dropped next).
+    pub fn settle_deliveries(&mut self, conn: ConnId, gone: Gone) {
         let seqs: Vec<u64> = self
             .pending
             .iter()
@@ -677,7 +689,7 @@ impl Proxy {
                 self.timers.cancel(t);
             }
             match p.kind {
-                PendingKind::Direct { reply_to, .. } if self.removing == Some(p.slot) => {
+                PendingKind::Direct { reply_to, .. } if gone == Gone::Removed => {
                     self.metrics.message(MsgResult::UnknownServer);
                     self.reply(reply_to, Err(RpcError::UnknownServer));
                 }
@@ -687,10 +699,8 @@ impl Proxy {
                     requeue: Some(q),
                 } => {
                     let qseq = q.seq;
-                    self.last_record = None;
                     match self.enqueue(p.slot, *q) {
-                        Ok(()) => {
-                            let record = self.last_record.take();
+                        Ok(record) => {
                             self.metrics.message(MsgResult::Queued);
                             let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
                             if self.durable() {

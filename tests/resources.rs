@@ -89,23 +89,24 @@ impl Drop for Px {
         let _ = self.p.child.kill();
         let _ = self.p.child.wait();
         if self.memory_only {
-            let _ = std::fs::remove_dir_all(memory_dir(self.p.pid()));
+            let _ = std::fs::remove_dir_all(memory_dir(&self.p));
         }
     }
 }
 
-/// Where a memory-only proxy keeps its resources (the harness clears `TMPDIR`): a private
-/// directory named for the pid and a random suffix, made fresh at start.
-fn memory_dir(pid: u32) -> PathBuf {
-    let prefix = format!("fedmcp-resources-{pid}-");
-    std::fs::read_dir("/tmp")
+/// Where a memory-only proxy keeps its resources: a private directory under its temporary
+/// dir (the harness points `TMPDIR` at the proxy's scratch dir), named for the pid and a
+/// random suffix, made fresh at start.
+fn memory_dir(p: &Proxy) -> PathBuf {
+    let prefix = format!("fedmcp-resources-{}-", p.pid());
+    std::fs::read_dir(&p.dir)
         .ok()
         .and_then(|rd| {
             rd.filter_map(|e| e.ok())
                 .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
                 .map(|e| e.path())
         })
-        .unwrap_or_else(|| PathBuf::from("/tmp").join(prefix))
+        .unwrap_or_else(|| p.dir.join(prefix))
 }
 
 /// A memory-only proxy (`FEDMCP_STATE_DIR=`) with `env`.
@@ -1450,7 +1451,7 @@ fn memory_only_resources_are_private_and_gone_after_exit() {
     let alice = p.federation_token("alice");
     let body = data(1000, 95);
     assert_created(&put(&p, &alice, "m", &body), "alice", "m", &body);
-    let dir = memory_dir(p.pid());
+    let dir = memory_dir(&p);
     assert!(
         dir.is_dir(),
         "memory-only resources live in {}",

@@ -177,7 +177,9 @@ impl Blobs {
         sync_dir(&dir)
     }
 
-    /// Deletes every resource of `owner` and its directory (the owner was removed, §3).
+    /// Deletes every resource of `owner` and its directory, whatever else it holds (the
+    /// owner was removed, §3). `owner` is a valid serverId (checked by the caller), so the
+    /// directory is always one entry of the resources root.
     pub fn remove_owner(&mut self, owner: &str, names: &[String]) -> io::Result<()> {
         let dir = self.root.join(owner);
         for name in names {
@@ -187,7 +189,7 @@ impl Blobs {
             }
             let _ = fs::remove_file(dir.join(format!(".{name}.meta")));
         }
-        match fs::remove_dir(&dir) {
+        match fs::remove_dir_all(&dir) {
             Ok(()) => sync_dir(&self.root),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),

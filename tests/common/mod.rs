@@ -77,6 +77,10 @@ impl Proxy {
             .env("FEDMCP_LISTEN", "127.0.0.1:0")
             .env("FEDMCP_JWT_SECRET", SECRET)
             .env("FEDMCP_STATE_DIR", "")
+            // A memory-only proxy keeps its resources in a private directory under the
+            // temporary dir: inside this scratch dir, so it goes when the test's proxy does
+            // (a killed proxy cannot remove it itself).
+            .env("TMPDIR", &dir)
             .env("RUST_LOG", "info");
         let mut secret = SECRET.to_string();
         for (k, v) in env {
