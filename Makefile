@@ -7,6 +7,7 @@
 #   make bench      the load generator and memory bench (figures: docs/PERFORMANCE.md)
 #   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
+#   make sim        a million seeds of the deterministic simulation (make test runs 4000)
 #   make clean      remove .venv and fedmcp-data (make clean-all also removes target/)
 #
 # Needs only Rust, Python 3.11 and network access to crates.io and PyPI.
@@ -35,7 +36,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos
+.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos sim
 
 all: build
 
@@ -127,6 +128,13 @@ fuzz-smoke: cargo-fuzz
 # a drain that must find every message answered `queued` (tests/chaos.rs).
 chaos:
 	CHAOS_CYCLES=50 $(CARGO) test --release --test chaos -- --nocapture
+
+# Deterministic simulation (tests/sim.rs, src/sim.rs): `make test` plays the default seeds
+# (SIM_SEEDS=4000, under a minute); this plays a million in a release build. A failing seed
+# prints the one-line command that replays it with a trace.
+SIM_SEEDS_LONG ?= 1000000
+sim:
+	SIM_SEEDS=$(SIM_SEEDS_LONG) $(CARGO) test --release --test sim seeds -- --nocapture
 
 # Placeholders: the engineers who own these replace the recipe.
 

@@ -259,6 +259,29 @@ impl Proxy {
         self.flush_ws_replies(id);
     }
 
+    /// A session's output was written out: input held back while it was over its bound is
+    /// processed now, and queued messages waiting for room are delivered.
+    pub fn ws_drained(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Ws(ws) = &conn.state else {
+            return;
+        };
+        let (slot, online) = (ws.sess.slot, ws.sess.is_online());
+        let stash = std::mem::take(&mut conn.stash);
+        if !stash.is_empty() {
+            self.ws_input(id, &stash);
+        }
+        let backlog = online
+            && self.registry.get(slot).is_some_and(|e| {
+                e.state == State::Online && e.queue.iter().any(|q| q.inflight.is_none())
+            });
+        if backlog {
+            self.pump(slot);
+        }
+    }
+
     /// Moves tungstenite's owed control frames (pongs, close replies) into the output.
     fn flush_ws_replies(&mut self, id: ConnId) {
         if let Some(conn) = self.conn_mut(id)

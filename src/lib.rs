@@ -17,8 +17,11 @@
 //! - Semantics, as `impl Proxy` blocks over the shared state in [`proxy`]:
 //!   [`api`] (HTTP routes and the upgrade), [`control`] (control sessions), [`router`]
 //!   (send, deliver, answer, queue, broadcast).
-//! - State: [`registry`] (fixed-capacity server table), [`session`], [`metrics`], [`audit`],
-//!   [`store`] (the generated secret), [`config`] (every variable, validated once).
+//! - State: [`registry`] (fixed-capacity server table), [`session`], [`revocations`],
+//!   [`metrics`], [`audit`], [`store`] (the state dir), [`config`] (every variable,
+//!   validated once). [`clock`]: the turn's one reading of the clocks, taken by the reactor.
+//! - Test drivers: [`sim`] (a seeded simulation of a federation), [`harness`] (one fuzzed
+//!   session).
 //!
 //! # Invariants
 //!
@@ -47,6 +50,7 @@ pub mod resources;
 pub mod revocations;
 pub mod router;
 pub mod session;
+pub mod sim;
 pub mod store;
 pub mod timer;
 pub mod tls;

@@ -15,7 +15,6 @@
 use crate::clock::Now;
 use crate::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
 use crate::proxy::{CLOSE_LINGER, Proxy, TimerKey};
-use crate::registry::State;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -154,20 +153,7 @@ impl Reactor {
                 self.read(proxy, id);
             }
             let now = proxy.now.at;
-            while let Some(key) = proxy.timers.pop_due(now) {
-                match key {
-                    TimerKey::Conn(id) => {
-                        if let Some(c) = proxy.conn_mut(id) {
-                            c.timer = None;
-                        }
-                        conn_timer(proxy, id, now);
-                        proxy.rearm(id);
-                    }
-                    TimerKey::Delivery(seq) => proxy.on_delivery_timeout(seq),
-                    TimerKey::Ttl(slot, qseq) => proxy.on_ttl(slot, qseq),
-                    TimerKey::Dial(slot) => proxy.dial(slot),
-                }
-            }
+            fire_due_timers(proxy, now);
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
             proxy.commit();
@@ -424,22 +410,10 @@ impl Reactor {
                         continue;
                     }
                 }
-                ConnState::Ws(ws) => {
-                    let slot = ws.sess.slot;
-                    let online = ws.sess.is_online();
-                    let stash = std::mem::take(&mut conn.stash);
-                    if !stash.is_empty() {
-                        proxy.ws_input(id, &stash);
-                    }
+                ConnState::Ws(_) => {
+                    proxy.ws_drained(id);
                     if readable {
                         self.again.push(id);
-                    }
-                    let backlog = online
-                        && proxy.registry.get(slot).is_some_and(|e| {
-                            e.state == State::Online && e.queue.iter().any(|q| q.inflight.is_none())
-                        });
-                    if backlog {
-                        proxy.pump(slot);
                     }
                 }
                 ConnState::Dialing(_) => {
@@ -526,6 +500,25 @@ fn on_eof(proxy: &mut Proxy, id: ConnId) {
             if unsent == 0 {
                 proxy.drop_conn(id, "closed");
             }
+        }
+    }
+}
+
+/// Fires every timer due at `now`, each to its handler (the loop's and the simulation's one
+/// dispatch).
+pub fn fire_due_timers(proxy: &mut Proxy, now: Instant) {
+    while let Some(key) = proxy.timers.pop_due(now) {
+        match key {
+            TimerKey::Conn(id) => {
+                if let Some(c) = proxy.conn_mut(id) {
+                    c.timer = None;
+                }
+                conn_timer(proxy, id, now);
+                proxy.rearm(id);
+            }
+            TimerKey::Delivery(seq) => proxy.on_delivery_timeout(seq),
+            TimerKey::Ttl(slot, qseq) => proxy.on_ttl(slot, qseq),
+            TimerKey::Dial(slot) => proxy.dial(slot),
         }
     }
 }

@@ -32,6 +32,10 @@ use std::time::{Duration, Instant};
 /// `recipient_overloaded`.
 pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
 
+/// How much later an expired copy whose `queued` answer still waits for the turn's commit
+/// is looked at again (the next turn, in practice).
+const TTL_RECHECK: Duration = Duration::from_millis(1);
+
 /// The longest `ttlMs` honoured (a century); longer is treated as this.
 pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
@@ -641,8 +645,11 @@ impl Proxy {
             return;
         };
         if self.queued_answer_pending(slot, qseq) {
-            // `expired` must not overtake `queued`: look again after this turn's commit.
-            let t = self.timers.insert(self.now.at, TimerKey::Ttl(slot, qseq));
+            // `expired` must not overtake `queued`: look again after this turn's commit. The
+            // turn's timers fire until none is due at the turn's time, so "again" must be
+            // later than that time, or this would fire again at once, forever.
+            let again = self.now.at + TTL_RECHECK;
+            let t = self.timers.insert(again, TimerKey::Ttl(slot, qseq));
             if let Some(e) = self.registry.get_mut(slot) {
                 e.queue[i].ttl_timer = Some(t);
             }
