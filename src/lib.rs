@@ -35,6 +35,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod data;
+pub mod dial;
 pub mod durable;
 pub mod harness;
 pub mod http;

@@ -2,22 +2,20 @@
 //!
 //! Owns the pure parts of dialling: parsing a `ws://` / `wss://` URL, the retry schedule
 //! (250 ms doubling to 30 s, ±20 % jitter), the WebSocket client upgrade request and the
-//! check of its `101` answer, and the resolver thread. The connection itself is an ordinary
-//! `Conn` driven by the reactor (`Dialing` state, then `Ws` like any session); the
-//! semantics live in `impl Proxy` (`dial`, `dial_failed`, ...), at the end of this file.
-//!
-//! DNS: `getaddrinfo` blocks, so names are resolved on one resolver thread that hands the
-//! answer back through a channel and a `mio::Waker`; IP literals never leave the loop. The
-//! thread holds no proxy state and does nothing else.
+//! check of its `101` answer; and the decisions, in `impl Proxy` at the end of this file:
+//! when to dial, which address next, backoff, what an answer means. It never opens, registers
+//! or resolves anything itself: it asks with a [`DialRequest`] (`Proxy::dial_requests`), which
+//! the reactor's `dial` module carries out (a lookup on its resolver thread, a non-blocking
+//! connect on a socket it registers) and answers with `on_resolved`, `dial_opened` or
+//! `dial_failed`. The connection is an ordinary `Conn` (`Dialing` state, then `Ws` like any
+//! session).
 
-use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
+use crate::conn::{ConnId, ConnState, DialPhase, Dialing};
 use crate::jwt::TokenType;
 use crate::proxy::{Proxy, TimerKey, random_bytes};
 use crate::registry::{OutPhase, Outbound, Slot};
 use base64::Engine;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// First retry delay.
@@ -216,51 +214,19 @@ pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError>
     Ok(Some(end + 4))
 }
 
-/// A name resolution handed to the resolver thread and back.
-pub struct Lookup {
-    pub id: u64,
-    pub host: String,
-    pub port: u16,
-}
-
-/// The resolver thread's two ends, as the loop sees them.
-pub struct Resolver {
-    tx: Sender<Lookup>,
-    pub rx: Receiver<(u64, Result<Vec<SocketAddr>, String>)>,
-}
-
-impl Resolver {
-    /// Starts the thread; it wakes the loop through `waker` after every answer.
-    pub fn start(waker: Arc<mio::Waker>) -> std::io::Result<Resolver> {
-        let (tx, req_rx) = channel::<Lookup>();
-        let (ans_tx, rx) = channel();
-        std::thread::Builder::new()
-            .name("fedmcp-resolver".into())
-            .spawn(move || {
-                for l in req_rx {
-                    let r = (l.host.as_str(), l.port)
-                        .to_socket_addrs()
-                        .map_err(|e| e.to_string())
-                        .map(|it| it.take(MAX_ADDRESSES).collect::<Vec<_>>())
-                        .and_then(|v| {
-                            if v.is_empty() {
-                                Err("no address".to_string())
-                            } else {
-                                Ok(v)
-                            }
-                        });
-                    if ans_tx.send((l.id, r)).is_err() {
-                        return;
-                    }
-                    let _ = waker.wake();
-                }
-            })?;
-        Ok(Resolver { tx, rx })
-    }
-
-    pub fn ask(&self, l: Lookup) -> bool {
-        self.tx.send(l).is_ok()
-    }
+/// What dialling asks the reactor to do (carried out by the `dial` module).
+#[derive(Debug)]
+pub enum DialRequest {
+    /// Resolve `host` (every address, in the resolver's order); the answer comes back through
+    /// `Proxy::on_resolved(lookup, ...)`.
+    Resolve { lookup: u64, host: String, port: u16 },
+    /// Open a non-blocking connection to `addr` for this attempt and register it; then
+    /// `Proxy::dial_opened(slot, conn)`, or `dial_failed(slot, OutPhase::Opening, why)`.
+    Connect {
+        slot: Slot,
+        addr: SocketAddr,
+        dialing: Box<Dialing>,
+    },
 }
 
 /// The `control` URL of an entry's endpoints, when it is one the proxy dials.
@@ -372,33 +338,12 @@ impl Proxy {
         if let Some(addr) = url.literal() {
             return self.dial_connect(slot, addr);
         }
-        if self.resolver.is_none() {
-            let Some(waker) = self.waker.clone() else {
-                return self.dial_failed(slot, OutPhase::Backoff, "no resolver available".into());
-            };
-            match Resolver::start(waker) {
-                Ok(r) => self.resolver = Some(r),
-                Err(e) => {
-                    return self.dial_failed(
-                        slot,
-                        OutPhase::Backoff,
-                        format!("resolver thread: {e}"),
-                    );
-                }
-            }
-        }
         let id = self.next_seq();
-        let asked = self.resolver.as_ref().is_some_and(|r| {
-            r.ask(Lookup {
-                id,
-                host: url.host.clone(),
-                port: url.port,
-            })
+        self.dial_requests.push(DialRequest::Resolve {
+            lookup: id,
+            host: url.host.clone(),
+            port: url.port,
         });
-        if !asked {
-            self.resolver = None;
-            return self.dial_failed(slot, OutPhase::Backoff, "resolver thread gone".into());
-        }
         self.lookups.insert(id, slot);
         // Resolving has the handshake timeout: the dial timer fires then (see above).
         let t = self.timers.insert(
@@ -415,17 +360,12 @@ impl Proxy {
         }
     }
 
-    /// The resolver thread woke the loop: take its answers.
-    pub fn on_wake(&mut self) {
-        let mut answers = Vec::new();
-        if let Some(r) = &self.resolver {
-            while let Ok(a) = r.rx.try_recv() {
-                answers.push(a);
-            }
-        }
-        for (id, result) in answers {
+    /// The answer to lookup `id` (from the reactor's resolver): every address of the name, or
+    /// why there is none. A late answer (the attempt timed out or was stopped) is ignored.
+    pub fn on_resolved(&mut self, id: u64, result: Result<Vec<SocketAddr>, String>) {
+        {
             let Some(slot) = self.lookups.remove(&id) else {
-                continue;
+                return;
             };
             let current = self
                 .registry
@@ -433,7 +373,7 @@ impl Proxy {
                 .and_then(|e| e.outbound.as_ref())
                 .map(|o| o.phase);
             if current != Some(OutPhase::Resolving(id)) {
-                continue;
+                return;
             }
             if let Some(t) = self
                 .registry
@@ -469,7 +409,7 @@ impl Proxy {
         }
     }
 
-    /// Starts a non-blocking connect and registers the socket.
+    /// Asks the reactor to connect to `addr` for this attempt (the socket is its business).
     fn dial_connect(&mut self, slot: Slot, addr: SocketAddr) {
         if self.draining.is_some() {
             return;
@@ -480,11 +420,6 @@ impl Proxy {
         let server_id = e.server_id.clone();
         let Some(o) = e.outbound.as_ref() else { return };
         let url = o.url.clone();
-        let phase = o.phase;
-        let sock = match mio::net::TcpStream::connect(addr) {
-            Ok(s) => s,
-            Err(e) => return self.dial_failed(slot, phase, format!("connect to {addr}: {e}")),
-        };
         let (token, claims) = self.mint(&server_id, TokenType::Federation);
         let key = base64::engine::general_purpose::STANDARD.encode(random_bytes::<16>());
         let deadline = self.now.at + self.cfg.handshake_timeout;
@@ -497,88 +432,32 @@ impl Proxy {
             phase: DialPhase::Connecting,
             deadline,
         };
-        let id =
-            self.insert_conn(|id| Conn::new(id, sock, addr, ConnState::Dialing(Box::new(dialing))));
-        let Some(id) = id else {
-            return self.dial_failed(slot, phase, "the connection table is full".into());
-        };
-        let registered = match (
-            self.poll_registry.as_ref(),
-            self.conns.get_mut(id.idx as usize),
-        ) {
-            (Some(reg), Some(c)) => reg.register(
-                &mut c.sock,
-                id.token(),
-                mio::Interest::READABLE | mio::Interest::WRITABLE,
-            ),
-            _ => Err(std::io::Error::other("no poll registry")),
-        };
+        self.dial_requests.push(DialRequest::Connect {
+            slot,
+            addr,
+            dialing: Box::new(dialing),
+        });
         if let Some(o) = self
             .registry
             .get_mut(slot)
             .and_then(|e| e.outbound.as_mut())
         {
-            o.phase = OutPhase::Dialing(id);
+            o.phase = OutPhase::Opening;
         }
-        if let Err(e) = registered {
-            self.drop_conn(id, &format!("register: {e}"));
-            return;
-        }
-        self.rearm(id);
     }
 
-    /// An event on a dialling connection still connecting: finish the connect, then send the
-    /// upgrade request (through TLS for `wss://`).
-    pub fn dial_ready(&mut self, id: ConnId) {
-        let wss =
-            matches!(self.conn(id).map(|c| &c.state), Some(ConnState::Dialing(d)) if d.url.tls);
-        if wss && self.tls_client.is_none() {
-            match crate::tls::client_config(None) {
-                Ok(c) => self.tls_client = Some(c),
-                Err(e) => return self.drop_conn(id, &e),
-            }
+    /// The reactor opened and registered the connection of this attempt.
+    pub fn dial_opened(&mut self, slot: Slot, id: ConnId) {
+        match self
+            .registry
+            .get_mut(slot)
+            .and_then(|e| e.outbound.as_mut())
+        {
+            Some(o) if o.phase == OutPhase::Opening => o.phase = OutPhase::Dialing(id),
+            // Stopped meanwhile (removed, endpoint changed): the connection is not wanted.
+            _ => return self.drop_conn(id, "dialling stopped"),
         }
-        let tls_client = self.tls_client.clone();
-        let Some(conn) = self.conn_mut(id) else {
-            return;
-        };
-        let ConnState::Dialing(d) = &mut conn.state else {
-            return;
-        };
-        if !matches!(d.phase, DialPhase::Connecting) {
-            return;
-        }
-        let err = match conn.sock.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e.to_string()),
-            Ok(None) => match conn.sock.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return, // not yet
-                Err(e) => Some(e.to_string()),
-            },
-        };
-        if let Some(e) = err {
-            return self.drop_conn(id, &format!("connect failed: {e}"));
-        }
-        if d.url.tls {
-            let name = match rustls::pki_types::ServerName::try_from(d.url.host.clone()) {
-                Ok(n) => n,
-                Err(e) => return self.drop_conn(id, &format!("bad TLS server name: {e}")),
-            };
-            let Some(cfg) = tls_client else {
-                return self.drop_conn(id, "no TLS client configuration");
-            };
-            match rustls::ClientConnection::new(cfg, name) {
-                Ok(mut c) => {
-                    c.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
-                    conn.tls = Some(Box::new(rustls::Connection::Client(c)));
-                }
-                Err(e) => return self.drop_conn(id, &format!("TLS client: {e}")),
-            }
-        }
-        let request = upgrade_request(&d.url, &d.key, &d.token);
-        d.phase = DialPhase::Upgrading { inbuf: Vec::new() };
-        conn.out.extend_from_slice(request.as_bytes());
-        self.dirty.push(id);
+        self.rearm(id);
     }
 
     /// Bytes on a dialling connection: the answer to our upgrade, then the first frames.
@@ -648,7 +527,10 @@ impl Proxy {
         if o.phase != expect {
             return;
         }
-        if matches!(expect, OutPhase::Dialing(_)) && !o.untried.is_empty() && !draining {
+        if matches!(expect, OutPhase::Dialing(_) | OutPhase::Opening)
+            && !o.untried.is_empty()
+            && !draining
+        {
             // The name has more addresses: the next one, in the same attempt.
             let next = o.untried.remove(0);
             log::debug!("outbound {server}: {why}; trying {next}");
@@ -689,6 +571,94 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proxy with one registered server whose control endpoint is `url`.
+    fn dialling(url: &str, allow_plaintext: bool) -> (Proxy, Slot) {
+        let mut cfg = crate::config::Config::default_for_tests();
+        cfg.allow_plaintext = allow_plaintext;
+        let audit = crate::audit::Audit::open(None).unwrap();
+        let mut p = Proxy::new(cfg, b"k".repeat(32), audit, crate::clock::Now::read());
+        let slot = p.find_or_insert("svc").unwrap();
+        p.registry.get_mut(slot).unwrap().endpoints = format!("{{\"control\":\"{url}\"}}");
+        p.outbound_update(slot);
+        (p, slot)
+    }
+
+    /// Fires the dial timers due at the proxy's time (as the reactor does).
+    fn fire(p: &mut Proxy) {
+        let at = p.now.at;
+        while let Some(k) = p.timers.pop_due(at) {
+            if let TimerKey::Dial(s) = k {
+                p.dial(s);
+            }
+        }
+    }
+
+    fn phase(p: &Proxy, slot: Slot) -> OutPhase {
+        p.registry.get(slot).unwrap().outbound.as_ref().unwrap().phase
+    }
+
+    #[test]
+    fn every_address_of_a_name_is_tried_before_backing_off() {
+        let (mut p, slot) = dialling("ws://svc.example:9000/c", true);
+        fire(&mut p);
+        let Some(DialRequest::Resolve { lookup, host, port }) = p.dial_requests.pop() else {
+            panic!("a name is resolved first");
+        };
+        assert_eq!((host.as_str(), port), ("svc.example", 9000));
+        assert_eq!(phase(&p, slot), OutPhase::Resolving(lookup));
+        let a1: SocketAddr = "[2001:db8::1]:9000".parse().unwrap();
+        let a2: SocketAddr = "192.0.2.7:9000".parse().unwrap();
+        p.on_resolved(lookup, Ok(vec![a1, a2]));
+        let Some(DialRequest::Connect { addr, .. }) = p.dial_requests.pop() else {
+            panic!("the first address is dialled");
+        };
+        assert_eq!(addr, a1);
+        assert_eq!(phase(&p, slot), OutPhase::Opening);
+        // The first address fails: the second is tried in the same attempt, no backoff.
+        p.dial_failed(slot, OutPhase::Opening, "refused".into());
+        let Some(DialRequest::Connect { addr, .. }) = p.dial_requests.pop() else {
+            panic!("the next address is dialled");
+        };
+        assert_eq!(addr, a2);
+        assert_eq!(p.registry.get(slot).unwrap().outbound.as_ref().unwrap().attempt, 0);
+        // The last one fails too: now the attempt has failed and waits.
+        p.dial_failed(slot, OutPhase::Opening, "refused".into());
+        assert!(p.dial_requests.is_empty());
+        assert_eq!(phase(&p, slot), OutPhase::Backoff);
+        assert_eq!(p.registry.get(slot).unwrap().outbound.as_ref().unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn resolving_has_the_handshake_timeout_and_late_answers_are_ignored() {
+        let (mut p, slot) = dialling("wss://svc.example/c", false);
+        fire(&mut p);
+        let Some(DialRequest::Resolve { lookup, .. }) = p.dial_requests.pop() else {
+            panic!("resolve first");
+        };
+        // The dial timer fires at the handshake deadline with the lookup unanswered.
+        p.now = p.now.after(p.cfg.handshake_timeout);
+        fire(&mut p);
+        assert_eq!(phase(&p, slot), OutPhase::Backoff);
+        let o = p.registry.get(slot).unwrap().outbound.as_ref().unwrap();
+        assert_eq!(o.last_error.as_deref(), Some("name resolution timed out"));
+        p.on_resolved(lookup, Ok(vec!["192.0.2.7:443".parse().unwrap()]));
+        assert!(p.dial_requests.is_empty(), "a late answer dials nothing");
+    }
+
+    #[test]
+    fn a_plain_endpoint_off_the_machine_is_never_dialled() {
+        let (mut p, slot) = dialling("ws://192.0.2.7:9000/c", false);
+        fire(&mut p);
+        assert!(p.dial_requests.is_empty());
+        assert_eq!(phase(&p, slot), OutPhase::Backoff);
+        let (mut p, _) = dialling("ws://127.0.0.1:9000/c", false);
+        fire(&mut p);
+        assert!(matches!(
+            p.dial_requests.pop(),
+            Some(DialRequest::Connect { .. })
+        ));
+    }
 
     #[test]
     fn parses_control_urls() {

@@ -115,11 +115,9 @@ pub struct Proxy {
     /// The TLS client configuration for `wss://` servers the proxy dials (from
     /// `FEDMCP_TRUSTED_CA_FILE` at start, or the bundled roots on first use).
     pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
-    /// The loop's registry and waker, for sockets the proxy opens itself and for the
-    /// resolver thread's answers (set by the reactor).
-    pub poll_registry: Option<mio::Registry>,
-    pub waker: Option<std::sync::Arc<mio::Waker>>,
-    pub resolver: Option<crate::outbound::Resolver>,
+    /// Lookups and connections dialling asked for this turn (the reactor's `dial` module
+    /// carries them out; nothing here opens a socket).
+    pub dial_requests: Vec<crate::outbound::DialRequest>,
     /// Name lookups in flight: lookup id → the server being dialled.
     pub lookups: HashMap<u64, Slot>,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
@@ -209,9 +207,7 @@ impl Proxy {
             resume: Vec::new(),
             tls: None,
             tls_client: None,
-            poll_registry: None,
-            waker: None,
-            resolver: None,
+            dial_requests: Vec::new(),
             lookups: HashMap::new(),
             draining: None,
             store: None,

@@ -45,7 +45,8 @@ pub struct Reactor {
     /// Connections with read budget left over (still readable) or resumed after a flush.
     again: Vec<ConnId>,
     accept_retry_at: Option<Instant>,
-    waker: std::sync::Arc<mio::Waker>,
+    /// Outbound dialling's lookups and sockets (`dial`).
+    dialer: crate::dial::Dialer,
 }
 
 impl Reactor {
@@ -65,15 +66,12 @@ impl Reactor {
             scratch: vec![0; READ_CHUNK],
             again: Vec::new(),
             accept_retry_at: None,
-            waker,
+            dialer: crate::dial::Dialer::new(waker),
         })
     }
 
     /// Runs until a drain completes (all connections closed, or the grace time is over).
     pub fn run(&mut self, proxy: &mut Proxy) -> io::Result<()> {
-        // Sockets the proxy opens itself (outbound sessions) and the resolver's wake-ups.
-        proxy.poll_registry = Some(self.poll.registry().try_clone()?);
-        proxy.waker = Some(self.waker.clone());
         loop {
             let now = Instant::now();
             proxy.now = Now::read();
@@ -94,7 +92,11 @@ impl Reactor {
                 let t = Duration::from_secs(1);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
             }
-            if !self.again.is_empty() || !proxy.resume.is_empty() || !proxy.dirty.is_empty() {
+            if !self.again.is_empty()
+                || !proxy.resume.is_empty()
+                || !proxy.dirty.is_empty()
+                || !proxy.dial_requests.is_empty()
+            {
                 timeout = Some(Duration::ZERO);
             }
             if let Err(e) = self.poll.poll(&mut self.events, timeout)
@@ -117,7 +119,7 @@ impl Reactor {
                 match token {
                     LISTENER => self.accept(proxy),
                     SIGNALS => self.signals(proxy),
-                    WAKER => proxy.on_wake(),
+                    WAKER => self.dialer.on_wake(proxy),
                     t => {
                         let id = ConnId::from_token(t);
                         let Some(conn) = proxy.conn_mut(id) else {
@@ -126,7 +128,7 @@ impl Reactor {
                         conn.writable |= w;
                         conn.readable |= r;
                         if matches!(conn.state, ConnState::Dialing(_)) {
-                            proxy.dial_ready(id);
+                            crate::dial::on_ready(proxy, id);
                         }
                         if w {
                             proxy.dirty.push(id);
@@ -154,6 +156,8 @@ impl Reactor {
             }
             let now = proxy.now.at;
             fire_due_timers(proxy, now);
+            // Lookups and connections the turn's dialling asked for.
+            self.dialer.run(proxy, self.poll.registry());
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
             proxy.commit();

@@ -69,6 +69,8 @@ pub enum OutPhase {
     Backoff,
     /// Resolving the host name (lookup id).
     Resolving(u64),
+    /// Asked the reactor to open the connection of this attempt (done within the turn).
+    Opening,
     /// Connecting / TLS / upgrading on this connection.
     Dialing(ConnId),
     /// A session on this connection (until it ends).
