@@ -107,7 +107,8 @@ impl Dialer {
 
     fn ask(&mut self, l: Lookup) -> Result<(), String> {
         if self.resolver.is_none() {
-            let r = Resolver::start(self.waker.clone()).map_err(|e| format!("resolver thread: {e}"))?;
+            let r =
+                Resolver::start(self.waker.clone()).map_err(|e| format!("resolver thread: {e}"))?;
             self.resolver = Some(r);
         }
         match self.resolver.as_ref().map(|r| r.tx.send(l)) {

@@ -8,15 +8,18 @@
 //! # Layers
 //!
 //! - [`reactor`]: the `mio` loop. Accept, readiness, per-connection read budgets, the single
-//!   deadline structure ([`timer`]), one flush per connection per turn, signals.
+//!   deadline structure ([`timer`]), one flush per connection per turn, signals, the clock;
+//!   [`dial`]: its side of outbound sessions (resolver thread, sockets).
 //! - [`conn`]: a connection's socket, readiness, output buffer and state enum
 //!   (`Http` → `Ws` on upgrade → `Closing`).
 //! - Protocol, all sans-io (bytes in, bytes out, time passed in):
 //!   [`http`] (request heads, chunked bodies, responses), [`ws`] (tungstenite over our
 //!   buffers), [`jsonrpc`] (envelopes and the error table), [`jwt`] (HS256).
 //! - Semantics, as `impl Proxy` blocks over the shared state in [`proxy`]:
-//!   [`api`] (HTTP routes and the upgrade), [`control`] (control sessions), [`router`]
-//!   (send, deliver, answer, queue, broadcast).
+//!   [`api`] (the route table, HTTP framing, one module per group of endpoints),
+//!   [`data`] (resources), [`control`] (control sessions), [`router`] (send, deliver,
+//!   answer, queue, broadcast), [`outbound`] (dialling decisions), [`durable`] (what is
+//!   persisted, the group commit, restore).
 //! - State: [`registry`] (fixed-capacity server table), [`session`], [`revocations`],
 //!   [`metrics`], [`audit`], [`store`] (the state dir), [`config`] (every variable,
 //!   validated once). [`clock`]: the turn's one reading of the clocks, taken by the reactor.

@@ -219,7 +219,11 @@ pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError>
 pub enum DialRequest {
     /// Resolve `host` (every address, in the resolver's order); the answer comes back through
     /// `Proxy::on_resolved(lookup, ...)`.
-    Resolve { lookup: u64, host: String, port: u16 },
+    Resolve {
+        lookup: u64,
+        host: String,
+        port: u16,
+    },
     /// Open a non-blocking connection to `addr` for this attempt and register it; then
     /// `Proxy::dial_opened(slot, conn)`, or `dial_failed(slot, OutPhase::Opening, why)`.
     Connect {
@@ -595,7 +599,13 @@ mod tests {
     }
 
     fn phase(p: &Proxy, slot: Slot) -> OutPhase {
-        p.registry.get(slot).unwrap().outbound.as_ref().unwrap().phase
+        p.registry
+            .get(slot)
+            .unwrap()
+            .outbound
+            .as_ref()
+            .unwrap()
+            .phase
     }
 
     #[test]
@@ -621,12 +631,30 @@ mod tests {
             panic!("the next address is dialled");
         };
         assert_eq!(addr, a2);
-        assert_eq!(p.registry.get(slot).unwrap().outbound.as_ref().unwrap().attempt, 0);
+        assert_eq!(
+            p.registry
+                .get(slot)
+                .unwrap()
+                .outbound
+                .as_ref()
+                .unwrap()
+                .attempt,
+            0
+        );
         // The last one fails too: now the attempt has failed and waits.
         p.dial_failed(slot, OutPhase::Opening, "refused".into());
         assert!(p.dial_requests.is_empty());
         assert_eq!(phase(&p, slot), OutPhase::Backoff);
-        assert_eq!(p.registry.get(slot).unwrap().outbound.as_ref().unwrap().attempt, 1);
+        assert_eq!(
+            p.registry
+                .get(slot)
+                .unwrap()
+                .outbound
+                .as_ref()
+                .unwrap()
+                .attempt,
+            1
+        );
     }
 
     #[test]

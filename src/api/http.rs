@@ -1,0 +1,413 @@
+//! An HTTP/1.1 connection's framing (contract §3): requests in order, answers in order.
+//!
+//! Owns request framing (head, then a `Content-Length` or chunked JSON body, keep-alive,
+//! pipelining, `Connection: close`, `Expect: 100-continue`), the order "route and token on the
+//! head, body only once authorised" (an unauthenticated socket costs at most its head), the
+//! request deadlines (the whole request within the handshake timeout: `408`; keep-alive idle
+//! timeout: silent close) and answers that wait (a send, a durable change).
+//!
+//! Bounds: a head is at most `MAX_HEAD_BYTES` (`431`), a JSON body at most
+//! `FEDMCP_MAX_MESSAGE_BYTES` (`413`); no further request is read while an answer is owed
+//! (pipelined requests wait in the socket, not in memory). Parsing is the sans-io `http`
+//! module's; this module never touches a socket.
+
+use super::{Outcome, Resp, Route, bearer, internal_error, rpc_error_resp};
+use crate::conn::{Closing, ConnId, ConnState, HttpPhase};
+use crate::durable::Record;
+use crate::http::chunked::{ChunkedDecoder, Progress};
+use crate::http::parse::{self, BodyKind, Method, RequestHead};
+use crate::http::response;
+use crate::jsonrpc::RpcError;
+use crate::jwt;
+use crate::proxy::{CLOSE_LINGER, Proxy};
+use std::time::Instant;
+
+/// Output owed on an HTTP connection above which no further pipelined request is processed
+/// until the peer reads.
+const HTTP_OUT_BOUND: usize = 256 * 1024;
+
+impl Proxy {
+    /// Bytes from the socket for an HTTP connection.
+    pub fn http_input(&mut self, id: ConnId, data: &[u8]) {
+        if let Some(conn) = self.conn_mut(id)
+            && let ConnState::Http(h) = &mut conn.state
+            && !h.close_after
+        {
+            // Once the connection is to close (an answer from the head to a request whose
+            // body is not read), what still arrives is not kept.
+            h.inbuf.extend_from_slice(data);
+        }
+        self.http_process(id);
+    }
+
+    /// Whether the loop may read more from this HTTP connection now.
+    pub fn http_wants_input(&self, id: ConnId) -> bool {
+        match self.conn(id) {
+            Some(c) => match &c.state {
+                ConnState::Http(h) => {
+                    !matches!(h.phase, HttpPhase::Waiting { .. } | HttpPhase::Sending(_))
+                        && !h.close_after
+                        && c.unsent() <= HTTP_OUT_BOUND
+                }
+                _ => true,
+            },
+            None => false,
+        }
+    }
+
+    /// Processes every complete request in the buffer, in order, until one is incomplete,
+    /// asynchronous, or ends the connection.
+    pub fn http_process(&mut self, id: ConnId) {
+        let now = self.now.at;
+        loop {
+            let handshake = self.cfg.handshake_timeout;
+            let Some(conn) = self.conn_mut(id) else {
+                return;
+            };
+            let unsent = conn.unsent();
+            let ConnState::Http(h) = &mut conn.state else {
+                return;
+            };
+            if h.close_after || unsent > HTTP_OUT_BOUND {
+                return;
+            }
+            let complete = match &mut h.phase {
+                HttpPhase::Waiting { .. } | HttpPhase::Sending(_) => return,
+                HttpPhase::Upload(_) => {
+                    if self.upload_progress(id) {
+                        continue;
+                    }
+                    return;
+                }
+                HttpPhase::Head { idle } => {
+                    if h.inbuf.is_empty() {
+                        return;
+                    }
+                    if *idle {
+                        *idle = false;
+                        h.deadline = now + handshake;
+                    }
+                    match parse::parse_head(&h.inbuf) {
+                        Ok(None) => return,
+                        Err(e) => {
+                            let status = e.status();
+                            let r = Resp::error(status, e.code(), &e.to_string());
+                            h.close_after = true;
+                            h.inbuf = Vec::new();
+                            return self.respond(id, r, false, false);
+                        }
+                        Ok(Some((head, n))) => {
+                            h.inbuf.drain(..n);
+                            self.on_head(id, head);
+                            continue;
+                        }
+                    }
+                }
+                HttpPhase::Body {
+                    body,
+                    chunked,
+                    left,
+                    ..
+                } => {
+                    let done = match chunked {
+                        None => {
+                            let take = (*left).min(h.inbuf.len() as u64) as usize;
+                            body.extend_from_slice(&h.inbuf[..take]);
+                            h.inbuf.drain(..take);
+                            *left -= take as u64;
+                            *left == 0
+                        }
+                        Some(dec) => match dec.decode(&h.inbuf, body, usize::MAX) {
+                            Ok((used, p)) => {
+                                h.inbuf.drain(..used);
+                                matches!(p, Progress::Done)
+                            }
+                            Err(e) => {
+                                let status =
+                                    if matches!(e, crate::http::chunked::ChunkError::TooLarge) {
+                                        413
+                                    } else {
+                                        400
+                                    };
+                                let code = if status == 413 {
+                                    "payload_too_large"
+                                } else {
+                                    "bad_request"
+                                };
+                                h.close_after = true;
+                                let r = Resp::error(status, code, &e.to_string());
+                                return self.respond(id, r, false, false);
+                            }
+                        },
+                    };
+                    if !done {
+                        return;
+                    }
+                    match std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false }) {
+                        HttpPhase::Body {
+                            head, body, claims, ..
+                        } => Some((*head, body, claims)),
+                        _ => None,
+                    }
+                }
+            };
+            let Some((head, body, claims)) = complete else {
+                return;
+            };
+            if !self.dispatch(id, &head, &body, claims) {
+                return;
+            }
+        }
+    }
+
+    /// A complete request head (contract §3, "authentication comes before the body"): the
+    /// route is found and its token checked before any byte of a body is read. A refused
+    /// token is answered at once and, when a body was announced, the connection closes
+    /// without reading it. A route that takes no token never has its body read either (an
+    /// unauthenticated socket costs at most its head): it is answered from the head, and
+    /// the connection closes if a body was announced. Only an authorised request may have
+    /// its body read, `Expect: 100-continue` being answered then.
+    pub(super) fn on_head(&mut self, id: ConnId, head: RequestHead) {
+        self.metrics.http_requests_total += 1;
+        let Some(peer) = self.conn(id).map(|c| c.peer) else {
+            return;
+        };
+        let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
+        let route = Route::of(head.method, &head.path);
+        let claims = match route.auth() {
+            None => None,
+            Some(want) => {
+                let query_token = match route {
+                    Route::Control => head.query_param("token"),
+                    _ => None,
+                };
+                let token = bearer(&head).or(query_token.as_deref());
+                match self.authenticate(token, want, peer) {
+                    Ok(c) => {
+                        if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                            h.authenticated = true;
+                        }
+                        Some(c)
+                    }
+                    Err(e) => return self.answer_head(id, &head, Resp::auth(&e), has_body),
+                }
+            }
+        };
+        if let Route::Upload(_) = route {
+            // Streamed to disk, not buffered: see `data`.
+            return match claims {
+                Some(c) => self.start_upload(id, head, c),
+                None => self.answer_head(id, &head, internal_error(), has_body),
+            };
+        }
+        if !has_body {
+            self.dispatch(id, &head, &[], claims);
+            return;
+        }
+        if claims.is_none() {
+            // Nothing this route does needs the body of a peer that showed no token.
+            if let Outcome::Respond(r) = self.route(id, peer, &head, &[], None) {
+                self.answer_head(id, &head, r, true);
+            }
+            return;
+        }
+        let max_body = self.cfg.max_message_bytes as u64;
+        let (chunked, left) = match head.body {
+            BodyKind::Length(len) if len > max_body => {
+                let r = Resp::error(
+                    413,
+                    "payload_too_large",
+                    "the request body is over FEDMCP_MAX_MESSAGE_BYTES",
+                );
+                return self.answer_head(id, &head, r, true);
+            }
+            BodyKind::Length(len) => (None, len),
+            _ => (Some(ChunkedDecoder::new(max_body)), 0),
+        };
+        let cont = head.expect_continue;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if let ConnState::Http(h) = &mut conn.state {
+            h.phase = HttpPhase::Body {
+                head: Box::new(head),
+                body: Vec::new(),
+                chunked,
+                left,
+                claims,
+            };
+            if cont {
+                conn.out.extend_from_slice(response::CONTINUE);
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Answers a request from its head alone; when it announced a body, the body is not read
+    /// and the connection closes once the answer is out.
+    pub(super) fn answer_head(&mut self, id: ConnId, head: &RequestHead, r: Resp, has_body: bool) {
+        if has_body && let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+            h.close_after = true;
+            h.inbuf = Vec::new();
+        }
+        self.respond(id, r, head.keep_alive, head.method == Method::Head);
+    }
+
+    /// Routes a complete request and writes (or schedules) its answer. False when the
+    /// connection stops processing requests for now (an answer is owed later, the
+    /// connection became a session, or a download streams).
+    pub(super) fn dispatch(
+        &mut self,
+        id: ConnId,
+        head: &RequestHead,
+        body: &[u8],
+        claims: Option<jwt::Claims>,
+    ) -> bool {
+        let keep_alive = head.keep_alive;
+        let head_only = head.method == Method::Head;
+        let Some(peer) = self.conn(id).map(|c| c.peer) else {
+            return false;
+        };
+        match self.route(id, peer, head, body, claims) {
+            Outcome::Respond(r) => {
+                self.respond(id, r, keep_alive, head_only);
+                true
+            }
+            Outcome::Later => {
+                if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                    h.phase = HttpPhase::Waiting { keep_alive };
+                }
+                self.rearm(id);
+                false
+            }
+            // Bytes after the upgrade request were handed to the session.
+            Outcome::Upgraded => false,
+            // The download continues as the socket drains; pipelined requests wait.
+            Outcome::Streaming => {
+                self.rearm(id);
+                false
+            }
+        }
+    }
+
+    /// Writes an answer and moves the connection to its next request (or to closing).
+    pub(super) fn respond(&mut self, id: ConnId, r: Resp, keep_alive: bool, head_only: bool) {
+        let now_t = self.now;
+        let now = self.now.at;
+        let idle = self.cfg.idle_timeout;
+        let handshake = self.cfg.handshake_timeout;
+        let draining = self.draining.is_some();
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        let keep = keep_alive && !h.close_after && !draining;
+        if !keep {
+            h.close_after = true;
+        }
+        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        response::write_response(
+            &mut conn.out,
+            r.status,
+            &headers,
+            &r.body,
+            head_only,
+            keep,
+            now_t.secs() as u64,
+        );
+        // The request is answered: the connection waits for the next one (or, with
+        // `close_after`, is closed by the flush once the answer is out).
+        if h.inbuf.is_empty() {
+            h.phase = HttpPhase::Head { idle: true };
+            h.deadline = now + idle;
+        } else {
+            h.phase = HttpPhase::Head { idle: false };
+            h.deadline = now + handshake;
+        }
+        self.dirty.push(id);
+        self.rearm(id);
+    }
+
+    /// The answer to a `POST /v1/messages` that waited for its recipient.
+    pub fn http_async_answer(&mut self, id: ConnId, r: Result<String, RpcError>) {
+        let resp = match r {
+            Ok(body) => Resp::json(200, body),
+            Err(e) => rpc_error_resp(&e),
+        };
+        self.http_finish(id, resp);
+    }
+
+    /// Writes the answer a waiting request was owed, and goes on with the connection.
+    pub fn http_finish(&mut self, id: ConnId, resp: Resp) {
+        let keep_alive = match self.conn(id).map(|c| &c.state) {
+            Some(ConnState::Http(h)) => match h.phase {
+                HttpPhase::Waiting { keep_alive } => keep_alive,
+                _ => return,
+            },
+            _ => return,
+        };
+        self.respond(id, resp, keep_alive, false);
+        self.resume.push(id);
+    }
+
+    /// An answer that promises durability waits for the turn's fsync when changes were
+    /// made (contract §7: `201`, `200` and `204` only once the change is on disk).
+    pub(super) fn durable_answer(&mut self, id: ConnId, (resp, record): (Resp, Record)) -> Outcome {
+        if record.is_some() && resp.status < 300 {
+            self.deferred.push(crate::durable::Deferred::Http {
+                conn: id,
+                resp,
+                record,
+            });
+            Outcome::Later
+        } else {
+            Outcome::Respond(resp)
+        }
+    }
+
+    /// An HTTP connection's deadline fired: idle keep-alive close, or `408`.
+    pub fn http_timer(&mut self, id: ConnId, now: Instant) {
+        let now_t = self.now;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        if now < h.deadline {
+            return;
+        }
+        match h.phase {
+            HttpPhase::Waiting { .. } => {}
+            // A download whose reader stopped reading, or an upload whose writer stopped.
+            HttpPhase::Sending(_) => self.drop_conn(id, "download stalled"),
+            HttpPhase::Upload(_) => {
+                self.abandon_upload(id);
+                self.drop_conn(id, "upload stalled");
+            }
+            HttpPhase::Head { idle: true } if h.inbuf.is_empty() => {
+                self.drop_conn(id, "keep-alive idle timeout");
+            }
+            _ => {
+                let r = Resp::error(
+                    408,
+                    "request_timeout",
+                    "the request did not arrive within the handshake timeout",
+                );
+                let headers: Vec<(&str, &str)> =
+                    r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let date = now_t.secs() as u64;
+                response::write_response(&mut conn.out, 408, &headers, &r.body, false, false, date);
+                // Closing: the past deadline cannot fire this answer again.
+                let deadline = now + CLOSE_LINGER;
+                conn.state = ConnState::Closing(Closing {
+                    deadline,
+                    fin_sent: false,
+                });
+                self.dirty.push(id);
+            }
+        }
+    }
+}
