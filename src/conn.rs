@@ -5,10 +5,15 @@
 //! writes go from [`Conn::out`] to the socket when it is writable. Readiness is tracked here
 //! (`readable`/`writable` are cleared only on `WouldBlock`), because mio is edge-triggered.
 //!
-//! The state is an explicit enum: an HTTP connection (`Http`), an upgraded control session
-//! (`Ws`), or a connection that is finishing (`Closing`: flush, half-close, wait for EOF).
-//! This module never interprets protocol bytes and never blocks; a TLS transport will sit
-//! between the socket and these buffers without changing the protocol layers.
+//! The state is an explicit enum, and what a state needs lives in its variant, not beside
+//! it: an HTTP connection (`Http`, whose [`HttpPhase`] goes `Idle` → `Head` → `Body` →
+//! `Waiting` / `Upload` / `Sending` → `Idle` again, or `LastAnswer` when it is not kept), a
+//! dial in progress (`Dialing`), an upgraded control session (`Ws`, with the input it holds
+//! back), or a connection that is finishing (`Closing`: `Flushing` its last output, then
+//! `FinSent` until the peer's EOF or the linger ends). The one fact kept across HTTP phases
+//! is whether a request on the connection presented a valid token (`authenticated`, for
+//! the connection slots of contract §1). This module never interprets protocol bytes and
+//! never blocks; the TLS session sits between the socket and these buffers.
 
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::parse::RequestHead;
@@ -53,8 +58,10 @@ pub enum ReadOutcome {
 /// HTTP request progress on a connection.
 #[derive(Debug)]
 pub enum HttpPhase {
-    /// Waiting for (more of) a request head; `idle` while no byte of it has arrived.
-    Head { idle: bool },
+    /// Between requests: no byte of the next one yet (the keep-alive idle deadline).
+    Idle,
+    /// A request head is arriving (the handshake deadline).
+    Head,
     /// Reading a JSON body.
     Body {
         head: Box<RequestHead>,
@@ -70,6 +77,10 @@ pub enum HttpPhase {
     Upload(Box<crate::data::Uploading>),
     /// A resource streaming to the peer as the socket drains.
     Sending(Box<crate::data::Sending>),
+    /// The connection's last answer is in the output: nothing more is read, and it closes
+    /// once the answer is flushed (`Connection: close`, an error, a refused body, the peer's
+    /// EOF).
+    LastAnswer,
 }
 
 #[derive(Debug)]
@@ -79,8 +90,6 @@ pub struct HttpConn {
     pub phase: HttpPhase,
     /// Head/body deadline (handshake timeout) or keep-alive idle deadline.
     pub deadline: Instant,
-    /// Close once the output is flushed (`Connection: close`, or an error answered).
-    pub close_after: bool,
     /// A request on this connection presented a valid token (contract §1: only sockets that
     /// never did are displaced at `FEDMCP_MAX_CONNECTIONS`).
     pub authenticated: bool,
@@ -89,12 +98,35 @@ pub struct HttpConn {
 pub struct WsConn {
     pub ctx: tungstenite::protocol::WebSocketContext,
     pub sess: Session,
+    /// Input read from the socket but not yet processed, because the session's output went
+    /// over its bound mid-read (at most one read chunk: nothing more is read until it is
+    /// processed).
+    pub stash: Vec<u8>,
 }
 
-#[derive(Debug)]
-pub struct Closing {
-    pub deadline: Instant,
-    pub fin_sent: bool,
+/// A connection that is finishing: its last output is flushed, then our side is shut (FIN),
+/// then it waits for the peer's EOF until `deadline` (the linger), and is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Output still to flush before our FIN.
+    Flushing { deadline: Instant },
+    /// Our FIN was sent; waiting for the peer's EOF or the deadline.
+    FinSent { deadline: Instant },
+}
+
+impl Closing {
+    pub fn deadline(self) -> Instant {
+        match self {
+            Closing::Flushing { deadline } | Closing::FinSent { deadline } => deadline,
+        }
+    }
+
+    /// Our FIN went out.
+    pub fn fin_sent(self) -> Closing {
+        Closing::FinSent {
+            deadline: self.deadline(),
+        }
+    }
 }
 
 pub enum ConnState {
@@ -157,10 +189,6 @@ pub struct Conn {
     /// The TLS session when the listener serves TLS (boxed: most of a plain proxy's
     /// connections do not pay for it).
     pub tls: Option<Box<rustls::Connection>>,
-    /// Control-session input read from the socket but not yet processed, because the
-    /// session's output went over its bound mid-read (at most one read chunk: nothing more
-    /// is read until it is processed).
-    pub stash: Vec<u8>,
 }
 
 /// Plaintext rustls may hold encrypted-but-unsent per connection; the rest waits in
@@ -185,7 +213,6 @@ impl Conn {
             read_closed: false,
             timer: None,
             tls: None,
-            stash: Vec::new(),
         }
     }
 

@@ -86,7 +86,11 @@ impl Proxy {
         let ctx = WebSocketContext::new(role, Some(ws::config(self.cfg.max_message_bytes)));
         let peer = match self.conn_mut(id) {
             Some(conn) => {
-                conn.state = ConnState::Ws(Box::new(WsConn { ctx, sess }));
+                conn.state = ConnState::Ws(Box::new(WsConn {
+                    ctx,
+                    sess,
+                    stash: Vec::new(),
+                }));
                 conn.peer
             }
             None => return Ok(()),
@@ -217,7 +221,7 @@ impl Proxy {
                 if conn.out.len() - conn.out_pos > bound && !input.is_empty() {
                     // The peer is not reading its answers: keep the rest of the input for
                     // when the output drains, and read nothing more until then.
-                    conn.stash.extend_from_slice(input);
+                    ws.stash.extend_from_slice(input);
                     break;
                 }
                 let mut io = WsIo {
@@ -265,11 +269,11 @@ impl Proxy {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        let ConnState::Ws(ws) = &conn.state else {
+        let ConnState::Ws(ws) = &mut conn.state else {
             return;
         };
         let (slot, online) = (ws.sess.slot, ws.sess.is_online());
-        let stash = std::mem::take(&mut conn.stash);
+        let stash = std::mem::take(&mut ws.stash);
         if !stash.is_empty() {
             self.ws_input(id, &stash);
         }

@@ -96,9 +96,7 @@ impl Proxy {
         if !matches!(h.phase, HttpPhase::Upload(_)) {
             return;
         }
-        if let HttpPhase::Upload(u) =
-            std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false })
-        {
+        if let HttpPhase::Upload(u) = std::mem::replace(&mut h.phase, HttpPhase::LastAnswer) {
             self.resources.release(&u.owner, u.reserved);
         }
     }
@@ -193,7 +191,6 @@ impl Proxy {
     fn answer_upload(&mut self, id: ConnId, r: Resp, keep_alive: bool) {
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
             if !keep_alive {
-                h.close_after = true;
                 h.inbuf.clear();
             }
             h.phase = HttpPhase::Waiting { keep_alive };
@@ -468,13 +465,10 @@ impl Proxy {
         let draining = self.draining.is_some();
         let idle = self.cfg.idle_timeout;
         let conn = self.conn_mut(id)?;
-        let ConnState::Http(h) = &mut conn.state else {
+        if !matches!(conn.state, ConnState::Http(_)) {
             return None;
-        };
-        let keep_alive = head.keep_alive && !h.close_after && !draining;
-        if !keep_alive {
-            h.close_after = true;
         }
+        let keep_alive = head.keep_alive && !draining;
         let headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
         response::write_head(
             &mut conn.out,
@@ -534,16 +528,10 @@ impl Proxy {
     }
 
     fn finish_sending(&mut self, id: ConnId, keep_alive: bool) {
-        let now_t = self.now;
-        let idle = self.cfg.idle_timeout;
+        let now = self.now.at;
+        let (idle, handshake) = (self.cfg.idle_timeout, self.cfg.handshake_timeout);
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
-            if !keep_alive {
-                h.close_after = true;
-            }
-            h.phase = HttpPhase::Head {
-                idle: h.inbuf.is_empty(),
-            };
-            h.deadline = now_t.at + idle;
+            crate::api::next_request(h, keep_alive, now, idle, handshake);
         }
         self.dirty.push(id);
         self.resume.push(id);

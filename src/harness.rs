@@ -50,9 +50,8 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
             peer,
             ConnState::Http(HttpConn {
                 inbuf: Vec::new(),
-                phase: HttpPhase::Head { idle: false },
+                phase: HttpPhase::Head,
                 deadline: start.at + Duration::from_secs(10),
-                close_after: false,
                 authenticated: false,
             }),
         )

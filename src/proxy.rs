@@ -375,10 +375,7 @@ impl Proxy {
         let deadline = self.now.at + CLOSE_LINGER;
         let old = std::mem::replace(
             &mut conn.state,
-            ConnState::Closing(Closing {
-                deadline,
-                fin_sent: false,
-            }),
+            ConnState::Closing(Closing::Flushing { deadline }),
         );
         let ConnState::Ws(mut ws) = old else {
             conn.state = old;
@@ -405,9 +402,8 @@ impl Proxy {
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let closing = Closing {
+        let closing = Closing::Flushing {
             deadline: self.now.at + CLOSE_LINGER,
-            fin_sent: false,
         };
         let old = std::mem::replace(&mut conn.state, ConnState::Closing(closing));
         let ConnState::Ws(ws) = old else {
@@ -438,9 +434,8 @@ impl Proxy {
         log::debug!("conn {} from {}: closed ({why})", id.idx, conn.peer);
         let state = std::mem::replace(
             &mut conn.state,
-            ConnState::Closing(Closing {
+            ConnState::Closing(Closing::FinSent {
                 deadline: self.now.at,
-                fin_sent: true,
             }),
         );
         match state {
@@ -470,7 +465,7 @@ impl Proxy {
             },
             ConnState::Ws(ws) => Some(ws.sess.deadline()),
             ConnState::Dialing(d) => Some(d.deadline),
-            ConnState::Closing(c) => Some(c.deadline),
+            ConnState::Closing(c) => Some(c.deadline()),
         };
         let armed = conn.timer;
         match (armed, want) {

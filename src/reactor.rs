@@ -210,9 +210,8 @@ impl Reactor {
                     peer,
                     ConnState::Http(HttpConn {
                         inbuf: Vec::new(),
-                        phase: HttpPhase::Head { idle: false },
+                        phase: HttpPhase::Head,
                         deadline,
-                        close_after: false,
                         authenticated: false,
                     }),
                 )
@@ -386,27 +385,20 @@ impl Reactor {
             let readable = conn.readable && !conn.read_closed;
             let read_closed = conn.read_closed;
             match &mut conn.state {
-                ConnState::Http(h)
-                    if h.close_after
-                        && !matches!(
-                            h.phase,
-                            HttpPhase::Waiting { .. } | HttpPhase::Sending(_)
-                        ) =>
-                {
+                ConnState::Http(h) if matches!(h.phase, HttpPhase::LastAnswer) => {
                     finish_write(conn);
                     if read_closed {
                         proxy.drop_conn(id, "answered");
                         continue;
                     }
-                    conn.state = ConnState::Closing(Closing {
+                    conn.state = ConnState::Closing(Closing::FinSent {
                         deadline: now + CLOSE_LINGER,
-                        fin_sent: true,
                     });
                     proxy.rearm(id);
                 }
                 ConnState::Closing(c) => {
-                    if !c.fin_sent {
-                        c.fin_sent = true;
+                    if let Closing::Flushing { .. } = *c {
+                        *c = c.fin_sent();
                         finish_write(conn);
                     }
                     if read_closed {
@@ -463,9 +455,7 @@ fn finish_write(conn: &mut Conn) {
 fn idle_http(c: &Conn) -> bool {
     match &c.state {
         ConnState::Http(h) => {
-            matches!(h.phase, HttpPhase::Head { idle: true })
-                && h.inbuf.is_empty()
-                && c.unsent() == 0
+            matches!(h.phase, HttpPhase::Idle) && h.inbuf.is_empty() && c.unsent() == 0
         }
         _ => false,
     }
@@ -475,7 +465,7 @@ fn wants_input(proxy: &Proxy, id: ConnId) -> bool {
     match proxy.conn(id) {
         Some(c) => match &c.state {
             ConnState::Http(_) => proxy.http_wants_input(id),
-            ConnState::Ws(_) => c.unsent() <= proxy.unsent_bound() && c.stash.is_empty(),
+            ConnState::Ws(ws) => c.unsent() <= proxy.unsent_bound() && ws.stash.is_empty(),
             ConnState::Dialing(_) | ConnState::Closing(_) => true,
         },
         None => false,
@@ -488,15 +478,7 @@ fn on_eof(proxy: &mut Proxy, id: ConnId) {
     };
     let unsent = conn.unsent();
     match &mut conn.state {
-        ConnState::Http(h) => {
-            let waiting = matches!(h.phase, HttpPhase::Waiting { .. });
-            if unsent == 0 && !waiting {
-                proxy.drop_conn(id, "peer closed");
-            } else {
-                // Answer what was asked, then close.
-                h.close_after = true;
-            }
-        }
+        ConnState::Http(_) => proxy.http_peer_closed(id),
         // Answers already owed still go out; then the connection closes.
         ConnState::Ws(_) => proxy.ws_peer_gone(id),
         ConnState::Dialing(_) => proxy.drop_conn(id, "closed by the server during the upgrade"),
@@ -534,7 +516,7 @@ fn conn_timer(proxy: &mut Proxy, id: ConnId, now: Instant) {
         ConnState::Ws(_) => proxy.session_timer(id, now),
         ConnState::Dialing(_) => proxy.dial_timer(id, now),
         ConnState::Closing(c) => {
-            if now >= c.deadline {
+            if now >= c.deadline() {
                 proxy.drop_conn(id, "close linger over");
             }
         }

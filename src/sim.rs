@@ -564,9 +564,8 @@ impl Sim {
                     peer,
                     ConnState::Http(HttpConn {
                         inbuf: Vec::new(),
-                        phase: HttpPhase::Head { idle: false },
+                        phase: HttpPhase::Head,
                         deadline,
-                        close_after: false,
                         authenticated: false,
                     }),
                 )

@@ -31,7 +31,7 @@ impl Proxy {
     pub fn http_input(&mut self, id: ConnId, data: &[u8]) {
         if let Some(conn) = self.conn_mut(id)
             && let ConnState::Http(h) = &mut conn.state
-            && !h.close_after
+            && !matches!(h.phase, HttpPhase::LastAnswer)
         {
             // Once the connection is to close (an answer from the head to a request whose
             // body is not read), what still arrives is not kept.
@@ -45,9 +45,10 @@ impl Proxy {
         match self.conn(id) {
             Some(c) => match &c.state {
                 ConnState::Http(h) => {
-                    !matches!(h.phase, HttpPhase::Waiting { .. } | HttpPhase::Sending(_))
-                        && !h.close_after
-                        && c.unsent() <= HTTP_OUT_BOUND
+                    !matches!(
+                        h.phase,
+                        HttpPhase::Waiting { .. } | HttpPhase::Sending(_) | HttpPhase::LastAnswer
+                    ) && c.unsent() <= HTTP_OUT_BOUND
                 }
                 _ => true,
             },
@@ -68,31 +69,38 @@ impl Proxy {
             let ConnState::Http(h) = &mut conn.state else {
                 return;
             };
-            if h.close_after || unsent > HTTP_OUT_BOUND {
+            if unsent > HTTP_OUT_BOUND {
                 return;
             }
+            if matches!(h.phase, HttpPhase::Idle) {
+                if h.inbuf.is_empty() {
+                    return;
+                }
+                // The first byte of a request: the whole of it is due within the handshake
+                // timeout.
+                h.phase = HttpPhase::Head;
+                h.deadline = now + handshake;
+            }
             let complete = match &mut h.phase {
-                HttpPhase::Waiting { .. } | HttpPhase::Sending(_) => return,
+                HttpPhase::Idle
+                | HttpPhase::Waiting { .. }
+                | HttpPhase::Sending(_)
+                | HttpPhase::LastAnswer => return,
                 HttpPhase::Upload(_) => {
                     if self.upload_progress(id) {
                         continue;
                     }
                     return;
                 }
-                HttpPhase::Head { idle } => {
+                HttpPhase::Head => {
                     if h.inbuf.is_empty() {
                         return;
-                    }
-                    if *idle {
-                        *idle = false;
-                        h.deadline = now + handshake;
                     }
                     match parse::parse_head(&h.inbuf) {
                         Ok(None) => return,
                         Err(e) => {
                             let status = e.status();
                             let r = Resp::error(status, e.code(), &e.to_string());
-                            h.close_after = true;
                             h.inbuf = Vec::new();
                             return self.respond(id, r, false, false);
                         }
@@ -134,7 +142,6 @@ impl Proxy {
                                 } else {
                                     "bad_request"
                                 };
-                                h.close_after = true;
                                 let r = Resp::error(status, code, &e.to_string());
                                 return self.respond(id, r, false, false);
                             }
@@ -143,7 +150,7 @@ impl Proxy {
                     if !done {
                         return;
                     }
-                    match std::mem::replace(&mut h.phase, HttpPhase::Head { idle: false }) {
+                    match std::mem::replace(&mut h.phase, HttpPhase::Head) {
                         HttpPhase::Body {
                             head, body, claims, ..
                         } => Some((*head, body, claims)),
@@ -247,10 +254,14 @@ impl Proxy {
     /// and the connection closes once the answer is out.
     pub(super) fn answer_head(&mut self, id: ConnId, head: &RequestHead, r: Resp, has_body: bool) {
         if has_body && let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
-            h.close_after = true;
             h.inbuf = Vec::new();
         }
-        self.respond(id, r, head.keep_alive, head.method == Method::Head);
+        self.respond(
+            id,
+            r,
+            head.keep_alive && !has_body,
+            head.method == Method::Head,
+        );
     }
 
     /// Routes a complete request and writes (or schedules) its answer. False when the
@@ -303,10 +314,7 @@ impl Proxy {
         let ConnState::Http(h) = &mut conn.state else {
             return;
         };
-        let keep = keep_alive && !h.close_after && !draining;
-        if !keep {
-            h.close_after = true;
-        }
+        let keep = keep_alive && !draining;
         let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         response::write_response(
             &mut conn.out,
@@ -317,17 +325,34 @@ impl Proxy {
             keep,
             now_t.secs() as u64,
         );
-        // The request is answered: the connection waits for the next one (or, with
-        // `close_after`, is closed by the flush once the answer is out).
-        if h.inbuf.is_empty() {
-            h.phase = HttpPhase::Head { idle: true };
-            h.deadline = now + idle;
-        } else {
-            h.phase = HttpPhase::Head { idle: false };
-            h.deadline = now + handshake;
-        }
+        // The request is answered: the connection waits for the next one, or closes once
+        // the answer is flushed.
+        next_request(h, keep, now, idle, handshake);
         self.dirty.push(id);
         self.rearm(id);
+    }
+
+    /// The peer closed its side of an HTTP connection: what was asked is still answered, then
+    /// the connection closes; with nothing owed it goes at once.
+    pub fn http_peer_closed(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let unsent = conn.unsent();
+        let ConnState::Http(h) = &mut conn.state else {
+            return;
+        };
+        match &mut h.phase {
+            HttpPhase::Waiting { keep_alive } => *keep_alive = false,
+            _ if unsent == 0 => self.drop_conn(id, "peer closed"),
+            HttpPhase::Sending(s) => s.keep_alive = false,
+            _ => {
+                self.abandon_upload(id);
+                if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
+                    h.phase = HttpPhase::LastAnswer;
+                }
+            }
+        }
     }
 
     /// The answer to a `POST /v1/messages` that waited for its recipient.
@@ -387,9 +412,9 @@ impl Proxy {
                 self.abandon_upload(id);
                 self.drop_conn(id, "upload stalled");
             }
-            HttpPhase::Head { idle: true } if h.inbuf.is_empty() => {
-                self.drop_conn(id, "keep-alive idle timeout");
-            }
+            HttpPhase::Idle => self.drop_conn(id, "keep-alive idle timeout"),
+            // The last answer was not read in time.
+            HttpPhase::LastAnswer => self.drop_conn(id, "answer not read"),
             _ => {
                 let r = Resp::error(
                     408,
@@ -402,12 +427,30 @@ impl Proxy {
                 response::write_response(&mut conn.out, 408, &headers, &r.body, false, false, date);
                 // Closing: the past deadline cannot fire this answer again.
                 let deadline = now + CLOSE_LINGER;
-                conn.state = ConnState::Closing(Closing {
-                    deadline,
-                    fin_sent: false,
-                });
+                conn.state = ConnState::Closing(Closing::Flushing { deadline });
                 self.dirty.push(id);
             }
         }
+    }
+}
+
+/// After an answer: the next request (`Idle`, or `Head` when its bytes are already here), or,
+/// when the connection is not kept, `LastAnswer` until the flush closes it.
+pub(crate) fn next_request(
+    h: &mut crate::conn::HttpConn,
+    keep: bool,
+    now: Instant,
+    idle: std::time::Duration,
+    handshake: std::time::Duration,
+) {
+    if !keep {
+        h.phase = HttpPhase::LastAnswer;
+        h.deadline = now + idle;
+    } else if h.inbuf.is_empty() {
+        h.phase = HttpPhase::Idle;
+        h.deadline = now + idle;
+    } else {
+        h.phase = HttpPhase::Head;
+        h.deadline = now + handshake;
     }
 }

@@ -10,6 +10,8 @@
 //! connection's output through `http`.
 
 mod http;
+
+pub(crate) use http::next_request;
 mod messages;
 mod servers;
 mod tokens;
