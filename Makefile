@@ -151,7 +151,7 @@ bench:
 	$(CARGO) bench --bench loadgen -- --min-rate 50000 --label pairs1
 	$(CARGO) bench --bench loadgen -- --pairs 4 --min-rate 50000 --label pairs4
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-bytes-per-session 8192 --max-idle-kib 4096
-	$(CARGO) bench --bench hostile -- --unauth-max-growth-kib 16384 --flood-max-growth-kib 73856
+	$(CARGO) bench --bench hostile -- --unauth-max-growth-kib 16384 --flood-max-growth-kib 78976
 
 bench-smoke:
 	$(CARGO) bench --bench loadgen -- --duration 2 --warmup 0.5 --min-rate 5000 --label smoke

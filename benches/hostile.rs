@@ -37,11 +37,13 @@
 //! `self-flood: sends=.. accepted=.. refused_overloaded=.. refused_queue_full=.. queued=..
 //! other_answers=.. deliveries=.. rss_before=.. KiB rss_peak=.. KiB hwm=.. KiB growth=.. KiB
 //! bound=.. KiB`.
-//! Bound `--flood-max-growth-kib`, default 73856 KiB (72.1 MiB) =
+//! Bound `--flood-max-growth-kib`, default 78976 KiB (77.1 MiB) =
 //!   65536 KiB held copies (`FEDMCP_QUEUE_MAX_BYTES`, §4)
 //! + 4224 KiB the session's output at its hard bound, 2 × (2 × max_message + 64 KiB)
 //! + 4096 KiB for four message-sized transients (the incoming frame, its parsed params, the
-//!   `federation/deliver` text being built, the copy being made for the hold).
+//!   `federation/deliver` text being built, the copy being made for the hold)
+//! + 5120 KiB allocator slack (freed message buffers the allocator keeps; measured growth
+//!   was 69–70 MiB, so the three terms above alone left only ~3 MiB of room).
 //!
 //! Without the §4 bound the proxy held all 1,024 copies: ~1 GiB.
 //!
@@ -49,7 +51,7 @@
 //! `self-flood`; default all), settle (1 s), sample-ms (50); unauth-bodies: sockets (400),
 //! announce-bytes (1048576), window-secs (2), unauth-max-growth-kib (16384), min-401
 //! (= sockets); self-flood: sends (1024), message-bytes (1047552), quiet-secs (3),
-//! flood-max-growth-kib (73856). A bound of 0 disables it.
+//! flood-max-growth-kib (78976). A bound of 0 disables it.
 //!
 //! Smoke-sized run (well under 20 s once built):
 //! `cargo bench --bench hostile -- --sockets 100 --window-secs 0.5 --sends 160 --settle 0.2`
@@ -327,7 +329,7 @@ fn self_flood(o: &Opts, settle: Duration, every: Duration) -> bool {
     let sends: usize = o.parse("sends", 1024);
     let msg_bytes: usize = o.parse("message-bytes", (1 << 20) - 1024);
     let quiet: f64 = o.parse("quiet-secs", 3.0);
-    let bound: u64 = o.parse("flood-max-growth-kib", 73856);
+    let bound: u64 = o.parse("flood-max-growth-kib", 78976);
 
     let env = [
         ("FEDMCP_HEARTBEAT_MS", "600000".to_string()),
