@@ -38,6 +38,7 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
         audit,
         start,
     );
+    p.seed_ids(7);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
     let _client = std::net::TcpStream::connect(listener.local_addr().ok()?).ok()?;
     let (server, peer) = listener.accept().ok()?;

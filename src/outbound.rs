@@ -12,7 +12,7 @@
 
 use crate::conn::{ConnId, ConnState, DialPhase, Dialing};
 use crate::jwt::TokenType;
-use crate::proxy::{Proxy, TimerKey, random_bytes};
+use crate::proxy::{Proxy, TimerKey};
 use crate::registry::{OutPhase, Outbound, Slot};
 use base64::Engine;
 use std::net::{IpAddr, SocketAddr};
@@ -244,9 +244,9 @@ fn control_url_of(endpoints: &str) -> Option<ControlUrl> {
     ControlUrl::parse(e.control.as_deref()?)
 }
 
-/// A jitter unit in [0, 1) from the OS.
-fn jitter_unit() -> f64 {
-    let b = random_bytes::<4>();
+/// A jitter unit in [0, 1).
+fn jitter_unit(entropy: &crate::proxy::Entropy) -> f64 {
+    let b = entropy.bytes::<4>();
     u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
 }
 
@@ -425,7 +425,7 @@ impl Proxy {
         let Some(o) = e.outbound.as_ref() else { return };
         let url = o.url.clone();
         let (token, claims) = self.mint(&server_id, TokenType::Federation);
-        let key = base64::engine::general_purpose::STANDARD.encode(random_bytes::<16>());
+        let key = base64::engine::general_purpose::STANDARD.encode(self.entropy.bytes::<16>());
         let deadline = self.now.at + self.cfg.handshake_timeout;
         let dialing = Dialing {
             slot,
@@ -523,6 +523,7 @@ impl Proxy {
     pub fn dial_failed(&mut self, slot: Slot, expect: OutPhase, why: String) {
         let draining = self.draining.is_some();
         let (now, now_ms) = (self.now.at, self.now.wall_ms);
+        let jitter = jitter_unit(&self.entropy);
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
@@ -552,7 +553,7 @@ impl Proxy {
         {
             o.attempt = 0;
         }
-        let delay = backoff(o.attempt, jitter_unit());
+        let delay = backoff(o.attempt, jitter);
         o.attempt = o.attempt.saturating_add(1);
         o.phase = OutPhase::Backoff;
         o.next_attempt_ms = Some(now_ms + delay.as_millis() as i64);

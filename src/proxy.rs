@@ -137,6 +137,8 @@ pub struct Proxy {
     pub degraded: Option<String>,
     seq: u64,
     boot_id: String,
+    /// Where random ids come from (`Entropy::Os` but in simulation and fuzzing).
+    pub entropy: Entropy,
 }
 
 /// Milliseconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
@@ -155,6 +157,55 @@ pub fn secs_to_ms(secs: i64) -> i64 {
 /// Seconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
 pub fn now_secs() -> i64 {
     now_ms() / 1000
+}
+
+/// Where the proxy's random ids (message-id prefix, session ids, `jti`s, upgrade keys, backoff
+/// jitter) come from: the OS, or, in the simulation and the fuzz harness, a generator seeded
+/// so that every run of a seed is the same byte for byte. Secrets never come from here.
+#[derive(Debug)]
+pub enum Entropy {
+    Os,
+    Seeded(std::cell::Cell<u64>),
+}
+
+impl Entropy {
+    /// Fills `buf`.
+    pub fn fill(&self, buf: &mut [u8]) {
+        match self {
+            Entropy::Os => buf.copy_from_slice(&random_vec(buf.len())),
+            Entropy::Seeded(state) => {
+                for b in buf.iter_mut() {
+                    // splitmix64, one byte a step: plenty for ids in a test.
+                    let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    state.set(s);
+                    let mut z = s;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    *b = (z ^ (z >> 31)) as u8;
+                }
+            }
+        }
+    }
+
+    pub fn bytes<const N: usize>(&self) -> [u8; N] {
+        let mut b = [0u8; N];
+        self.fill(&mut b);
+        b
+    }
+}
+
+fn random_vec(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    if getrandom::fill(&mut v).is_err() {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = (t >> ((i % 16) * 8)) as u8 ^ i as u8;
+        }
+    }
+    v
 }
 
 /// Random bytes from the OS; an unusable OS source falls back to time-derived bytes
@@ -219,6 +270,7 @@ impl Proxy {
             degraded: None,
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
+            entropy: Entropy::Os,
         }
     }
 
@@ -239,7 +291,14 @@ impl Proxy {
     }
 
     pub fn session_id(&self) -> String {
-        hex(&random_bytes::<12>())
+        hex(&self.entropy.bytes::<12>())
+    }
+
+    /// Random ids from a generator seeded with `seed` from now on (simulation, fuzzing), the
+    /// message-id prefix included: a run of the same seed is the same byte for byte.
+    pub fn seed_ids(&mut self, seed: u64) {
+        self.entropy = Entropy::Seeded(std::cell::Cell::new(seed));
+        self.boot_id = hex(&self.entropy.bytes::<4>());
     }
 
     /// Inserts a connection, giving it a fresh generation; `None` at capacity.
@@ -544,7 +603,7 @@ impl Proxy {
             iat,
             exp,
             nbf: None,
-            jti: Some(jwt::new_jti()),
+            jti: Some(hex(&self.entropy.bytes::<16>())),
         };
         (jwt::sign(&self.secrets[0], &claims), claims)
     }

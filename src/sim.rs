@@ -25,8 +25,9 @@
 //!   request is answered twice or without having been asked;
 //! - every bound holds: output owed per session, queue length and bytes held per recipient.
 //!
-//! The generator and every map here are deterministic; the proxy's own random ids (message
-//! and session ids) change between runs but never what happens.
+//! The generator and every map here are deterministic, and the proxy's random ids (message
+//! and session ids, `jti`s) come from the seed too (`Proxy::seed_ids`): a replay is the same
+//! run byte for byte.
 
 use crate::audit::Audit;
 use crate::clock::Now;
@@ -68,6 +69,9 @@ pub struct Stats {
     pub queued: usize,
     pub crashes: usize,
     pub removals: usize,
+    /// FNV-1a of every byte the proxy wrote to the members, in order: two runs of a seed
+    /// are the same run exactly when their digests are equal.
+    pub digest: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -78,6 +82,7 @@ impl std::ops::AddAssign for Stats {
         self.queued += o.queued;
         self.crashes += o.crashes;
         self.removals += o.removals;
+        self.digest ^= o.digest;
     }
 }
 
@@ -240,7 +245,7 @@ impl Sim {
             at: std::time::Instant::now(),
             wall_ms: 1_767_225_600_000,
         };
-        let p = Self::boot(&cfg, dir.as_ref(), start)?;
+        let p = Self::boot(&cfg, dir.as_ref(), start, seed)?;
         Ok(Sim {
             seed,
             rng: Rng::new(seed),
@@ -266,9 +271,13 @@ impl Sim {
         self
     }
 
-    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now) -> Result<Proxy, String> {
+    /// A proxy on the state dir (if any); `ids` seeds its random ids (a new one per boot, as
+    /// a real restart gets new ones).
+    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now, ids: u64) -> Result<Proxy, String> {
         let audit = Audit::open(None).map_err(|e| e.to_string())?;
         let mut p = Proxy::new(cfg.clone(), SECRET.to_vec(), audit, now);
+        // Ids from the seed too: a replay is the same run byte for byte.
+        p.seed_ids(ids);
         if let Some(d) = dir {
             let (store, replay) =
                 crate::store::state::Store::open(d).map_err(|e| format!("store: {e}"))?;
@@ -512,7 +521,7 @@ impl Sim {
                     iat,
                     exp: iat + 4,
                     nbf: None,
-                    jti: Some(jwt::new_jti()),
+                    jti: Some(crate::proxy::hex(&self.p.entropy.bytes::<16>())),
                 },
             )
         } else {
@@ -615,8 +624,9 @@ impl Sim {
         }
         let cfg = self.cfg.clone();
         let dir = self.dir.clone();
-        self.p = Self::boot(&cfg, dir.as_ref(), now).map_err(|e| self.fail(e))?;
         self.stats.crashes += 1;
+        let ids = self.seed ^ ((self.stats.crashes as u64) << 40);
+        self.p = Self::boot(&cfg, dir.as_ref(), now, ids).map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -662,6 +672,9 @@ impl Sim {
         let bytes = conn.out[conn.out_pos..].to_vec();
         conn.out.clear();
         conn.out_pos = 0;
+        for b in &bytes {
+            self.stats.digest = (self.stats.digest ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
         self.members[m].rx.extend_from_slice(&bytes);
         if !self.members[m].upgraded {
             let rx = &self.members[m].rx;
