@@ -95,6 +95,18 @@ pub struct HttpConn {
     pub authenticated: bool,
 }
 
+impl HttpConn {
+    /// A new HTTP connection: its first request head is due by `deadline`.
+    pub fn new(deadline: Instant) -> HttpConn {
+        HttpConn {
+            inbuf: Vec::new(),
+            phase: HttpPhase::Head,
+            deadline,
+            authenticated: false,
+        }
+    }
+}
+
 pub struct WsConn {
     pub ctx: tungstenite::protocol::WebSocketContext,
     pub sess: Session,

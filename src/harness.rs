@@ -11,7 +11,7 @@
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::conn::{Conn, ConnState, HttpConn, HttpPhase};
+use crate::conn::{Conn, ConnState, HttpConn};
 use crate::jwt::{Claims, TokenType};
 use crate::proxy::Proxy;
 use crate::ws::client_frame;
@@ -49,12 +49,7 @@ pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
             id,
             sock,
             peer,
-            ConnState::Http(HttpConn {
-                inbuf: Vec::new(),
-                phase: HttpPhase::Head,
-                deadline: start.at + Duration::from_secs(10),
-                authenticated: false,
-            }),
+            ConnState::Http(HttpConn::new(start.at + Duration::from_secs(10))),
         )
     })?;
     // Another server, offline, so sends can queue.

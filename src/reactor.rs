@@ -204,17 +204,7 @@ impl Reactor {
             let _ = sock.set_nodelay(true);
             let deadline = proxy.now.at + proxy.cfg.handshake_timeout;
             let id = proxy.insert_conn(|id| {
-                Conn::new(
-                    id,
-                    sock,
-                    peer,
-                    ConnState::Http(HttpConn {
-                        inbuf: Vec::new(),
-                        phase: HttpPhase::Head,
-                        deadline,
-                        authenticated: false,
-                    }),
-                )
+                Conn::new(id, sock, peer, ConnState::Http(HttpConn::new(deadline)))
             });
             let Some(id) = id else { continue };
             proxy.metrics.accepted_total += 1;

@@ -32,7 +32,7 @@
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::conn::{Conn, ConnId, ConnState, HttpConn, HttpPhase};
+use crate::conn::{Conn, ConnId, ConnState, HttpConn};
 use crate::jwt::{self, Claims, TokenType};
 use crate::proxy::Proxy;
 use crate::ws::client_frame;
@@ -566,19 +566,7 @@ impl Sim {
         let deadline = self.p.now.at + self.cfg.handshake_timeout;
         let id = self
             .p
-            .insert_conn(|id| {
-                Conn::new(
-                    id,
-                    sock,
-                    peer,
-                    ConnState::Http(HttpConn {
-                        inbuf: Vec::new(),
-                        phase: HttpPhase::Head,
-                        deadline,
-                        authenticated: false,
-                    }),
-                )
-            })
+            .insert_conn(|id| Conn::new(id, sock, peer, ConnState::Http(HttpConn::new(deadline))))
             .ok_or_else(|| self.fail("connection table full"))?;
         Ok((id, far))
     }

@@ -39,6 +39,19 @@ struct Endpoints {
     data: Option<String>,
 }
 
+/// A registration's fields on its entry (new or updated): registered, and the endpoints and
+/// capabilities the body gave (absent ones are kept).
+fn apply_registration(e: &mut Entry, b: &RegisterBody) {
+    e.registered = true;
+    if let Some(ep) = b.endpoints {
+        e.endpoints = ep.get().to_string();
+    }
+    if let Some(c) = b.capabilities {
+        e.capabilities = c.get().to_string();
+        e.reg_capabilities = e.capabilities.clone();
+    }
+}
+
 fn url_ok(url: &str, schemes: &[&str]) -> bool {
     schemes.iter().any(|s| {
         url.strip_prefix(s)
@@ -137,26 +150,12 @@ impl Proxy {
                     return bad("registry changed");
                 };
                 let was_registered = e.registered;
-                e.registered = true;
-                if let Some(ep) = b.endpoints {
-                    e.endpoints = ep.get().to_string();
-                }
-                if let Some(c) = b.capabilities {
-                    e.capabilities = c.get().to_string();
-                    e.reg_capabilities = e.capabilities.clone();
-                }
+                apply_registration(e, &b);
                 if was_registered { 200 } else { 201 }
             }
             None => {
                 let mut e = self.new_entry(&b.server_id);
-                e.registered = true;
-                if let Some(ep) = b.endpoints {
-                    e.endpoints = ep.get().to_string();
-                }
-                if let Some(c) = b.capabilities {
-                    e.capabilities = c.get().to_string();
-                    e.reg_capabilities = e.capabilities.clone();
-                }
+                apply_registration(&mut e, &b);
                 match self.registry.insert(e) {
                     Ok(_) => 201,
                     Err(RegistryError::Full) => {
