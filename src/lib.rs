@@ -48,6 +48,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod queue;
 pub mod reactor;
 pub mod registry;
 pub mod resources;

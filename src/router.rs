@@ -1,22 +1,20 @@
-//! Federation semantics: send, deliver, answer, queue, broadcast (contract §4, §6).
+//! Federation semantics: send, deliver, answer, broadcast (contract §4, §6).
 //!
 //! Owns the life of a message from the moment a sender's `federation/send` (or `POST
 //! /v1/messages`) is understood until its answer reaches the sender: routing to the online
-//! recipient with `federation/deliver`, matching the recipient's answer to the delivery,
-//! delivery timeouts, store-and-forward for offline recipients (`queue: true`, TTL expiry,
-//! `federation/delivered`), broadcast, signatures, and the slow-consumer bounds.
+//! recipient with `federation/deliver` (signed for it), matching the recipient's answer to the
+//! delivery, delivery timeouts, `federation/delivered` for queued copies, broadcast, sender
+//! signatures, and settling a recipient's deliveries when it goes away. A recipient's queue
+//! (store-and-forward, TTLs, the bytes held for it) is `queue`'s.
 //!
 //! Invariants: every `Pending` entry has exactly one owner of its answer (`ReplyTo`); a
 //! recipient's deliveries are written to its one output buffer in the order sent, so order
 //! per sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
 //! Bounds: unsent bytes per session ([`Proxy::unsent_bound`]), deliveries awaiting one
-//! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), queue length (`FEDMCP_QUEUE_MAX_MESSAGES`),
-//! and the bytes held for one recipient (`FEDMCP_QUEUE_MAX_BYTES`): its queue plus the
-//! copies kept of direct deliveries awaiting its answer (`queue: true` sends keep one to
-//! requeue it if the recipient goes away), so no copy is ever outside a bound.
-
+//! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), and (through `queue`) the bytes held for one
+//! recipient, so no copy is ever outside a bound.
 use crate::conn::{ConnId, ConnState};
-use crate::durable::{Deferred, Record};
+use crate::durable::Deferred;
 use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
@@ -31,10 +29,6 @@ use std::time::{Duration, Instant};
 /// Deliveries one recipient may hold unanswered before new sends to it are refused
 /// `recipient_overloaded`.
 pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
-
-/// How much later an expired copy whose `queued` answer still waits for the turn's commit
-/// is looked at again (the next turn, in practice).
-const TTL_RECHECK: Duration = Duration::from_millis(1);
 
 /// The longest `ttlMs` honoured (a century); longer is treated as this.
 pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
@@ -315,7 +309,7 @@ impl Proxy {
         if backlog || full { Err(true) } else { Ok(conn) }
     }
 
-    fn deliver_params_for(
+    pub(crate) fn deliver_params_for(
         &self,
         slot: Slot,
         msg_id: &str,
@@ -341,14 +335,21 @@ impl Proxy {
         deliver_params(msg_id, from, message, sent_at, &sig)
     }
 
-    fn count_received(&mut self, slot: Slot) {
+    pub(crate) fn count_received(&mut self, slot: Slot) {
         if let Some(e) = self.registry.get_mut(slot) {
             e.received += 1;
         }
     }
 
     /// Writes a `federation/deliver` request with id `seq` and records it as pending.
-    fn deliver(&mut self, conn: ConnId, slot: Slot, seq: u64, params: &str, kind: PendingKind) {
+    pub(crate) fn deliver(
+        &mut self,
+        conn: ConnId,
+        slot: Slot,
+        seq: u64,
+        params: &str,
+        kind: PendingKind,
+    ) {
         let timer = match kind {
             PendingKind::Direct { .. } => Some(self.timers.insert(
                 self.now.at + self.cfg.delivery_timeout,
@@ -399,163 +400,6 @@ impl Proxy {
             }
         }
         n
-    }
-
-    /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
-    /// TTL already past fires on the next turn and drops it as `expired`).
-    /// Returns the enqueue record (`queued` is answered once it is on disk).
-    fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<Record, RpcError> {
-        let mut record = None;
-        if self.durable()
-            && let Some(e) = self.registry.get(slot)
-        {
-            let to = e.server_id.clone();
-            if e.queue.len() < self.cfg.queue_max_messages
-                && e.queue_bytes + e.inflight_bytes + q.bytes() <= self.cfg.queue_max_bytes
-            {
-                record = self.persist_enqueue(&to, &q);
-            }
-        }
-        self.insert_queued(slot, q, true).map(|()| record)
-    }
-
-    /// A queued copy read back from the state log (not written again).
-    /// Restored copies were acknowledged: they are kept even over the queue bounds (which
-    /// may have been lowered since); new sends to that queue are refused until it drains.
-    pub fn enqueue_restored(&mut self, slot: Slot, q: Queued) -> bool {
-        self.insert_queued(slot, q, false).is_ok()
-    }
-
-    fn insert_queued(&mut self, slot: Slot, mut q: Queued, bounded: bool) -> Result<(), RpcError> {
-        let (max, max_bytes) = (self.cfg.queue_max_messages, self.cfg.queue_max_bytes);
-        let Some(e) = self.registry.get(slot) else {
-            return Err(RpcError::UnknownServer);
-        };
-        let held = e.queue_bytes + e.inflight_bytes + q.bytes();
-        if bounded && (e.queue.len() >= max || held > max_bytes) {
-            return Err(RpcError::QueueFull);
-        }
-        if let (Some(at), None) = (q.expires, q.ttl_timer) {
-            q.ttl_timer = Some(self.timers.insert(at, TimerKey::Ttl(slot, q.seq)));
-        }
-        let Some(e) = self.registry.get_mut(slot) else {
-            return Err(RpcError::UnknownServer);
-        };
-        e.queue_bytes += q.bytes();
-        // Keep the queue in send order (a requeued message goes back to its place).
-        let pos = e.queue.partition_point(|x| x.seq < q.seq);
-        e.queue.insert(pos, q);
-        Ok(())
-    }
-
-    /// Counts `bytes` of a delivery's copy as held for the recipient in `slot`, if they fit
-    /// under `FEDMCP_QUEUE_MAX_BYTES` with its queue and its other held copies.
-    fn hold(&mut self, slot: Slot, bytes: usize) -> bool {
-        let max = self.cfg.queue_max_bytes;
-        match self.registry.get_mut(slot) {
-            Some(e) if e.queue_bytes + e.inflight_bytes + bytes <= max => {
-                e.inflight_bytes += bytes;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// A pending delivery is settled: the copy it kept (if any) is no longer held.
-    fn unhold(&mut self, p: &Pending) {
-        if let PendingKind::Direct {
-            requeue: Some(q), ..
-        } = &p.kind
-            && let Some(e) = self.registry.get_mut(p.slot)
-        {
-            e.inflight_bytes = e.inflight_bytes.saturating_sub(q.bytes());
-        }
-    }
-
-    /// Delivers queued messages to an online recipient while it has room, in order.
-    pub fn pump(&mut self, slot: Slot) {
-        loop {
-            let Some(entry) = self.registry.get(slot) else {
-                return;
-            };
-            let (State::Online, Some(conn)) = (entry.state, entry.session) else {
-                return;
-            };
-            let Some(i) = entry.queue.iter().position(|q| q.inflight.is_none()) else {
-                return;
-            };
-            let Some(c) = self.conn(conn) else { return };
-            let ConnState::Ws(ws) = &c.state else { return };
-            if c.unsent() > self.unsent_bound() || ws.sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT {
-                return;
-            }
-            let q = &entry.queue[i];
-            if q.expires.is_some_and(|at| at <= self.now.at) {
-                let qseq = q.seq;
-                self.on_ttl(slot, qseq);
-                continue;
-            }
-            let params =
-                self.deliver_params_for(slot, &q.msg_id, &q.from, &q.message, q.sent_at_ms);
-            if q.notify_sender {
-                let qseq = q.seq;
-                let seq = self.next_seq();
-                if let Some(e) = self.registry.get_mut(slot) {
-                    e.queue[i].inflight = Some(seq);
-                }
-                self.deliver(conn, slot, seq, &params, PendingKind::FromQueue { qseq });
-            } else {
-                self.ws_send(conn, jsonrpc::request(None, "federation/deliver", &params));
-                self.count_received(slot);
-                self.metrics.message(MsgResult::Forwarded);
-                self.remove_queued(slot, i);
-            }
-        }
-    }
-
-    /// Removes a queued copy for good (answered, expired, delivered as a notification): the
-    /// removal is written to the state log.
-    fn remove_queued(&mut self, slot: Slot, i: usize) -> Option<Queued> {
-        let q = self.take_queued(slot, i)?;
-        if self.durable()
-            && let Some(e) = self.registry.get(slot)
-        {
-            let op = crate::store::state::Op::Dequeue {
-                to: e.server_id.clone(),
-                seq: q.seq,
-            };
-            self.persist(op);
-        }
-        Some(q)
-    }
-
-    /// Takes a copy out of memory only (a failed commit, or restoring).
-    pub fn unqueue(&mut self, slot: Slot, qseq: u64) {
-        if let Some(i) = self.find_queued(slot, qseq) {
-            self.take_queued(slot, i);
-        }
-    }
-
-    /// Empties a queue in memory only (its removal record covers it on disk).
-    pub fn unqueue_all(&mut self, slot: Slot) {
-        while self.registry.get(slot).is_some_and(|e| !e.queue.is_empty()) {
-            self.take_queued(slot, 0);
-        }
-    }
-
-    fn take_queued(&mut self, slot: Slot, i: usize) -> Option<Queued> {
-        let e = self.registry.get_mut(slot)?;
-        let q = e.queue.remove(i)?;
-        e.queue_bytes = e.queue_bytes.saturating_sub(q.bytes());
-        if let Some(t) = q.ttl_timer {
-            self.timers.cancel(t);
-        }
-        Some(q)
-    }
-
-    pub fn find_queued(&self, slot: Slot, qseq: u64) -> Option<usize> {
-        let e = self.registry.get(slot)?;
-        e.queue.binary_search_by_key(&qseq, |q| q.seq).ok()
     }
 
     /// The recipient on `conn` answered delivery `seq`.
@@ -614,7 +458,7 @@ impl Proxy {
     }
 
     /// `federation/delivered` to a sender, if it is online.
-    fn notify_sender(&mut self, sender: &str, params: String) {
+    pub(crate) fn notify_sender(&mut self, sender: &str, params: String) {
         let Some(conn) = self.registry.by_id(sender).and_then(|e| e.session) else {
             return;
         };
@@ -636,40 +480,6 @@ impl Proxy {
         self.metrics.message(MsgResult::Timeout);
         if let PendingKind::Direct { reply_to, .. } = p.kind {
             self.reply(reply_to, Err(RpcError::DeliveryTimeout));
-        }
-    }
-
-    /// A queued message's TTL ran out: drop it unless it is already delivered.
-    pub fn on_ttl(&mut self, slot: Slot, qseq: u64) {
-        let Some(i) = self.find_queued(slot, qseq) else {
-            return;
-        };
-        if self.queued_answer_pending(slot, qseq) {
-            // `expired` must not overtake `queued`: look again after this turn's commit. The
-            // turn's timers fire until none is due at the turn's time, so "again" must be
-            // later than that time, or this would fire again at once, forever.
-            let again = self.now.at + TTL_RECHECK;
-            let t = self.timers.insert(again, TimerKey::Ttl(slot, qseq));
-            if let Some(e) = self.registry.get_mut(slot) {
-                e.queue[i].ttl_timer = Some(t);
-            }
-            return;
-        }
-        let Some(e) = self.registry.get_mut(slot) else {
-            return;
-        };
-        e.queue[i].ttl_timer = None;
-        if e.queue[i].inflight.is_some() {
-            return;
-        }
-        if let Some(q) = self.remove_queued(slot, i) {
-            self.metrics.message(MsgResult::Expired);
-            if q.notify_sender {
-                self.notify_sender(
-                    &q.from,
-                    format!("{{\"msgId\":\"{}\",\"status\":\"expired\"}}", q.msg_id),
-                );
-            }
         }
     }
 
@@ -743,19 +553,6 @@ impl Proxy {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// Drops a removed server's queue.
-    pub fn drop_queue(&mut self, slot: Slot) {
-        while let Some(e) = self.registry.get(slot) {
-            if e.queue.is_empty() {
-                break;
-            }
-            // The removal record covers the queue on disk.
-            if self.take_queued(slot, 0).is_some() {
-                self.metrics.message(MsgResult::Dropped);
             }
         }
     }
