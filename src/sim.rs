@@ -235,7 +235,10 @@ impl Sim {
             } else {
                 std::env::temp_dir()
             };
-            base.join(format!("fedmcp-sim-{}-{seed}", std::process::id()))
+            // One directory per run, also for two runs of one seed at once (the replay test).
+            static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            base.join(format!("fedmcp-sim-{}-{seed}-{run}", std::process::id()))
         });
         if let Some(d) = &dir {
             let _ = std::fs::remove_dir_all(d);
@@ -304,9 +307,6 @@ impl Sim {
         }
         self.drain()?;
         self.check_all_queued_delivered()?;
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
         self.stats.steps = self.step;
         Ok(self.stats)
     }
@@ -920,6 +920,15 @@ impl Sim {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        // The state dir goes with the run, failed or not.
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
