@@ -17,7 +17,7 @@ use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
 use crate::proxy::{Proxy, secs_to_ms};
-use crate::registry::State;
+use crate::registry::Presence;
 use crate::router::{Reply, ReplyTo};
 use crate::session::{Batch, Bucket, Session};
 
@@ -47,7 +47,7 @@ impl Proxy {
         role: Role,
     ) -> Result<(), crate::registry::RegistryError> {
         let slot = self.find_or_insert(&claims.server_id)?;
-        if let Some(old) = self.registry.get(slot).and_then(|e| e.session)
+        if let Some(old) = self.registry.get(slot).and_then(|e| e.presence.session())
             && old != id
         {
             self.ws_close(old, 4003, "replaced by a newer session");
@@ -96,9 +96,8 @@ impl Proxy {
             None => return Ok(()),
         };
         if let Some(e) = self.registry.get_mut(slot) {
-            e.session = Some(id);
+            e.presence = Presence::Connecting(id);
             e.outbound_session = role == Role::Client;
-            e.state = State::Connecting;
             e.connected_at_ms = Some(now_ms);
             e.last_seen_at_ms = Some(self.now.wall_ms);
         }
@@ -130,11 +129,10 @@ impl Proxy {
         peer: Option<SocketAddr>,
     ) {
         if let Some(e) = self.registry.get_mut(sess.slot)
-            && e.session == Some(id)
+            && e.presence.session() == Some(id)
         {
-            e.session = None;
+            e.presence = Presence::Offline;
             e.outbound_session = false;
-            e.state = State::Offline;
             e.capabilities = e.reg_capabilities.clone();
         }
         self.settle_deliveries(id, crate::router::Gone::Offline);
@@ -279,7 +277,7 @@ impl Proxy {
         }
         let backlog = online
             && self.registry.get(slot).is_some_and(|e| {
-                e.state == State::Online && e.queue.iter().any(|q| q.inflight.is_none())
+                e.presence.online().is_some() && e.queue.iter().any(|q| q.inflight.is_none())
             });
         if backlog {
             self.pump(slot);
@@ -464,7 +462,11 @@ impl Proxy {
     fn online_servers_json(&self) -> String {
         let mut s = String::from("{\"servers\":[");
         let mut first = true;
-        for e in self.registry.entries().filter(|e| e.state == State::Online) {
+        for e in self
+            .registry
+            .entries()
+            .filter(|e| e.presence.online().is_some())
+        {
             if !first {
                 s.push(',');
             }
@@ -516,7 +518,7 @@ impl Proxy {
                 sess.welcome = None;
                 let caps = outcome.ok().and_then(capabilities_of);
                 if let Some(e) = self.registry.get_mut(slot) {
-                    e.state = State::Online;
+                    e.presence = Presence::Online(id);
                     if let Some(o) = e.outbound.as_mut() {
                         o.online_since = Some(self_now);
                         o.last_error = None;

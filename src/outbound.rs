@@ -306,7 +306,7 @@ impl Proxy {
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
-        let busy = e.session.is_some();
+        let busy = e.presence.session().is_some();
         let Some(o) = e.outbound.as_mut() else { return };
         o.timer = None;
         if let OutPhase::Resolving(lookup) = o.phase {
@@ -486,7 +486,7 @@ impl Proxy {
         if self
             .registry
             .get(slot)
-            .is_some_and(|e| e.session.is_some_and(|s| s != id))
+            .is_some_and(|e| e.presence.session().is_some_and(|s| s != id))
         {
             // It connected inbound while we were dialling: keep that session.
             return self.drop_conn(id, "the server connected inbound meanwhile");

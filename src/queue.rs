@@ -15,7 +15,7 @@ use crate::durable::Record;
 use crate::jsonrpc::{self, RpcError};
 use crate::metrics::MsgResult;
 use crate::proxy::{Proxy, TimerKey};
-use crate::registry::{Queued, Slot, State};
+use crate::registry::{Queued, Slot};
 use crate::router::{MAX_INFLIGHT_PER_RECIPIENT, Pending, PendingKind};
 use std::time::Duration;
 
@@ -106,7 +106,7 @@ impl Proxy {
             let Some(entry) = self.registry.get(slot) else {
                 return;
             };
-            let (State::Online, Some(conn)) = (entry.state, entry.session) else {
+            let Some(conn) = entry.presence.online() else {
                 return;
             };
             let Some(i) = entry.queue.iter().position(|q| q.inflight.is_none()) else {

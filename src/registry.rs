@@ -1,6 +1,6 @@
 //! The registry: a fixed-capacity table of servers, allocated once at start.
 //!
-//! Owns every server's entry (id, endpoints, capabilities, signing key, session pointer, state,
+//! Owns every server's entry (id, endpoints, capabilities, signing key, presence (offline, connecting or online on a session),
 //! statistics, and the queue of messages waiting for it) and the record of removals that keeps
 //! old tokens revoked. Slots are addressed by [`Slot`] (index + generation), so a handle kept
 //! by a timer or a pending delivery can never reach a newer server that reused the slot.
@@ -20,19 +20,39 @@ pub struct Slot {
     pub generation: u32,
 }
 
+/// Where a server's session is: the one answer to "is it connected, is it a recipient".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub enum Presence {
     Offline,
-    Connecting,
-    Online,
+    /// A session on this connection whose welcome is not answered yet: it may send, but it
+    /// is not a recipient.
+    Connecting(ConnId),
+    /// A session on this connection, welcome answered: a recipient.
+    Online(ConnId),
 }
 
-impl State {
+impl Presence {
+    /// The session's connection, online or still connecting.
+    pub fn session(self) -> Option<ConnId> {
+        match self {
+            Presence::Offline => None,
+            Presence::Connecting(c) | Presence::Online(c) => Some(c),
+        }
+    }
+
+    /// The session's connection when it is a recipient.
+    pub fn online(self) -> Option<ConnId> {
+        match self {
+            Presence::Online(c) => Some(c),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Offline => "offline",
-            State::Connecting => "connecting",
-            State::Online => "online",
+            Presence::Offline => "offline",
+            Presence::Connecting(_) => "connecting",
+            Presence::Online(_) => "online",
         }
     }
 }
@@ -112,12 +132,12 @@ pub struct Entry {
     pub signing_key: [u8; 32],
     /// Tokens with `iat <= revoked_through` were issued before a removal and stay revoked.
     pub revoked_through: Option<i64>,
-    pub session: Option<ConnId>,
+    /// Its session, if it has one, and whether that session is a recipient yet.
+    pub presence: Presence,
     /// Whether the current session was dialled by the proxy.
     pub outbound_session: bool,
     /// Present while the server has a `ws://`/`wss://` `endpoints.control`.
     pub outbound: Option<Outbound>,
-    pub state: State,
     pub connected_at_ms: Option<i64>,
     pub last_seen_at_ms: Option<i64>,
     pub queue: VecDeque<Queued>,
@@ -326,10 +346,9 @@ impl Entry {
             key_epoch,
             signing_key,
             revoked_through: None,
-            session: None,
+            presence: Presence::Offline,
             outbound_session: false,
             outbound: None,
-            state: State::Offline,
             connected_at_ms: None,
             last_seen_at_ms: None,
             queue: VecDeque::new(),

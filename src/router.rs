@@ -19,7 +19,7 @@ use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
 use crate::proxy::{Proxy, TimerKey};
-use crate::registry::{Queued, Slot, State};
+use crate::registry::{Queued, Slot};
 use crate::timer::TimerId;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -293,7 +293,7 @@ impl Proxy {
         let Some(entry) = self.registry.get(slot) else {
             return Err(false);
         };
-        let (State::Online, Some(conn)) = (entry.state, entry.session) else {
+        let Some(conn) = entry.presence.online() else {
             return Err(false);
         };
         let Some(c) = self.conn(conn) else {
@@ -384,10 +384,10 @@ impl Proxy {
             .slots()
             .filter_map(|s| {
                 let e = self.registry.get(s)?;
-                if e.server_id == from || e.state != State::Online {
+                if e.server_id == from {
                     return None;
                 }
-                let c = e.session?;
+                let c = e.presence.online()?;
                 (self.conn(c)?.unsent() <= bound).then_some((s, c))
             })
             .collect();
@@ -459,7 +459,11 @@ impl Proxy {
 
     /// `federation/delivered` to a sender, if it is online.
     pub(crate) fn notify_sender(&mut self, sender: &str, params: String) {
-        let Some(conn) = self.registry.by_id(sender).and_then(|e| e.session) else {
+        let Some(conn) = self
+            .registry
+            .by_id(sender)
+            .and_then(|e| e.presence.session())
+        else {
             return;
         };
         self.ws_send(

@@ -13,7 +13,7 @@ use crate::http::parse;
 use crate::jwt::{self, TokenType};
 use crate::metrics::Gauges;
 use crate::proxy::{Proxy, secs_to_ms};
-use crate::registry::{Entry, RegistryError, State};
+use crate::registry::{Entry, RegistryError};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -81,7 +81,7 @@ impl Proxy {
         for e in self.registry.entries() {
             g.servers_registered += 1;
             g.queue_messages += e.queue.len();
-            if e.state == State::Online {
+            if e.presence.online().is_some() {
                 g.servers_online += 1;
             }
         }
@@ -241,13 +241,13 @@ impl Proxy {
     pub(super) fn entry_json(e: &Entry) -> String {
         use crate::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
-        let online = e.session.is_some();
+        let online = e.presence.session().is_some();
         // Without a session, a dialled server is `connecting` while an attempt runs and
         // `backoff` between attempts (§5).
         let state = match (&e.outbound, online) {
             (Some(o), false) if o.phase == OutPhase::Backoff => "backoff",
             (Some(_), false) => "connecting",
-            _ => e.state.as_str(),
+            _ => e.presence.as_str(),
         };
         let direction = match (online, e.outbound_session) {
             (false, _) => "null",
@@ -307,7 +307,7 @@ impl Proxy {
             return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
         self.outbound_stop(slot);
-        if let Some(conn) = self.registry.get(slot).and_then(|e| e.session) {
+        if let Some(conn) = self.registry.get(slot).and_then(|e| e.presence.session()) {
             // Its unanswered deliveries fail `unknown_server` now, instead of going back to
             // a queue that is about to be dropped; then the session closes.
             self.settle_deliveries(conn, crate::router::Gone::Removed);
