@@ -1,8 +1,9 @@
 //! The registry: a fixed-capacity table of servers, allocated once at start.
 //!
-//! Owns every server's entry (id, endpoints, capabilities, signing key, presence (offline, connecting or online on a session),
-//! statistics, and the queue of messages waiting for it) and the record of removals that keeps
-//! old tokens revoked. Slots are addressed by [`Slot`] (index + generation), so a handle kept
+//! Owns every server's entry (id, endpoints, capabilities, signing key and its epoch, its
+//! presence — offline, or connecting or online on a session —, statistics, and the queue of
+//! messages waiting for it) and the record of removals that keeps old tokens revoked and
+//! their keys retired. Slots are addressed by [`Slot`] (index + generation), so a handle kept
 //! by a timer or a pending delivery can never reach a newer server that reused the slot.
 //!
 //! Invariants: at most `capacity` entries; `by_id` maps exactly the occupied slots; a slot's
