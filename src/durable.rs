@@ -9,8 +9,8 @@
 //! degradation until a commit succeeds again, and the failure is logged and counted.
 //! Restore replays the log into the registry and queues before the listener serves.
 
-use crate::api::Resp;
 use crate::conn::ConnId;
+use crate::http::response::Resp;
 use crate::jsonrpc::RpcError;
 use crate::proxy::Proxy;
 use crate::registry::{Queued, Slot};

@@ -20,57 +20,22 @@ mod upgrade;
 use crate::conn::ConnId;
 use crate::durable::Record;
 use crate::http::parse::{Method, RequestHead};
-use crate::http::response;
 use crate::jsonrpc::RpcError;
 use crate::jwt;
 use crate::proxy::{AuthError, Proxy, Want};
 use std::net::SocketAddr;
 
-/// An answer to one request.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-}
+pub use crate::http::response::Resp;
 
+/// The contract's answer to a refused token: its status and code, and for a `401` the
+/// `WWW-Authenticate` challenge.
 impl Resp {
-    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Resp {
-        Resp {
-            status,
-            headers: vec![("Content-Type", "application/json".into())],
-            body: body.into(),
-        }
-    }
-
-    pub fn error(status: u16, code: &str, message: &str) -> Resp {
-        Resp::json(status, response::error_body(code, message))
-    }
-
-    pub fn no_content() -> Resp {
-        Resp {
-            status: 204,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
-    }
-
     pub fn auth(e: &AuthError) -> Resp {
         let mut r = Resp::error(e.status, e.code, e.message());
         if e.status == 401 {
             r.headers
                 .push(("WWW-Authenticate", "Bearer error=\"invalid_token\"".into()));
         }
-        r
-    }
-
-    pub fn method_not_allowed(allow: &str) -> Resp {
-        let mut r = Resp::error(
-            405,
-            "method_not_allowed",
-            "this path does not take that method",
-        );
-        r.headers.push(("Allow", allow.into()));
         r
     }
 }

@@ -2,9 +2,9 @@
 //! contract's JSON error body. Sans-io: everything is appended to a caller's `Vec<u8>`, and the
 //! time is passed in as Unix seconds.
 //!
-//! What it owns: the framing headers of responses (`Date`, `Content-Length`,
-//! `Connection: close`), reason phrases, the IMF-fixdate format, and the error body
-//! `{"error":{"code":…,"message":…}}` of contract §3.
+//! What it owns: [`Resp`] (an answer before it is framed: status, headers, body), the framing
+//! headers of responses (`Date`, `Content-Length`, `Connection: close`), reason phrases, the
+//! IMF-fixdate format, and the error body `{"error":{"code":…,"message":…}}` of contract §3.
 //!
 //! Invariants:
 //! - A response is framed by `Content-Length`, except 1xx and 204, which never carry
@@ -25,6 +25,46 @@ const MONTHS: [&str; 12] = [
 ];
 
 /// The standard reason phrase for `status`, `"Unknown"` for codes the proxy does not use.
+/// An answer to one request.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Resp {
+        Resp {
+            status,
+            headers: vec![("Content-Type", "application/json".into())],
+            body: body.into(),
+        }
+    }
+
+    pub fn error(status: u16, code: &str, message: &str) -> Resp {
+        Resp::json(status, error_body(code, message))
+    }
+
+    pub fn no_content() -> Resp {
+        Resp {
+            status: 204,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    pub fn method_not_allowed(allow: &str) -> Resp {
+        let mut r = Resp::error(
+            405,
+            "method_not_allowed",
+            "this path does not take that method",
+        );
+        r.headers.push(("Allow", allow.into()));
+        r
+    }
+}
+
 /// The interim answer to `Expect: 100-continue`, sent only once a request is authorised.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
