@@ -599,6 +599,16 @@ mod tests {
         }
     }
 
+    fn attempt(p: &Proxy, slot: Slot) -> u32 {
+        p.registry
+            .get(slot)
+            .unwrap()
+            .outbound
+            .as_ref()
+            .unwrap()
+            .attempt
+    }
+
     fn phase(p: &Proxy, slot: Slot) -> OutPhase {
         p.registry
             .get(slot)
@@ -632,30 +642,12 @@ mod tests {
             panic!("the next address is dialled");
         };
         assert_eq!(addr, a2);
-        assert_eq!(
-            p.registry
-                .get(slot)
-                .unwrap()
-                .outbound
-                .as_ref()
-                .unwrap()
-                .attempt,
-            0
-        );
+        assert_eq!(attempt(&p, slot), 0);
         // The last one fails too: now the attempt has failed and waits.
         p.dial_failed(slot, OutPhase::Opening, "refused".into());
         assert!(p.dial_requests.is_empty());
         assert_eq!(phase(&p, slot), OutPhase::Backoff);
-        assert_eq!(
-            p.registry
-                .get(slot)
-                .unwrap()
-                .outbound
-                .as_ref()
-                .unwrap()
-                .attempt,
-            1
-        );
+        assert_eq!(attempt(&p, slot), 1);
     }
 
     #[test]

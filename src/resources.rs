@@ -244,21 +244,18 @@ impl Index {
             return Err(QuotaError::TooLarge);
         }
         let replaced = self.get(owner, name).map_or(0, |m| m.size);
-        let after = self
-            .total
-            .saturating_sub(replaced)
-            .saturating_add(self.reserved)
-            .saturating_add(size);
-        if after > limits.quota {
+        // What would be in use: stored (less what this upload replaces), promised, and it.
+        let after = |stored: u64, reserved: u64| {
+            stored
+                .saturating_sub(replaced)
+                .saturating_add(reserved)
+                .saturating_add(size)
+        };
+        if after(self.total, self.reserved) > limits.quota {
             return Err(QuotaError::QuotaExceeded);
         }
         let mine = self.owners.get(owner).copied().unwrap_or_default();
-        let mine_after = mine
-            .stored
-            .saturating_sub(replaced)
-            .saturating_add(mine.reserved)
-            .saturating_add(size);
-        if mine_after > limits.per_owner {
+        if after(mine.stored, mine.reserved) > limits.per_owner {
             return Err(QuotaError::OwnerQuotaExceeded);
         }
         self.reserved += size;
