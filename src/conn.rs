@@ -17,7 +17,6 @@
 
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::parse::RequestHead;
-use crate::session::Session;
 use crate::timer::TimerId;
 use mio::Token;
 use mio::net::TcpStream;
@@ -109,7 +108,8 @@ impl HttpConn {
 
 pub struct WsConn {
     pub ctx: tungstenite::protocol::WebSocketContext,
-    pub sess: Session,
+    /// The core's session this connection carries.
+    pub session: crate::federation::SessionId,
     /// Input read from the socket but not yet processed, because the session's output went
     /// over its bound mid-read (at most one read chunk: nothing more is read until it is
     /// processed).
@@ -160,16 +160,9 @@ pub enum DialPhase {
 
 #[derive(Debug)]
 pub struct Dialing {
-    pub slot: crate::registry::Slot,
-    pub url: crate::outbound::ControlUrl,
-    /// Our `Sec-WebSocket-Key`.
-    pub key: String,
-    /// The token presented (its claims bound the session like an inbound one's).
-    pub claims: crate::jwt::Claims,
-    pub token: String,
+    /// What the core decided for this attempt (server, URL, key, token, deadline).
+    pub plan: Box<crate::outbound::DialPlan>,
     pub phase: DialPhase,
-    /// Connect + TLS + upgrade + welcome answer, like an inbound handshake.
-    pub deadline: Instant,
 }
 
 impl ConnState {
@@ -177,8 +170,7 @@ impl ConnState {
         match self {
             ConnState::Http(_) => "http",
             ConnState::Dialing(_) => "connecting",
-            ConnState::Ws(w) if w.sess.is_online() => "online",
-            ConnState::Ws(_) => "connecting",
+            ConnState::Ws(_) => "session",
             ConnState::Closing(_) => "closing",
         }
     }

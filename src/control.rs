@@ -1,68 +1,76 @@
 //! Control sessions (contract §4): from the accepted upgrade to the close code.
 //!
-//! Owns what a session does with what arrives: text frames are JSON-RPC messages or batches
-//! (answered with one array), binary frames close 1003, oversize messages 1009, bad UTF-8
-//! 1007, protocol violations 1002. It runs the welcome handshake (`connecting` until the
-//! server answers), the rate limit (`-32029` with `retryAfterMs`, notifications dropped,
-//! abuse closed 1008), the methods a server calls (`federation/send`, `servers`, `refresh`),
-//! and the session's deadlines: welcome timeout (1008), heartbeat pings and the two-interval
-//! silence drop, `tokenExpiring`, and token expiry (4002).
+//! Owns what a session does with its text frames: JSON-RPC messages or batches (answered
+//! with one array). It runs the welcome handshake (`connecting` until the server answers),
+//! the rate limit (`-32029` with `retryAfterMs`, notifications dropped, abuse closed 1008),
+//! the methods a server calls (`federation/send`, `servers`, `refresh`), and the session's
+//! deadlines: welcome timeout (1008), heartbeat pings and the two-interval silence drop,
+//! `tokenExpiring`, and token expiry (4002). The WebSocket framing (binary frames 1003,
+//! oversize 1009, bad UTF-8 1007, protocol errors 1002) is the reactor's (`link`).
 //!
-//! It never touches a socket: input arrives as byte slices from the loop, output goes through
-//! [`Proxy::ws_send`] into the connection's buffer.
+//! Part of the core: it never touches a socket or a clock. Frames arrive as text with the
+//! session's id; output is asked for with [`Federation::ws_send`] (an [`Action`]).
 
 use crate::audit::Event;
-use crate::conn::{ConnId, ConnState, WsConn};
+use crate::federation::{Action, Federation, SessionId, secs_to_ms};
 use crate::jsonrpc::{self, Frame, Msg, RpcError};
 use crate::jwt::{Claims, TokenType};
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, secs_to_ms};
 use crate::registry::Presence;
 use crate::router::{Reply, ReplyTo};
 use crate::session::{Batch, Bucket, Session};
-
-use crate::ws::{self, WsIo};
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
 use std::time::Instant;
-use tungstenite::protocol::{Role, WebSocketContext};
-use tungstenite::{Error as WsError, Message};
 
 /// "Far past its limit" (§4): a session is closed 1008 once more than this many × burst
 /// messages were refused with no accepted message between them. A pipelined burst a few
 /// times the burst size is answered `-32029` entry by entry and the session stays.
 pub const ABUSE_REFUSALS_PER_BURST: u64 = 10;
 
-impl Proxy {
+/// A session the reactor (or another front end) opens for an authenticated peer.
+#[derive(Debug)]
+pub struct Opening<'a> {
+    pub claims: &'a Claims,
+    /// The connection's handshake deadline: the contract's handshake timeout covers the HTTP
+    /// head, the upgrade and the welcome answer together.
+    pub welcome_by: Instant,
+    /// Whether the proxy dialled the server (§5).
+    pub outbound: bool,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Federation {
     /// Turns an authenticated upgrade into a session: registry entry (created if the server
     /// is only known by its token), replacement of an older session (4003), the welcome.
-    /// Returns false when the registry is full.
-    /// `welcome_by` is the handshake deadline of the connection: the contract's handshake
-    /// timeout covers the HTTP head, the upgrade and the welcome answer together.
+    /// `Err` when the registry is full (no session exists then).
     pub fn open_session(
         &mut self,
-        id: ConnId,
-        claims: &Claims,
-        welcome_by: Instant,
-        role: Role,
-    ) -> Result<(), crate::registry::RegistryError> {
+        o: Opening,
+    ) -> Result<SessionId, crate::registry::RegistryError> {
+        let claims = o.claims;
         let slot = self.find_or_insert(&claims.server_id)?;
-        if let Some(old) = self.registry.get(slot).and_then(|e| e.presence.session())
-            && old != id
-        {
-            self.ws_close(old, 4003, "replaced by a newer session");
+        if let Some(old) = self.registry.get(slot).and_then(|e| e.presence.session()) {
+            self.close_session(old, 4003, "replaced by a newer session");
         }
         let (now, now_ms) = (self.now.at, self.now.wall_ms);
         let welcome_id = self.next_seq();
         let hb = self.cfg.heartbeat;
-        let sess = Session {
+        let session_name = self.session_name();
+        let turn = self.now;
+        let handshake = self.cfg.handshake_timeout;
+        let id = self.insert_session(|id| Session {
+            id,
+            peer: o.peer,
+            unsent: 0,
+            timer: None,
             server_id: claims.server_id.clone(),
             slot,
-            session_id: self.session_id(),
-            welcome: Some((welcome_id, welcome_by.min(now + self.cfg.handshake_timeout))),
-            expires_at: self.now.instant_of(claims.exp.saturating_mul(1000)),
+            session_id: session_name,
+            welcome: Some((welcome_id, o.welcome_by.min(now + handshake))),
+            expires_at: turn.instant_of(claims.exp.saturating_mul(1000)),
             expires_at_secs: claims.exp,
-            expiring_at: Some(Session::expiring_notice(self.now, claims.iat, claims.exp)),
+            expiring_at: Some(Session::expiring_notice(turn, claims.iat, claims.exp)),
             last_rx: now,
             next_ping: now + hb,
             heartbeat: hb,
@@ -72,42 +80,28 @@ impl Proxy {
             inflight: 0,
             batches: Default::default(),
             next_batch: 0,
-        };
-        let welcome = format!(
-            "{{\"serverId\":\"{}\",\"sessionId\":\"{}\",\"expiresAt\":{},\"heartbeatMs\":{},\"limits\":{{\"maxMessageBytes\":{},\"ratePerSec\":{},\"burst\":{}}}}}",
-            sess.server_id,
-            sess.session_id,
-            secs_to_ms(claims.exp),
-            hb.as_millis(),
-            self.cfg.max_message_bytes,
-            self.cfg.rate_per_sec,
-            self.cfg.rate_burst
-        );
-        let ctx = WebSocketContext::new(role, Some(ws::config(self.cfg.max_message_bytes)));
-        let peer = match self.conn_mut(id) {
-            Some(conn) => {
-                conn.state = ConnState::Ws(Box::new(WsConn {
-                    ctx,
-                    sess,
-                    stash: Vec::new(),
-                }));
-                conn.peer
-            }
-            None => return Ok(()),
+        });
+        let welcome = match self.session(id) {
+            Some(sess) => format!(
+                "{{\"serverId\":\"{}\",\"sessionId\":\"{}\",\"expiresAt\":{},\"heartbeatMs\":{},\"limits\":{{\"maxMessageBytes\":{},\"ratePerSec\":{},\"burst\":{}}}}}",
+                sess.server_id,
+                sess.session_id,
+                secs_to_ms(claims.exp),
+                hb.as_millis(),
+                self.cfg.max_message_bytes,
+                self.cfg.rate_per_sec,
+                self.cfg.rate_burst
+            ),
+            None => return Ok(id),
         };
         if let Some(e) = self.registry.get_mut(slot) {
             e.presence = Presence::Connecting(id);
-            e.outbound_session = role == Role::Client;
+            e.outbound_session = o.outbound;
             e.connected_at_ms = Some(now_ms);
             e.last_seen_at_ms = Some(self.now.wall_ms);
         }
         self.metrics.sessions_opened_total += 1;
-        self.audit(
-            Event::SessionOpened,
-            Some(&claims.server_id),
-            Some(peer),
-            None,
-        );
+        self.audit(Event::SessionOpened, Some(&claims.server_id), o.peer, None);
         self.ws_send(
             id,
             jsonrpc::request(
@@ -116,18 +110,13 @@ impl Proxy {
                 &welcome,
             ),
         );
-        self.rearm(id);
-        Ok(())
+        self.rearm_session(id);
+        Ok(id)
     }
 
-    /// Bookkeeping when a session ends for any reason (called once per session).
-    pub fn end_session(
-        &mut self,
-        id: ConnId,
-        sess: Session,
-        reason: &str,
-        peer: Option<SocketAddr>,
-    ) {
+    /// Bookkeeping when a session ends for any reason (called once per session, with the
+    /// state already out of the session table).
+    pub(crate) fn end_session(&mut self, id: SessionId, sess: Session, reason: &str) {
         if let Some(e) = self.registry.get_mut(sess.slot)
             && e.presence.session() == Some(id)
         {
@@ -142,7 +131,7 @@ impl Proxy {
         self.audit(
             Event::SessionClosed,
             Some(&sess.server_id),
-            peer,
+            sess.peer,
             Some(reason),
         );
     }
@@ -157,7 +146,7 @@ impl Proxy {
         self.take_rate_at(slot, server, peer)
     }
 
-    /// [`Proxy::take_rate`] for a server whose slot is known (its session's): no lookup by id.
+    /// [`Federation::take_rate`] for a server whose slot is known (its session's).
     fn take_rate_at(
         &mut self,
         slot: Option<crate::registry::Slot>,
@@ -194,88 +183,37 @@ impl Proxy {
         r
     }
 
-    /// Bytes from the socket for the session on `id`; every complete message is handled.
-    pub fn ws_input(&mut self, id: ConnId, mut input: &[u8]) {
+    /// Something arrived on the session (any frame): it is alive.
+    pub fn session_heard(&mut self, id: SessionId) {
         let now = self.now.at;
-        let slot = match self.conn_mut(id).map(|c| &mut c.state) {
-            Some(ConnState::Ws(ws)) => {
-                ws.sess.last_rx = now;
-                ws.sess.slot
-            }
-            _ => return,
+        let Some(sess) = self.session_mut(id) else {
+            return;
         };
+        sess.last_rx = now;
+        let slot = sess.slot;
         if let Some(e) = self.registry.get_mut(slot) {
             e.last_seen_at_ms = Some(self.now.wall_ms);
         }
-        let bound = self.unsent_bound();
-        loop {
-            let r = {
-                let Some(conn) = self.conn_mut(id) else {
-                    return;
-                };
-                let ConnState::Ws(ws) = &mut conn.state else {
-                    return;
-                };
-                if conn.out.len() - conn.out_pos > bound && !input.is_empty() {
-                    // The peer is not reading its answers: keep the rest of the input for
-                    // when the output drains, and read nothing more until then.
-                    ws.stash.extend_from_slice(input);
-                    break;
-                }
-                let mut io = WsIo {
-                    input,
-                    out: &mut conn.out,
-                };
-                let r = ws.ctx.read(&mut io);
-                input = io.input;
-                r
-            };
-            match r {
-                Ok(Message::Text(t)) => self.on_text(id, t.as_str()),
-                Ok(Message::Binary(_)) => {
-                    return self.ws_close(id, 1003, "binary frames are not accepted");
-                }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                Ok(Message::Close(_)) => {
-                    self.flush_ws_replies(id);
-                    return self.ws_close(id, 1000, "closed by peer");
-                }
-                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(WsError::Capacity(_)) => return self.ws_close(id, 1009, "message too big"),
-                Err(WsError::Utf8(_)) => {
-                    return self.ws_close(id, 1007, "invalid UTF-8 in a text frame");
-                }
-                Err(WsError::Protocol(p)) => {
-                    log::debug!("conn {}: protocol error: {p}", id.idx);
-                    return self.ws_close(id, 1002, "protocol error");
-                }
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    return self.ws_close(id, 1000, "closed");
-                }
-                Err(e) => {
-                    log::debug!("conn {}: websocket error: {e}", id.idx);
-                    return self.ws_close(id, 1011, "internal error");
-                }
-            }
-        }
-        self.flush_ws_replies(id);
     }
 
-    /// A session's output was written out: input held back while it was over its bound is
-    /// processed now, and queued messages waiting for room are delivered.
-    pub fn ws_drained(&mut self, id: ConnId) {
-        let Some(conn) = self.conn_mut(id) else {
+    /// Whether the session may be given more input now: its output is within its bound (a
+    /// peer that does not read its answers is not served more).
+    pub fn session_wants_input(&self, id: SessionId) -> bool {
+        self.session(id)
+            .is_some_and(|s| s.unsent <= self.unsent_bound())
+    }
+
+    /// A session's output was written out (`unsent` bytes are left): queued messages
+    /// waiting for room are delivered.
+    pub fn session_drained(&mut self, id: SessionId, unsent: usize) {
+        let bound = self.unsent_bound();
+        let Some(sess) = self.session_mut(id) else {
             return;
         };
-        let ConnState::Ws(ws) = &mut conn.state else {
-            return;
-        };
-        let (slot, online) = (ws.sess.slot, ws.sess.is_online());
-        let stash = std::mem::take(&mut ws.stash);
-        if !stash.is_empty() {
-            self.ws_input(id, &stash);
-        }
+        sess.unsent = unsent;
+        let (slot, online) = (sess.slot, sess.is_online());
         let backlog = online
+            && unsent <= bound
             && self.registry.get(slot).is_some_and(|e| {
                 e.presence.online().is_some() && e.queue.iter().any(|q| q.inflight.is_none())
             });
@@ -284,31 +222,8 @@ impl Proxy {
         }
     }
 
-    /// Moves tungstenite's owed control frames (pongs, close replies) into the output.
-    fn flush_ws_replies(&mut self, id: ConnId) {
-        if let Some(conn) = self.conn_mut(id)
-            && let ConnState::Ws(ws) = &mut conn.state
-        {
-            let mut io = WsIo {
-                input: &[],
-                out: &mut conn.out,
-            };
-            let _ = ws.ctx.flush(&mut io);
-            if conn.unsent() > 0 {
-                self.dirty.push(id);
-            }
-        }
-    }
-
-    fn session(&mut self, id: ConnId) -> Option<&mut Session> {
-        match &mut self.conn_mut(id)?.state {
-            ConnState::Ws(ws) => Some(&mut ws.sess),
-            _ => None,
-        }
-    }
-
     /// One text frame: a message or a batch.
-    fn on_text(&mut self, id: ConnId, text: &str) {
+    pub fn on_text(&mut self, id: SessionId, text: &str) {
         match jsonrpc::parse_frame(text) {
             Err(e) => {
                 self.ws_send(id, jsonrpc::error("null", &e));
@@ -319,7 +234,9 @@ impl Proxy {
                 }
             }
             Ok(Frame::Batch(items)) => {
-                let Some(sess) = self.session(id) else { return };
+                let Some(sess) = self.session_mut(id) else {
+                    return;
+                };
                 sess.next_batch += 1;
                 let b = sess.next_batch;
                 sess.batches.insert(
@@ -331,7 +248,8 @@ impl Proxy {
                 );
                 for raw in items {
                     let r = self.on_message(id, raw.get(), Some(b));
-                    let Some(batch) = self.session(id).and_then(|s| s.batches.get_mut(&b)) else {
+                    let Some(batch) = self.session_mut(id).and_then(|s| s.batches.get_mut(&b))
+                    else {
                         return; // the session ended (or the batch was cut off) meanwhile
                     };
                     match r {
@@ -345,7 +263,7 @@ impl Proxy {
                         return;
                     }
                 }
-                if let Some(batch) = self.session(id).and_then(|s| s.batches.get_mut(&b)) {
+                if let Some(batch) = self.session_mut(id).and_then(|s| s.batches.get_mut(&b)) {
                     batch.reading = false;
                 }
                 self.finish_batch(id, b);
@@ -354,8 +272,10 @@ impl Proxy {
     }
 
     /// Sends a batch's answer array once it is complete.
-    pub fn finish_batch(&mut self, id: ConnId, b: u64) {
-        let Some(sess) = self.session(id) else { return };
+    pub fn finish_batch(&mut self, id: SessionId, b: u64) {
+        let Some(sess) = self.session_mut(id) else {
+            return;
+        };
         if !sess.batches.get(&b).is_some_and(Batch::done) {
             return;
         }
@@ -366,20 +286,20 @@ impl Proxy {
 
     /// A batch whose collected answers outgrow the session's output bound closes the session
     /// 1008: answering it would buffer more than the proxy allows for one peer.
-    pub fn batch_within_bound(&mut self, id: ConnId, b: u64) -> bool {
+    pub fn batch_within_bound(&mut self, id: SessionId, b: u64) -> bool {
         let hard = self.hard_output_bound();
         let over = self
             .session(id)
             .and_then(|s| s.batches.get(&b))
             .is_some_and(|batch| batch.bytes > hard);
         if over {
-            self.ws_close(id, 1008, "batch answer over the output bound");
+            self.close_session(id, 1008, "batch answer over the output bound");
         }
         !over
     }
 
     /// One JSON-RPC message. `Now` carries the full response text (result or error).
-    fn on_message(&mut self, id: ConnId, text: &str, batch: Option<u64>) -> Reply {
+    fn on_message(&mut self, id: SessionId, text: &str, batch: Option<u64>) -> Reply {
         self.metrics.ws_messages_in_total += 1;
         let msg = match jsonrpc::parse_msg(text) {
             Ok(m) => m,
@@ -405,12 +325,11 @@ impl Proxy {
             return Reply::None;
         };
         let from = sess.server_id.clone();
-        let slot = sess.slot;
-        let peer = self.conn(id).map(|c| c.peer);
+        let (slot, peer) = (sess.slot, sess.peer);
         let limited = self.take_rate_at(Some(slot), &from, peer);
         let abuse_after =
             ABUSE_REFUSALS_PER_BURST.saturating_mul(u64::from(self.cfg.rate_burst.max(1)));
-        let Some(sess) = self.session(id) else {
+        let Some(sess) = self.session_mut(id) else {
             return Reply::None;
         };
         match limited {
@@ -418,7 +337,7 @@ impl Proxy {
             Err(retry_after_ms) => {
                 sess.refused_in_row = sess.refused_in_row.saturating_add(1);
                 if sess.refused_in_row > abuse_after {
-                    self.ws_close(id, 1008, "rate limit abuse");
+                    self.close_session(id, 1008, "rate limit abuse");
                     return Reply::None;
                 }
                 return match rid {
@@ -441,7 +360,7 @@ impl Proxy {
         match method.as_ref() {
             "federation/send" => {
                 let reply_to = rid.map(|r| ReplyTo::Ws {
-                    conn: id,
+                    session: id,
                     id: r.get().to_string(),
                     batch,
                 });
@@ -481,19 +400,20 @@ impl Proxy {
     }
 
     /// `federation/refresh`: a new token; the session now ends at its expiry.
-    fn refresh(&mut self, id: ConnId, server_id: &str) -> String {
+    fn refresh(&mut self, id: SessionId, server_id: &str) -> String {
         let (token, claims) = self.mint(server_id, TokenType::Federation);
         let (iat, exp) = (claims.iat, claims.exp);
         let turn = self.now;
-        if let Some(sess) = self.session(id) {
+        let mut peer = None;
+        if let Some(sess) = self.session_mut(id) {
             sess.refreshed_jti = claims.jti;
             sess.expires_at = turn.instant_of(exp.saturating_mul(1000));
             sess.expires_at_secs = exp;
             sess.expiring_at = Some(Session::expiring_notice(turn, iat, exp));
+            peer = sess.peer;
         }
-        let peer = self.conn(id).map(|c| c.peer);
         self.audit(Event::TokenIssued, Some(server_id), peer, Some("refresh"));
-        self.rearm(id);
+        self.rearm_session(id);
         format!(
             "{{\"token\":\"{token}\",\"expiresAt\":{}}}",
             secs_to_ms(exp)
@@ -501,18 +421,25 @@ impl Proxy {
     }
 
     /// An answer from the server: to the welcome, or to a delivery.
-    fn on_response(&mut self, id: ConnId, rid: &RawValue, outcome: Result<&RawValue, &RawValue>) {
+    fn on_response(
+        &mut self,
+        id: SessionId,
+        rid: &RawValue,
+        outcome: Result<&RawValue, &RawValue>,
+    ) {
         let self_now = self.now.at;
         let Ok(n) = rid.get().parse::<u64>() else {
-            log::debug!("conn {}: answer with an id the proxy never sent", id.idx);
+            log::debug!("session {}: answer with an id the proxy never sent", id.idx);
             return;
         };
-        let Some(sess) = self.session(id) else { return };
+        let Some(sess) = self.session_mut(id) else {
+            return;
+        };
         match sess.welcome {
             Some((w, _)) if w == n => {
                 let slot = sess.slot;
                 if outcome.is_err() {
-                    self.ws_close(id, 1008, "welcome refused");
+                    self.close_session(id, 1008, "welcome refused");
                     return;
                 }
                 sess.welcome = None;
@@ -534,14 +461,15 @@ impl Proxy {
     }
 
     /// A session's deadline fired: welcome, heartbeat, token expiry.
-    pub fn session_timer(&mut self, id: ConnId, now: Instant) {
-        let Some(sess) = self.session(id) else { return };
+    pub fn session_timer(&mut self, id: SessionId, now: Instant) {
+        let Some(sess) = self.session_mut(id) else {
+            return;
+        };
         if sess.welcome.is_some_and(|(_, d)| now >= d) {
-            return self.ws_close(id, 1008, "welcome not answered in time");
+            return self.close_session(id, 1008, "welcome not answered in time");
         }
         if now >= sess.last_rx + sess.heartbeat * 2 {
-            self.drop_conn(id, "heartbeat: silent for two intervals");
-            return;
+            return self.drop_session(id, "heartbeat: silent for two intervals");
         }
         if sess.expiring_at.is_some_and(|t| now >= t) {
             sess.expiring_at = None;
@@ -555,13 +483,15 @@ impl Proxy {
                 ),
             );
         }
-        let Some(sess) = self.session(id) else { return };
+        let Some(sess) = self.session_mut(id) else {
+            return;
+        };
         if now >= sess.expires_at {
-            return self.ws_close(id, 4002, "token expired");
+            return self.close_session(id, 4002, "token expired");
         }
         if now >= sess.next_ping {
             sess.next_ping = now + sess.heartbeat;
-            self.ws_ping(id);
+            self.act(Action::Ping { session: id });
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::http::response;
 use crate::jwt::{Claims, TokenType};
 use crate::proxy::Proxy;
 use crate::resources::{
-    Limits, QuotaError, RangeAnswer, Readers, apply_range, parse_readers, readers_json, valid_name,
+    Limits, QuotaError, RangeAnswer, Readers, apply_range, parse_readers, resource_json, valid_name,
 };
 use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
 use std::fs::File;
@@ -97,15 +97,15 @@ impl Proxy {
             return;
         }
         if let HttpPhase::Upload(u) = std::mem::replace(&mut h.phase, HttpPhase::LastAnswer) {
-            self.resources.release(&u.owner, u.reserved);
+            self.fed.resources.release(&u.owner, u.reserved);
         }
     }
 
     fn resource_limits(&self) -> Limits {
         Limits {
-            max: self.cfg.resource_max_bytes,
-            quota: self.cfg.resource_quota_bytes,
-            per_owner: self.cfg.resource_quota_per_server_bytes,
+            max: self.fed.cfg.resource_max_bytes,
+            quota: self.fed.cfg.resource_quota_bytes,
+            per_owner: self.fed.cfg.resource_quota_per_server_bytes,
         }
     }
 
@@ -113,7 +113,7 @@ impl Proxy {
     /// size, then stream the body. On refusal the body is not read: the answer closes the
     /// connection.
     pub fn start_upload(&mut self, id: ConnId, head: RequestHead, claims: Claims) {
-        let now_t = self.now;
+        let now_t = self.fed.now;
         let refuse = |p: &mut Proxy, r: Resp| {
             let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
             p.answer_upload(id, r, head.keep_alive && !has_body);
@@ -142,28 +142,28 @@ impl Proxy {
             BodyKind::Length(n) => (None, n, n),
             BodyKind::None => (None, 0, 0),
         };
-        if let Err(e) = self.resources.reserve(&owner, &name, reserve, limits) {
+        if let Err(e) = self.fed.resources.reserve(&owner, &name, reserve, limits) {
             return refuse(self, quota_resp(e));
         }
-        let up = match self.blobs.as_mut().map(|b| b.begin()) {
+        let up = match self.fed.blobs.as_mut().map(|b| b.begin()) {
             Some(Ok(up)) => up,
             Some(Err(e)) => {
                 log::error!("resource upload cannot start: {e}");
-                self.resources.release(&owner, reserve);
+                self.fed.resources.release(&owner, reserve);
                 return refuse(
                     self,
                     Resp::error(503, "storage_failed", "the resource cannot be stored"),
                 );
             }
             None => {
-                self.resources.release(&owner, reserve);
+                self.fed.resources.release(&owner, reserve);
                 return refuse(
                     self,
                     Resp::error(503, "storage_failed", "no resource storage"),
                 );
             }
         };
-        let idle = self.cfg.idle_timeout;
+        let idle = self.fed.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
@@ -200,9 +200,9 @@ impl Proxy {
 
     /// Moves buffered body bytes into the upload. True when the request is done (answered).
     pub fn upload_progress(&mut self, id: ConnId) -> bool {
-        let now_t = self.now;
+        let now_t = self.fed.now;
         let limits = self.resource_limits();
-        let idle = self.cfg.idle_timeout;
+        let idle = self.fed.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
             return true;
         };
@@ -262,8 +262,8 @@ impl Proxy {
         if failure.is_none() && u.up.written > u.reserved {
             let (owner, name) = (u.owner.clone(), u.name.clone());
             let (reserved, written) = (u.reserved, u.up.written);
-            self.resources.release(&owner, reserved);
-            let r = self.resources.reserve(&owner, &name, written, limits);
+            self.fed.resources.release(&owner, reserved);
+            let r = self.fed.resources.reserve(&owner, &name, written, limits);
             let now_reserved = if r.is_ok() { written } else { 0 };
             if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state)
                 && let HttpPhase::Upload(u) = &mut h.phase
@@ -289,25 +289,25 @@ impl Proxy {
             return true;
         };
         let u = *u;
-        self.resources.release(&u.owner, u.reserved);
+        self.fed.resources.release(&u.owner, u.reserved);
         if let Some(r) = failure {
             drop(u.up); // removes the temporary file
             self.answer_upload(id, r, false);
             return true;
         }
         let size = u.up.written;
-        if let Err(e) = self.resources.reserve(&u.owner, &u.name, size, limits) {
+        if let Err(e) = self.fed.resources.reserve(&u.owner, &u.name, size, limits) {
             drop(u.up);
             self.answer_upload(id, quota_resp(e), u.keep_alive);
             return true;
         }
-        let Some(blobs) = self.blobs.as_mut() else {
+        let Some(blobs) = self.fed.blobs.as_mut() else {
             return true;
         };
         match blobs.finish(u.up, &u.owner, &u.name, u.readers) {
             Ok(meta) => {
                 let body = resource_json(&u.owner, &u.name, &meta);
-                self.resources.commit(&u.owner, &u.name, meta, size);
+                self.fed.resources.commit(&u.owner, &u.name, meta, size);
                 let mut r = Resp::json(201, body);
                 r.headers
                     .push(("Location", format!("/v1/resources/{}/{}", u.owner, u.name)));
@@ -315,7 +315,7 @@ impl Proxy {
             }
             Err(e) => {
                 log::error!("resource could not be stored: {e}");
-                self.resources.release(&u.owner, size);
+                self.fed.resources.release(&u.owner, size);
                 self.answer_upload(
                     id,
                     Resp::error(503, "storage_failed", "the resource could not be stored"),
@@ -343,6 +343,7 @@ impl Proxy {
         };
         let admin = claims.token_type == TokenType::Admin;
         let readable = self
+            .fed
             .resources
             .get(&owner, &name)
             .is_some_and(|m| m.readable_by(&owner, &claims.server_id, admin));
@@ -359,10 +360,10 @@ impl Proxy {
                         "only the owner or an admin may delete a resource",
                     ));
                 }
-                let removed = self.blobs.as_mut().map(|b| b.remove(&owner, &name));
+                let removed = self.fed.blobs.as_mut().map(|b| b.remove(&owner, &name));
                 match removed {
                     Some(Ok(())) => {
-                        self.resources.remove(&owner, &name);
+                        self.fed.resources.remove(&owner, &name);
                         Some(Resp::no_content())
                     }
                     _ => Some(Resp::error(
@@ -376,31 +377,6 @@ impl Proxy {
         }
     }
 
-    /// `GET /v1/resources`: only what the caller may read.
-    pub fn list_resources(&self, claims: &Claims) -> Resp {
-        let admin = claims.token_type == TokenType::Admin;
-        let items: Vec<String> = self
-            .resources
-            .list()
-            .filter(|(o, _, m)| m.readable_by(o, &claims.server_id, admin))
-            .map(|(o, n, m)| resource_json(o, n, m))
-            .collect();
-        Resp::json(200, format!("{{\"resources\":[{}]}}", items.join(",")))
-    }
-
-    /// Deletes every resource of a removed server (files first, then the index).
-    pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
-        let names = self.resources.names_of(owner);
-        let r = match self.blobs.as_mut() {
-            Some(b) => b.remove_owner(owner, &names),
-            None => Ok(()),
-        };
-        for n in &names {
-            self.resources.remove(owner, n);
-        }
-        r
-    }
-
     /// Writes the head of a download and starts sending its bytes (`None`: answered here).
     fn download(
         &mut self,
@@ -409,8 +385,8 @@ impl Proxy {
         owner: &str,
         name: &str,
     ) -> Option<Resp> {
-        let now_t = self.now;
-        let Some(meta) = self.resources.get(owner, name).cloned() else {
+        let now_t = self.fed.now;
+        let Some(meta) = self.fed.resources.get(owner, name).cloned() else {
             return Some(not_found());
         };
         let etag = format!("\"{}\"", meta.sha256);
@@ -440,7 +416,12 @@ impl Proxy {
                 return Some(r);
             }
         };
-        let file = match self.blobs.as_ref().map(|b| File::open(b.path(owner, name))) {
+        let file = match self
+            .fed
+            .blobs
+            .as_ref()
+            .map(|b| File::open(b.path(owner, name)))
+        {
             Some(Ok(f)) => f,
             _ => {
                 return Some(Resp::error(
@@ -462,8 +443,8 @@ impl Proxy {
             ));
         }
         let head_only = head.method == Method::Head;
-        let draining = self.draining.is_some();
-        let idle = self.cfg.idle_timeout;
+        let draining = self.fed.draining.is_some();
+        let idle = self.fed.cfg.idle_timeout;
         let conn = self.conn_mut(id)?;
         if !matches!(conn.state, ConnState::Http(_)) {
             return None;
@@ -497,8 +478,8 @@ impl Proxy {
 
     /// The socket drained: put the next chunk of a download in the output.
     pub fn refill(&mut self, id: ConnId) {
-        let now_t = self.now;
-        let idle = self.cfg.idle_timeout;
+        let now_t = self.fed.now;
+        let idle = self.fed.cfg.idle_timeout;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
@@ -528,22 +509,12 @@ impl Proxy {
     }
 
     fn finish_sending(&mut self, id: ConnId, keep_alive: bool) {
-        let now = self.now.at;
-        let (idle, handshake) = (self.cfg.idle_timeout, self.cfg.handshake_timeout);
+        let now = self.fed.now.at;
+        let (idle, handshake) = (self.fed.cfg.idle_timeout, self.fed.cfg.handshake_timeout);
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
             crate::api::next_request(h, keep_alive, now, idle, handshake);
         }
         self.dirty.push(id);
         self.resume.push(id);
     }
-}
-
-/// A resource as the API shows it: `{"owner","name","size","sha256","readers"}`.
-fn resource_json(owner: &str, name: &str, m: &crate::resources::Meta) -> String {
-    format!(
-        "{{\"owner\":\"{owner}\",\"name\":\"{name}\",\"size\":{},\"sha256\":\"{}\",\"readers\":{}}}",
-        m.size,
-        m.sha256,
-        readers_json(&m.readers)
-    )
 }

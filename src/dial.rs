@@ -5,12 +5,13 @@
 //! answers come back through a channel and the loop's `mio::Waker`; IP literals never leave
 //! the loop), opening and registering the non-blocking socket of an attempt, and finishing
 //! the connect (the socket's error, the TLS client session for `wss://`, the upgrade request
-//! in the output). It carries out `Proxy::dial_requests` and answers with `on_resolved`,
-//! `dial_opened` and `dial_failed`; it makes no decision of its own. The resolver thread
-//! holds no proxy state and does nothing else.
+//! in the output), then reading the upgrade's answer and handing the connection to the
+//! session the core opens. It carries out the core's `Action::Dial` requests and answers
+//! with `on_resolved`, `dial_opened`, `dial_established` and `dial_failed`; it makes no
+//! decision of its own. The resolver thread holds no proxy state and does nothing else.
 
-use crate::conn::{Conn, ConnId, ConnState, DialPhase};
-use crate::outbound::{DialRequest, MAX_ADDRESSES, upgrade_request};
+use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
+use crate::outbound::{DialRequest, MAX_ADDRESSES, check_answer, upgrade_request};
 use crate::proxy::Proxy;
 use crate::registry::OutPhase;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -80,6 +81,7 @@ impl Dialer {
 
     /// Carries out every request dialling made (and those its answers make in turn).
     pub fn run(&mut self, proxy: &mut Proxy, registry: &mio::Registry) {
+        proxy.apply();
         while !proxy.dial_requests.is_empty() {
             for req in std::mem::take(&mut proxy.dial_requests) {
                 match req {
@@ -89,18 +91,24 @@ impl Dialer {
                             host,
                             port,
                         }) {
-                            proxy.on_resolved(lookup, Err(why));
+                            proxy.fed.on_resolved(lookup, Err(why));
                         }
                     }
-                    DialRequest::Connect {
-                        slot,
-                        addr,
-                        dialing,
-                    } => match open(proxy, registry, addr, dialing) {
-                        Ok(id) => proxy.dial_opened(slot, id),
-                        Err(why) => proxy.dial_failed(slot, OutPhase::Opening, why),
-                    },
+                    DialRequest::Connect { addr, plan } => {
+                        let slot = plan.slot;
+                        match open(proxy, registry, addr, plan) {
+                            Ok(id) => {
+                                if proxy.fed.dial_opened(slot, Proxy::link_id(id)) {
+                                    proxy.rearm(id);
+                                } else {
+                                    proxy.drop_conn(id, "dialling stopped");
+                                }
+                            }
+                            Err(why) => proxy.fed.dial_failed(slot, OutPhase::Opening, why),
+                        }
+                    }
                 }
+                proxy.apply();
             }
         }
     }
@@ -129,8 +137,9 @@ impl Dialer {
             }
         }
         for (id, result) in answers {
-            proxy.on_resolved(id, result);
+            proxy.fed.on_resolved(id, result);
         }
+        proxy.apply();
     }
 }
 
@@ -139,9 +148,13 @@ fn open(
     proxy: &mut Proxy,
     registry: &mio::Registry,
     addr: SocketAddr,
-    dialing: Box<crate::conn::Dialing>,
+    plan: Box<crate::outbound::DialPlan>,
 ) -> Result<ConnId, String> {
     let sock = mio::net::TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+    let dialing = Box::new(Dialing {
+        plan,
+        phase: DialPhase::Connecting,
+    });
     let id = proxy
         .insert_conn(|id| Conn::new(id, sock, addr, ConnState::Dialing(dialing)))
         .ok_or_else(|| "the connection table is full".to_string())?;
@@ -166,7 +179,8 @@ fn open(
 /// An event on a dialling connection still connecting: finish the connect, then put the
 /// upgrade request in the output (through TLS for `wss://`).
 pub fn on_ready(proxy: &mut Proxy, id: ConnId) {
-    let wss = matches!(proxy.conn(id).map(|c| &c.state), Some(ConnState::Dialing(d)) if d.url.tls);
+    let wss =
+        matches!(proxy.conn(id).map(|c| &c.state), Some(ConnState::Dialing(d)) if d.plan.url.tls);
     if wss && proxy.tls_client.is_none() {
         match crate::tls::client_config(None) {
             Ok(c) => proxy.tls_client = Some(c),
@@ -194,8 +208,8 @@ pub fn on_ready(proxy: &mut Proxy, id: ConnId) {
     if let Some(e) = err {
         return proxy.drop_conn(id, &format!("connect failed: {e}"));
     }
-    if d.url.tls {
-        let name = match rustls::pki_types::ServerName::try_from(d.url.host.clone()) {
+    if d.plan.url.tls {
+        let name = match rustls::pki_types::ServerName::try_from(d.plan.url.host.clone()) {
             Ok(n) => n,
             Err(e) => return proxy.drop_conn(id, &format!("bad TLS server name: {e}")),
         };
@@ -210,8 +224,43 @@ pub fn on_ready(proxy: &mut Proxy, id: ConnId) {
             Err(e) => return proxy.drop_conn(id, &format!("TLS client: {e}")),
         }
     }
-    let request = upgrade_request(&d.url, &d.key, &d.token);
+    let request = upgrade_request(&d.plan.url, &d.plan.key, &d.plan.token);
     d.phase = DialPhase::Upgrading { inbuf: Vec::new() };
     conn.out.extend_from_slice(request.as_bytes());
     proxy.dirty.push(id);
+}
+
+/// Bytes on a dialling connection: the answer to our upgrade, then the first frames.
+pub fn dial_input(proxy: &mut Proxy, id: ConnId, data: &[u8]) {
+    let Some(conn) = proxy.conn_mut(id) else {
+        return;
+    };
+    let peer = conn.peer;
+    let ConnState::Dialing(d) = &mut conn.state else {
+        return;
+    };
+    let DialPhase::Upgrading { inbuf } = &mut d.phase else {
+        return;
+    };
+    inbuf.extend_from_slice(data);
+    let n = match check_answer(inbuf, &d.plan.key) {
+        Ok(None) => return,
+        Ok(Some(n)) => n,
+        Err(e) => return proxy.drop_conn(id, &e.to_string()),
+    };
+    let leftover = inbuf.split_off(n);
+    let plan = d.plan.clone();
+    let opened = proxy
+        .fed
+        .dial_established(Proxy::link_id(id), &plan, Some(peer));
+    let session = match opened {
+        Ok(s) => s,
+        // The attempt failed (`drop_conn` tells the core, which backs off).
+        Err(why) => return proxy.drop_conn(id, why),
+    };
+    proxy.attach(id, session, tungstenite::protocol::Role::Client);
+    proxy.apply();
+    if !leftover.is_empty() {
+        proxy.ws_input(id, &leftover);
+    }
 }

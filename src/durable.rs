@@ -3,16 +3,15 @@
 //!
 //! Owns the policy, not the format (`store::state` owns that): a registration (`201`/`200`),
 //! a removal (`204`) and a `queued` answer are *deferred* until the turn's records are
-//! fsynced ([`Proxy::commit`], called by the reactor once per loop turn, before flushing).
+//! fsynced ([`Federation::commit`], called by the reactor once per loop turn, before flushing).
 //! If the write or fsync fails, nothing deferred is acknowledged: the sender gets
 //! `storage_failed`, the queued copy is taken back out of memory, `readyz` reports the
 //! degradation until a commit succeeds again, and the failure is logged and counted.
 //! Restore replays the log into the registry and queues before the listener serves.
 
-use crate::conn::ConnId;
+use crate::federation::{Action, Answer, Federation, RequestId};
 use crate::http::response::Resp;
 use crate::jsonrpc::RpcError;
-use crate::proxy::Proxy;
 use crate::registry::{Queued, Slot};
 use crate::router::ReplyTo;
 use crate::store::state::{Op, Replay};
@@ -35,10 +34,10 @@ pub enum Deferred {
         qseq: u64,
         record: Option<Range<usize>>,
     },
-    /// An HTTP answer (registration, removal) on a connection waiting for it; `record` is
-    /// the change's record in the batch.
+    /// An HTTP answer (registration, removal) to a request waiting for it; `record` is the
+    /// change's record in the batch.
     Http {
-        conn: ConnId,
+        req: RequestId,
         resp: Resp,
         record: Option<Range<usize>>,
     },
@@ -100,7 +99,23 @@ fn sane(op: &Op) -> bool {
     }
 }
 
-impl Proxy {
+impl Federation {
+    /// An answer that promises durability waits for the turn's fsync when changes were
+    /// made (contract §7: `201`, `200` and `204` only once the change is on disk): `None`
+    /// then, and the answer comes with [`Action::Respond`] after the commit.
+    pub fn durable_answer(
+        &mut self,
+        req: RequestId,
+        (resp, record): (Resp, Record),
+    ) -> Option<Resp> {
+        if record.is_some() && resp.status < 300 {
+            self.deferred.push(Deferred::Http { req, resp, record });
+            None
+        } else {
+            Some(resp)
+        }
+    }
+
     /// True when changes are written to a state dir (answers must wait for the fsync).
     pub fn durable(&self) -> bool {
         self.store.is_some()
@@ -156,7 +171,10 @@ impl Proxy {
                 for d in deferred {
                     match d {
                         Deferred::Queued { to, body, .. } => self.reply(to, Ok(body)),
-                        Deferred::Http { conn, resp, .. } => self.http_finish(conn, resp),
+                        Deferred::Http { req, resp, .. } => self.act(Action::Respond {
+                            req,
+                            resp: Answer::Http(resp),
+                        }),
                     }
                 }
                 self.maybe_compact();
@@ -184,13 +202,16 @@ impl Proxy {
                             self.unqueue(slot, qseq);
                             self.reply(to, Err(RpcError::StorageFailed));
                         }
-                        Deferred::Http { conn, .. } => {
+                        Deferred::Http { req, .. } => {
                             let r = Resp::error(
                                 503,
                                 "storage_failed",
                                 "the change could not be made durable",
                             );
-                            self.http_finish(conn, r);
+                            self.act(Action::Respond {
+                                req,
+                                resp: Answer::Http(r),
+                            });
                         }
                     }
                 }

@@ -1,172 +1,305 @@
-//! A control session without a network peer, for fuzzing and tests (`fuzz/session`).
+//! Control sessions without a network, for fuzzing and tests (`fuzz/session`).
 //!
-//! Owns nothing the proxy uses in production. It builds a real `Proxy` with one connection
-//! (a loopback socket pair, never read or written here) already upgraded to a session, then
-//! plays a script: client frames (masked here, so the fuzzer reaches the JSON-RPC layer),
-//! raw bytes, timer ticks on a virtual clock, and the peer reading its output. Everything
-//! runs through the same code as the reactor does: `ws_input`, `session_timer`, `commit`.
-//! Time is virtual: the proxy's turn time starts at a fixed wall-clock moment and moves only
-//! when the script says, so a script plays the same way every time.
+//! Owns nothing the proxy uses in production. It builds the real [`Federation`] core with one
+//! session already open (`fuzz`) and plays a script against it: text frames from the
+//! session's peer, a second member (`peer`) that comes and goes and answers what it is
+//! delivered, timer ticks on a virtual clock, the peer reading its output, sessions lost and
+//! reopened, commits. It plays the reactor's part by hand: the core's actions are taken after
+//! every step (frames for `peer` are read by it, the rest counted as owed until the script
+//! reads them). No socket, no thread, no clock: time starts at a fixed wall-clock moment and
+//! moves only when the script says, and ids come from a fixed seed, so a script plays the
+//! same way every time. The WebSocket framing in front of a session is fuzzed on its own
+//! (`fuzz/ws_frames`).
 
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::conn::{Conn, ConnState, HttpConn};
+use crate::control::Opening;
+use crate::federation::{Action, Federation, SessionId};
 use crate::jwt::{Claims, TokenType};
-use crate::proxy::Proxy;
-use crate::ws::client_frame;
+use serde_json::Value;
 use std::time::Duration;
 
-/// Plays `script` against one session. Ops (one byte each, then operands):
-/// `0 op len(2) payload` a final frame · `1 op len(2) payload` a non-final frame ·
-/// `2 len(1) bytes` raw bytes · `3 n` the clock moves n × 100 ms and timers run ·
-/// `4` the peer reads everything owed. Returns the proxy and the session's connection for
-/// inspection (`None` when the harness itself could not be set up).
-pub fn play_session(script: &[u8]) -> Option<(Proxy, crate::conn::ConnId)> {
+/// The harness's state after a script: the core and its two members' sessions.
+pub struct Played {
+    pub fed: Federation,
+    /// The scripted session (`None` once it ended and was not reopened).
+    pub fuzz: Option<SessionId>,
+    pub peer: Option<SessionId>,
+}
+
+impl Played {
+    /// Whether the scripted session is still open in the core.
+    pub fn fuzz_open(&self) -> bool {
+        self.fuzz.is_some_and(|s| self.fed.session(s).is_some())
+    }
+}
+
+fn claims(server_id: &str, now: Now) -> Claims {
+    Claims {
+        server_id: server_id.into(),
+        token_type: TokenType::Federation,
+        iat: now.secs(),
+        exp: now.secs() + 3600,
+        nbf: None,
+        jti: None,
+    }
+}
+
+fn open(fed: &mut Federation, server_id: &str) -> Option<SessionId> {
+    let now = fed.now;
+    let c = claims(server_id, now);
+    let o = Opening {
+        claims: &c,
+        welcome_by: now.at + Duration::from_secs(10),
+        outbound: false,
+        peer: None,
+    };
+    fed.open_session(o).ok()
+}
+
+/// Plays `script` (ops of one byte each, then operands; the op is the byte modulo 6):
+/// `0 len(2) payload` a text frame from `fuzz` (not UTF-8: closed 1007, as the reactor
+/// does) · `1 len(1) payload` a text frame from `peer` · `2` `peer` answers every delivery
+/// it holds · `3 n` the clock moves n × 100 ms and due timers fire · `4` `fuzz` reads
+/// everything owed · `5 k` a connection event: `fuzz` reconnects (k % 4 = 0), `peer`
+/// connects (1) or goes away (2), a commit (3). Returns `None` only when the harness itself
+/// could not be set up.
+pub fn play_session(script: &[u8]) -> Option<Played> {
     let mut cfg = Config::default_for_tests();
     cfg.max_message_bytes = 4096;
     cfg.heartbeat = Duration::from_millis(1000);
+    cfg.queue_max_messages = 8;
+    cfg.queue_max_bytes = 8192;
     let audit = Audit::open(None).ok()?;
     // 2026-01-01T00:00:00Z, whatever the real clock says.
     let start = Now {
         at: std::time::Instant::now(),
         wall_ms: 1_767_225_600_000,
     };
-    let mut p = Proxy::new(
+    let mut fed = Federation::new(
         cfg,
         b"harness-secret-0123456789-abcdefghij".to_vec(),
         audit,
         start,
     );
-    p.seed_ids(7);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-    let _client = std::net::TcpStream::connect(listener.local_addr().ok()?).ok()?;
-    let (server, peer) = listener.accept().ok()?;
-    server.set_nonblocking(true).ok()?;
-    let sock = mio::net::TcpStream::from_std(server);
-    let id = p.insert_conn(|id| {
-        Conn::new(
-            id,
-            sock,
-            peer,
-            ConnState::Http(HttpConn::new(start.at + Duration::from_secs(10))),
-        )
-    })?;
-    // Another server, offline, so sends can queue.
-    let _ = p.find_or_insert("peer");
-    let now_s = start.secs();
-    let claims = Claims {
-        server_id: "fuzz".into(),
-        token_type: TokenType::Federation,
-        iat: now_s,
-        exp: now_s + 3600,
-        nbf: None,
-        jti: None,
+    fed.seed_ids(7);
+    // Another server, offline for now, so sends can queue.
+    let _ = fed.find_or_insert("peer");
+    let fuzz = open(&mut fed, "fuzz")?;
+    let mut h = Harness {
+        fed,
+        fuzz: Some(fuzz),
+        peer: None,
+        peer_inbox: Vec::new(),
     };
-    p.open_session(
-        id,
-        &claims,
-        start.at + Duration::from_secs(10),
-        tungstenite::protocol::Role::Server,
-    )
-    .ok()?;
+    h.take();
     let mut i = 0;
-    play(&mut p, id, script, &mut i);
-    Some((p, id))
+    h.play(script, &mut i);
+    Some(Played {
+        fed: h.fed,
+        fuzz: h.fuzz,
+        peer: h.peer,
+    })
 }
 
-fn play(p: &mut Proxy, id: crate::conn::ConnId, script: &[u8], i: &mut usize) -> Option<()> {
-    let take = |i: &mut usize, n: usize| -> Option<&[u8]> {
-        let s = script.get(*i..*i + n)?;
-        *i += n;
-        Some(s)
-    };
-    while *i < script.len() {
-        p.conn(id)?;
-        let op = take(i, 1)?[0];
-        match op % 5 {
-            0 | 1 => {
-                let opcode = take(i, 1)?[0];
-                let len = u16::from_be_bytes(take(i, 2)?.try_into().ok()?) as usize % 8192;
-                let payload = script.get(*i..(*i + len).min(script.len()))?;
-                *i += payload.len();
-                p.ws_input(id, &client_frame(opcode, op % 5 == 0, payload));
-            }
-            2 => {
-                let len = take(i, 1)?[0] as usize;
-                let raw = script.get(*i..(*i + len).min(script.len()))?;
-                *i += raw.len();
-                p.ws_input(id, raw);
-            }
-            3 => {
-                p.now = p
-                    .now
-                    .after(Duration::from_millis(100 * take(i, 1)?[0] as u64));
-                let at = p.now.at;
-                while let Some(k) = p.timers.pop_due(at) {
-                    if let crate::proxy::TimerKey::Conn(c) = k {
-                        if let Some(conn) = p.conn_mut(c) {
-                            conn.timer = None;
-                        }
-                        p.session_timer(c, at);
-                    }
+struct Harness {
+    fed: Federation,
+    fuzz: Option<SessionId>,
+    peer: Option<SessionId>,
+    /// Ids of deliveries `peer` holds unanswered.
+    peer_inbox: Vec<String>,
+}
+
+impl Harness {
+    /// Takes the core's actions: `peer` reads its frames (answering its welcome); what goes
+    /// to `fuzz` stays owed (the core counts it) until the script reads.
+    fn take(&mut self) {
+        for a in self.fed.take_actions() {
+            match a {
+                Action::Send { session, text } if Some(session) == self.peer => {
+                    self.peer_reads(&text)
                 }
-            }
-            _ => {
-                if let Some(c) = p.conn_mut(id) {
-                    c.out.clear();
-                    c.out_pos = 0;
+                Action::Close { session, .. } | Action::Drop { session, .. }
+                    if Some(session) == self.peer =>
+                {
+                    self.peer = None;
+                    self.peer_inbox.clear();
                 }
+                _ => {}
             }
         }
-        p.commit();
-        // Invariant: what the proxy owes one peer stays bounded.
-        let owed = p.conn(id).map_or(0, |c| c.unsent());
-        assert!(
-            owed <= p.hard_output_bound() + 64 * 1024,
-            "output grew to {owed}"
-        );
+        if let Some(p) = self.peer {
+            self.fed.set_unsent(p, 0);
+        }
     }
-    Some(())
+
+    fn peer_reads(&mut self, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let id = v.get("id").map(|i| i.to_string());
+        match (v.get("method").and_then(Value::as_str), id) {
+            (Some("federation/welcome"), Some(id)) => {
+                if let Some(p) = self.peer {
+                    let answer = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{}}}}");
+                    self.fed.on_text(p, &answer);
+                }
+            }
+            (Some("federation/deliver"), Some(id)) => self.peer_inbox.push(id),
+            _ => {}
+        }
+    }
+
+    fn play(&mut self, script: &[u8], i: &mut usize) -> Option<()> {
+        let take = |i: &mut usize, n: usize| -> Option<&[u8]> {
+            let s = script.get(*i..*i + n)?;
+            *i += n;
+            Some(s)
+        };
+        while *i < script.len() {
+            let op = take(i, 1)?[0];
+            match op % 6 {
+                0 => {
+                    let len = u16::from_be_bytes(take(i, 2)?.try_into().ok()?) as usize % 8192;
+                    let payload = script.get(*i..(*i + len).min(script.len()))?;
+                    *i += payload.len();
+                    if let Some(s) = self.fuzz {
+                        self.fed.session_heard(s);
+                        match std::str::from_utf8(payload) {
+                            Ok(text) => self.fed.on_text(s, text),
+                            Err(_) => self.fed.close_session(s, 1007, "invalid UTF-8"),
+                        }
+                    }
+                }
+                1 => {
+                    let len = take(i, 1)?[0] as usize;
+                    let payload = script.get(*i..(*i + len).min(script.len()))?;
+                    *i += payload.len();
+                    if let (Some(p), Ok(text)) = (self.peer, std::str::from_utf8(payload)) {
+                        self.fed.session_heard(p);
+                        self.fed.on_text(p, text);
+                    }
+                }
+                2 => {
+                    if let Some(p) = self.peer {
+                        self.fed.session_heard(p);
+                        for id in std::mem::take(&mut self.peer_inbox) {
+                            let answer =
+                                format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":\"ok\"}}");
+                            self.fed.on_text(p, &answer);
+                        }
+                    }
+                }
+                3 => {
+                    let n = take(i, 1)?[0] as u64;
+                    self.fed.now = self.fed.now.after(Duration::from_millis(100 * n));
+                    let at = self.fed.now.at;
+                    self.fed.fire_due(at);
+                }
+                4 => {
+                    if let Some(s) = self.fuzz {
+                        self.fed.session_drained(s, 0);
+                    }
+                }
+                _ => match take(i, 1)?[0] % 4 {
+                    0 => {
+                        if let Some(s) = self.fuzz.take() {
+                            self.fed.session_lost(s, "harness: reconnect");
+                        }
+                        self.fuzz = open(&mut self.fed, "fuzz");
+                    }
+                    1 if self.peer.is_none() => self.peer = open(&mut self.fed, "peer"),
+                    2 => {
+                        if let Some(p) = self.peer.take() {
+                            self.fed.session_lost(p, "harness: peer gone");
+                            self.peer_inbox.clear();
+                        }
+                    }
+                    _ => self.fed.commit(),
+                },
+            }
+            self.take();
+            self.fed.commit();
+            self.take();
+            self.check();
+        }
+        Some(())
+    }
+
+    /// Invariants: what the proxy owes one peer and holds for one recipient stay bounded.
+    fn check(&self) {
+        if let Some(s) = self.fuzz.and_then(|s| self.fed.session(s)) {
+            assert!(
+                s.unsent <= self.fed.hard_output_bound() + 64 * 1024,
+                "output grew to {}",
+                s.unsent
+            );
+        }
+        for e in self.fed.registry.entries() {
+            assert!(e.queue.len() <= self.fed.cfg.queue_max_messages);
+            assert!(e.queue_bytes + e.inflight_bytes <= self.fed.cfg.queue_max_bytes);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn frame(s: &mut Vec<u8>, text: &[u8]) {
+        s.push(0);
+        s.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        s.extend_from_slice(text);
+    }
+
     #[test]
     fn a_script_reaches_the_json_rpc_layer() {
-        let mut s = vec![0u8, 1];
-        let msg = br#"{"jsonrpc":"2.0","id":1,"result":{}}"#; // answers the welcome (id 1)
-        s.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-        s.extend_from_slice(msg);
-        let send = br#"{"jsonrpc":"2.0","id":2,"method":"federation/send","params":{"to":"peer","message":1,"queue":true}}"#;
-        s.extend_from_slice(&[0, 1]);
-        s.extend_from_slice(&(send.len() as u16).to_be_bytes());
-        s.extend_from_slice(send);
+        let mut s = Vec::new();
+        // Answers the welcome (id 1), then queues a message for the offline peer.
+        frame(&mut s, br#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
+        frame(
+            &mut s,
+            br#"{"jsonrpc":"2.0","id":2,"method":"federation/send","params":{"to":"peer","message":1,"queue":true}}"#,
+        );
         s.push(4);
-        let (p, id) = play_session(&s).expect("harness");
-        let peer = p.registry.by_id("peer").unwrap();
+        let p = play_session(&s).expect("harness");
+        let peer = p.fed.registry.by_id("peer").unwrap();
         assert_eq!(
             peer.queue.len(),
             1,
             "the send was queued for the offline peer"
         );
-        assert!(p.conn(id).is_some(), "the session is still open");
-        // Silence past two heartbeats drops the session; garbage closes it 1002.
+        assert!(p.fuzz_open(), "the session is still open");
+        // The peer comes online: its queue is delivered, it answers, the queue empties.
+        let mut s1 = s.clone();
+        s1.extend_from_slice(&[5, 1, 2]);
+        let p = play_session(&s1).expect("harness");
+        assert!(p.peer.is_some());
+        assert_eq!(p.fed.registry.by_id("peer").unwrap().queue.len(), 0);
+        // Silence past two heartbeats drops the session; bytes that are not UTF-8 close it.
         let mut s2 = s.clone();
         s2.extend_from_slice(&[3, 30]);
-        let (p, id) = play_session(&s2).expect("harness");
-        assert!(
-            p.conn(id).is_none(),
-            "dropped after two silent heartbeat intervals"
-        );
+        assert!(!play_session(&s2).expect("harness").fuzz_open());
         let mut s3 = s.clone();
-        s3.extend_from_slice(&[2, 6, 0x83, 0x80, 0, 0, 0, 0]); // reserved opcode 3
-        let (p, id) = play_session(&s3).expect("harness");
-        assert!(
-            !matches!(p.conn(id).map(|c| &c.state), Some(ConnState::Ws(_))),
-            "garbage ends the session"
-        );
+        frame(&mut s3, &[0xff, 0xfe]);
+        assert!(!play_session(&s3).expect("harness").fuzz_open());
+    }
+
+    #[test]
+    fn a_script_plays_the_same_every_time() {
+        let script: Vec<u8> = (0..4000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let a = play_session(&script).expect("harness");
+        let b = play_session(&script).expect("harness");
+        let state = |p: &Played| {
+            let q: Vec<(String, usize, u64)> = p
+                .fed
+                .registry
+                .entries()
+                .map(|e| (e.server_id.clone(), e.queue.len(), e.received))
+                .collect();
+            (q, p.fuzz_open(), p.fed.pending.len())
+        };
+        assert_eq!(state(&a), state(&b));
     }
 }

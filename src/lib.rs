@@ -40,6 +40,7 @@ pub mod control;
 pub mod data;
 pub mod dial;
 pub mod durable;
+pub mod federation;
 pub mod harness;
 pub mod http;
 pub mod jsonrpc;

@@ -6,8 +6,9 @@
 
 use fedmcp::audit::Audit;
 use fedmcp::config::Config;
+use fedmcp::federation::now_secs;
 use fedmcp::jwt::{self, Claims, TokenType};
-use fedmcp::proxy::{Proxy, now_secs};
+use fedmcp::proxy::Proxy;
 use fedmcp::reactor::{self, Reactor};
 use std::io::Write;
 use std::process::ExitCode;
@@ -58,7 +59,7 @@ fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
                 return Err(ExitCode::from(2));
             }
             log::warn!("no secret configured and no state dir: tokens will not survive a restart");
-            Ok(fedmcp::proxy::hex(&raw).into_bytes())
+            Ok(fedmcp::federation::hex(&raw).into_bytes())
         }
     }
 }
@@ -158,7 +159,7 @@ fn serve() -> ExitCode {
             let dir = std::env::temp_dir().join(format!(
                 "fedmcp-resources-{}-{}",
                 std::process::id(),
-                fedmcp::proxy::hex(&fedmcp::proxy::random_bytes::<8>())
+                fedmcp::federation::hex(&fedmcp::federation::random_bytes::<8>())
             ));
             let made = {
                 #[cfg(unix)]
@@ -192,11 +193,12 @@ fn serve() -> ExitCode {
         }
     };
     let mut proxy = Proxy::new(cfg, secret, audit, fedmcp::clock::Now::read());
-    proxy.resources = blobs.1;
-    proxy.blobs = Some(blobs.0);
+    proxy.fed.resources = blobs.1;
+    proxy.fed.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {
-        proxy.store = Some(store);
-        proxy.restore(replay);
+        proxy.fed.store = Some(store);
+        proxy.fed.restore(replay);
+        proxy.apply();
     }
     proxy.tls = tls;
     proxy.tls_client = tls_client;
@@ -212,7 +214,7 @@ fn serve() -> ExitCode {
     }
     match result {
         Ok(()) => {
-            proxy.audit.flush();
+            proxy.fed.audit.flush();
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -2,17 +2,16 @@
 //!
 //! Owns the pure parts of dialling: parsing a `ws://` / `wss://` URL, the retry schedule
 //! (250 ms doubling to 30 s, ±20 % jitter), the WebSocket client upgrade request and the
-//! check of its `101` answer; and the decisions, in `impl Proxy` at the end of this file:
-//! when to dial, which address next, backoff, what an answer means. It never opens, registers
-//! or resolves anything itself: it asks with a [`DialRequest`] (`Proxy::dial_requests`), which
-//! the reactor's `dial` module carries out (a lookup on its resolver thread, a non-blocking
-//! connect on a socket it registers) and answers with `on_resolved`, `dial_opened` or
-//! `dial_failed`. The connection is an ordinary `Conn` (`Dialing` state, then `Ws` like any
-//! session).
+//! check of its `101` answer; and the decisions, in `impl Federation` at the end of this
+//! file: when to dial, which address next, backoff, what an answer means. Part of the core:
+//! it never opens, registers or resolves anything itself. It asks with a [`DialRequest`]
+//! (an [`Action::Dial`]), which the reactor's `dial` module carries out (a lookup on its
+//! resolver thread, a non-blocking connect on a socket it registers, the upgrade) and answers
+//! with `on_resolved`, `dial_opened`, `dial_established` or `dial_failed`. A dialled session
+//! is an ordinary session once its upgrade is answered.
 
-use crate::conn::{ConnId, ConnState, DialPhase, Dialing};
+use crate::federation::{Action, CoreTimer, Federation, LinkId, SessionId};
 use crate::jwt::TokenType;
-use crate::proxy::{Proxy, TimerKey};
 use crate::registry::{OutPhase, Outbound, Slot};
 use base64::Engine;
 use std::net::{IpAddr, SocketAddr};
@@ -214,22 +213,36 @@ pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError>
     Ok(Some(end + 4))
 }
 
+/// What an attempt needs to become a session: decided by the core, carried by the
+/// reactor's dialling connection.
+#[derive(Debug, Clone)]
+pub struct DialPlan {
+    pub slot: Slot,
+    pub url: ControlUrl,
+    /// Our `Sec-WebSocket-Key`.
+    pub key: String,
+    /// The token presented (its claims bound the session like an inbound one's).
+    pub claims: crate::jwt::Claims,
+    pub token: String,
+    /// Connect + TLS + upgrade + welcome answer, like an inbound handshake.
+    pub deadline: Instant,
+}
+
 /// What dialling asks the reactor to do (carried out by the `dial` module).
 #[derive(Debug)]
 pub enum DialRequest {
     /// Resolve `host` (every address, in the resolver's order); the answer comes back through
-    /// `Proxy::on_resolved(lookup, ...)`.
+    /// `Federation::on_resolved(lookup, ...)`.
     Resolve {
         lookup: u64,
         host: String,
         port: u16,
     },
     /// Open a non-blocking connection to `addr` for this attempt and register it; then
-    /// `Proxy::dial_opened(slot, conn)`, or `dial_failed(slot, OutPhase::Opening, why)`.
+    /// `Federation::dial_opened(slot, link)`, or `dial_failed(slot, OutPhase::Opening, why)`.
     Connect {
-        slot: Slot,
         addr: SocketAddr,
-        dialing: Box<Dialing>,
+        plan: Box<DialPlan>,
     },
 }
 
@@ -245,12 +258,12 @@ fn control_url_of(endpoints: &str) -> Option<ControlUrl> {
 }
 
 /// A jitter unit in [0, 1).
-fn jitter_unit(entropy: &crate::proxy::Entropy) -> f64 {
+fn jitter_unit(entropy: &crate::federation::Entropy) -> f64 {
     let b = entropy.bytes::<4>();
     u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
 }
 
-impl Proxy {
+impl Federation {
     /// After a registration: start, restart or stop dialling to match `endpoints.control`.
     pub fn outbound_update(&mut self, slot: Slot) {
         let Some(e) = self.registry.get(slot) else {
@@ -267,7 +280,7 @@ impl Proxy {
         }
         self.outbound_stop(slot);
         if let Some(url) = url {
-            let timer = self.timers.insert(self.now.at, TimerKey::Dial(slot));
+            let timer = self.timers.insert(self.now.at, CoreTimer::Dial(slot));
             if let Some(e) = self.registry.get_mut(slot) {
                 e.outbound = Some(Outbound {
                     url,
@@ -292,8 +305,11 @@ impl Proxy {
         if let Some(t) = o.timer {
             self.timers.cancel(t);
         }
-        if let OutPhase::Dialing(c) = o.phase {
-            self.drop_conn(c, "dialling stopped");
+        if let OutPhase::Dialing(link) = o.phase {
+            self.act(Action::StopDial {
+                link,
+                why: "dialling stopped".into(),
+            });
         }
     }
 
@@ -321,7 +337,7 @@ impl Proxy {
         if busy {
             // The server is connected (inbound): look again later instead of replacing it.
             o.next_attempt_ms = Some(now_ms + BACKOFF_MAX.as_millis() as i64);
-            let t = self.timers.insert(now + BACKOFF_MAX, TimerKey::Dial(slot));
+            let t = self.timers.insert(now + BACKOFF_MAX, CoreTimer::Dial(slot));
             if let Some(o) = self
                 .registry
                 .get_mut(slot)
@@ -343,16 +359,16 @@ impl Proxy {
             return self.dial_connect(slot, addr);
         }
         let id = self.next_seq();
-        self.dial_requests.push(DialRequest::Resolve {
+        self.act(Action::Dial(DialRequest::Resolve {
             lookup: id,
             host: url.host.clone(),
             port: url.port,
-        });
+        }));
         self.lookups.insert(id, slot);
         // Resolving has the handshake timeout: the dial timer fires then (see above).
         let t = self.timers.insert(
             self.now.at + self.cfg.handshake_timeout,
-            TimerKey::Dial(slot),
+            CoreTimer::Dial(slot),
         );
         if let Some(o) = self
             .registry
@@ -427,20 +443,18 @@ impl Proxy {
         let (token, claims) = self.mint(&server_id, TokenType::Federation);
         let key = base64::engine::general_purpose::STANDARD.encode(self.entropy.bytes::<16>());
         let deadline = self.now.at + self.cfg.handshake_timeout;
-        let dialing = Dialing {
+        let plan = DialPlan {
             slot,
             url,
             key,
             claims,
             token,
-            phase: DialPhase::Connecting,
             deadline,
         };
-        self.dial_requests.push(DialRequest::Connect {
-            slot,
+        self.act(Action::Dial(DialRequest::Connect {
             addr,
-            dialing: Box::new(dialing),
-        });
+            plan: Box::new(plan),
+        }));
         if let Some(o) = self
             .registry
             .get_mut(slot)
@@ -450,72 +464,59 @@ impl Proxy {
         }
     }
 
-    /// The reactor opened and registered the connection of this attempt.
-    pub fn dial_opened(&mut self, slot: Slot, id: ConnId) {
+    /// The reactor opened and registered the connection of this attempt. False: the
+    /// attempt was stopped meanwhile (removed, endpoint changed) and the connection is not
+    /// wanted.
+    pub fn dial_opened(&mut self, slot: Slot, link: LinkId) -> bool {
         match self
             .registry
             .get_mut(slot)
             .and_then(|e| e.outbound.as_mut())
         {
-            Some(o) if o.phase == OutPhase::Opening => o.phase = OutPhase::Dialing(id),
-            // Stopped meanwhile (removed, endpoint changed): the connection is not wanted.
-            _ => return self.drop_conn(id, "dialling stopped"),
-        }
-        self.rearm(id);
-    }
-
-    /// Bytes on a dialling connection: the answer to our upgrade, then the first frames.
-    pub fn dial_input(&mut self, id: ConnId, data: &[u8]) {
-        let Some(conn) = self.conn_mut(id) else {
-            return;
-        };
-        let ConnState::Dialing(d) = &mut conn.state else {
-            return;
-        };
-        let DialPhase::Upgrading { inbuf } = &mut d.phase else {
-            return;
-        };
-        inbuf.extend_from_slice(data);
-        let n = match check_answer(inbuf, &d.key) {
-            Ok(None) => return,
-            Ok(Some(n)) => n,
-            Err(e) => return self.drop_conn(id, &e.to_string()),
-        };
-        let leftover = inbuf.split_off(n);
-        let (slot, claims, deadline) = (d.slot, d.claims.clone(), d.deadline);
-        if self
-            .registry
-            .get(slot)
-            .is_some_and(|e| e.presence.session().is_some_and(|s| s != id))
-        {
-            // It connected inbound while we were dialling: keep that session.
-            return self.drop_conn(id, "the server connected inbound meanwhile");
-        }
-        if self
-            .open_session(id, &claims, deadline, tungstenite::protocol::Role::Client)
-            .is_err()
-        {
-            return self.drop_conn(id, "registry full");
-        }
-        if let Some(e) = self.registry.get_mut(slot) {
-            e.outbound_session = true;
-            if let Some(o) = e.outbound.as_mut() {
-                o.phase = OutPhase::Session(id);
+            Some(o) if o.phase == OutPhase::Opening => {
+                o.phase = OutPhase::Dialing(link);
+                true
             }
-        }
-        if !leftover.is_empty() {
-            self.ws_input(id, &leftover);
+            _ => false,
         }
     }
 
-    /// A dialling connection's deadline passed.
-    pub fn dial_timer(&mut self, id: ConnId, now: Instant) {
-        let Some(ConnState::Dialing(d)) = self.conn(id).map(|c| &c.state) else {
-            return;
+    /// The upgrade of attempt `link` was answered `101`: the session opens (`Err` says why
+    /// the connection is not wanted, and the reactor drops it).
+    pub fn dial_established(
+        &mut self,
+        link: LinkId,
+        plan: &DialPlan,
+        peer: Option<SocketAddr>,
+    ) -> Result<SessionId, &'static str> {
+        let slot = plan.slot;
+        let Some(e) = self.registry.get(slot) else {
+            return Err("dialling stopped");
         };
-        if now >= d.deadline {
-            self.drop_conn(id, "handshake timeout");
+        if e.outbound.as_ref().map(|o| o.phase) != Some(OutPhase::Dialing(link)) {
+            return Err("dialling stopped");
         }
+        if e.presence.session().is_some() {
+            // It connected inbound while we were dialling: keep that session.
+            return Err("the server connected inbound meanwhile");
+        }
+        let opening = crate::control::Opening {
+            claims: &plan.claims,
+            welcome_by: plan.deadline,
+            outbound: true,
+            peer,
+        };
+        let Ok(id) = self.open_session(opening) else {
+            return Err("registry full");
+        };
+        if let Some(o) = self
+            .registry
+            .get_mut(slot)
+            .and_then(|e| e.outbound.as_mut())
+        {
+            o.phase = OutPhase::Session(id);
+        }
+        Ok(id)
     }
 
     /// An attempt failed (or a session ended): the next one after the backoff. `expect` is
@@ -562,7 +563,7 @@ impl Proxy {
         if draining {
             return;
         }
-        let t = self.timers.insert(now + delay, TimerKey::Dial(slot));
+        let t = self.timers.insert(now + delay, CoreTimer::Dial(slot));
         if let Some(o) = self
             .registry
             .get_mut(slot)
@@ -578,11 +579,11 @@ mod tests {
     use super::*;
 
     /// A proxy with one registered server whose control endpoint is `url`.
-    fn dialling(url: &str, allow_plaintext: bool) -> (Proxy, Slot) {
+    fn dialling(url: &str, allow_plaintext: bool) -> (Federation, Slot) {
         let mut cfg = crate::config::Config::default_for_tests();
         cfg.allow_plaintext = allow_plaintext;
         let audit = crate::audit::Audit::open(None).unwrap();
-        let mut p = Proxy::new(cfg, b"k".repeat(32), audit, crate::clock::Now::read());
+        let mut p = Federation::new(cfg, b"k".repeat(32), audit, crate::clock::Now::read());
         let slot = p.find_or_insert("svc").unwrap();
         p.registry.get_mut(slot).unwrap().endpoints = format!("{{\"control\":\"{url}\"}}");
         p.outbound_update(slot);
@@ -590,16 +591,27 @@ mod tests {
     }
 
     /// Fires the dial timers due at the proxy's time (as the reactor does).
-    fn fire(p: &mut Proxy) {
+    fn fire(p: &mut Federation) {
         let at = p.now.at;
         while let Some(k) = p.timers.pop_due(at) {
-            if let TimerKey::Dial(s) = k {
+            if let CoreTimer::Dial(s) = k {
                 p.dial(s);
             }
         }
     }
 
-    fn attempt(p: &Proxy, slot: Slot) -> u32 {
+    /// The last dialling request the core asked for since the last look.
+    fn next_dial(p: &mut Federation) -> Option<DialRequest> {
+        p.take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dial(d) => Some(d),
+                _ => None,
+            })
+            .next_back()
+    }
+
+    fn attempt(p: &Federation, slot: Slot) -> u32 {
         p.registry
             .get(slot)
             .unwrap()
@@ -609,7 +621,7 @@ mod tests {
             .attempt
     }
 
-    fn phase(p: &Proxy, slot: Slot) -> OutPhase {
+    fn phase(p: &Federation, slot: Slot) -> OutPhase {
         p.registry
             .get(slot)
             .unwrap()
@@ -623,7 +635,7 @@ mod tests {
     fn every_address_of_a_name_is_tried_before_backing_off() {
         let (mut p, slot) = dialling("ws://svc.example:9000/c", true);
         fire(&mut p);
-        let Some(DialRequest::Resolve { lookup, host, port }) = p.dial_requests.pop() else {
+        let Some(DialRequest::Resolve { lookup, host, port }) = next_dial(&mut p) else {
             panic!("a name is resolved first");
         };
         assert_eq!((host.as_str(), port), ("svc.example", 9000));
@@ -631,21 +643,21 @@ mod tests {
         let a1: SocketAddr = "[2001:db8::1]:9000".parse().unwrap();
         let a2: SocketAddr = "192.0.2.7:9000".parse().unwrap();
         p.on_resolved(lookup, Ok(vec![a1, a2]));
-        let Some(DialRequest::Connect { addr, .. }) = p.dial_requests.pop() else {
+        let Some(DialRequest::Connect { addr, .. }) = next_dial(&mut p) else {
             panic!("the first address is dialled");
         };
         assert_eq!(addr, a1);
         assert_eq!(phase(&p, slot), OutPhase::Opening);
         // The first address fails: the second is tried in the same attempt, no backoff.
         p.dial_failed(slot, OutPhase::Opening, "refused".into());
-        let Some(DialRequest::Connect { addr, .. }) = p.dial_requests.pop() else {
+        let Some(DialRequest::Connect { addr, .. }) = next_dial(&mut p) else {
             panic!("the next address is dialled");
         };
         assert_eq!(addr, a2);
         assert_eq!(attempt(&p, slot), 0);
         // The last one fails too: now the attempt has failed and waits.
         p.dial_failed(slot, OutPhase::Opening, "refused".into());
-        assert!(p.dial_requests.is_empty());
+        assert!(next_dial(&mut p).is_none());
         assert_eq!(phase(&p, slot), OutPhase::Backoff);
         assert_eq!(attempt(&p, slot), 1);
     }
@@ -654,7 +666,7 @@ mod tests {
     fn resolving_has_the_handshake_timeout_and_late_answers_are_ignored() {
         let (mut p, slot) = dialling("wss://svc.example/c", false);
         fire(&mut p);
-        let Some(DialRequest::Resolve { lookup, .. }) = p.dial_requests.pop() else {
+        let Some(DialRequest::Resolve { lookup, .. }) = next_dial(&mut p) else {
             panic!("resolve first");
         };
         // The dial timer fires at the handshake deadline with the lookup unanswered.
@@ -664,19 +676,19 @@ mod tests {
         let o = p.registry.get(slot).unwrap().outbound.as_ref().unwrap();
         assert_eq!(o.last_error.as_deref(), Some("name resolution timed out"));
         p.on_resolved(lookup, Ok(vec!["192.0.2.7:443".parse().unwrap()]));
-        assert!(p.dial_requests.is_empty(), "a late answer dials nothing");
+        assert!(next_dial(&mut p).is_none(), "a late answer dials nothing");
     }
 
     #[test]
     fn a_plain_endpoint_off_the_machine_is_never_dialled() {
         let (mut p, slot) = dialling("ws://192.0.2.7:9000/c", false);
         fire(&mut p);
-        assert!(p.dial_requests.is_empty());
+        assert!(next_dial(&mut p).is_none());
         assert_eq!(phase(&p, slot), OutPhase::Backoff);
         let (mut p, _) = dialling("ws://127.0.0.1:9000/c", false);
         fire(&mut p);
         assert!(matches!(
-            p.dial_requests.pop(),
+            next_dial(&mut p),
             Some(DialRequest::Connect { .. })
         ));
     }

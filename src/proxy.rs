@@ -1,28 +1,27 @@
-//! The proxy's state and the operations every layer shares.
+//! The reactor's side of the proxy: connections, their sockets' buffers, and the core.
 //!
-//! Owns everything the loop serves: configuration, signing secrets, the connection slab, the
-//! registry, deliveries awaiting answers, the deadline structure, metrics and the audit trail.
-//! The protocol handlers are `impl Proxy` blocks in their own modules (`api` for HTTP routes,
-//! `control` for control sessions, `router` for federation semantics); the `reactor` owns the
-//! sockets' readiness and calls in. This module holds only shared plumbing: ids and clocks,
-//! writing to and closing connections, tokens and authentication.
+//! Owns the connection slab (sockets, TLS sessions, output buffers, connection states), the
+//! connections' deadlines (HTTP head and idle, dialling handshake, close linger), which
+//! control session runs on which connection, and the [`Federation`] core it drives. It turns
+//! what the connections carry into calls on the core (a text frame, a session lost, an HTTP
+//! request), and the core's [`Action`]s into writes, closes and dials ([`Proxy::apply`]).
+//! The WebSocket framing of a control session (tungstenite over the connection's buffers,
+//! binary frames 1003, oversize 1009, bad UTF-8 1007, protocol errors 1002, input held back
+//! while the output is over its bound) is here too; what a frame means is the core's.
 //!
-//! Invariant: a `ConnId` or `Slot` held anywhere is checked (generation) before use, so stale
-//! references are harmless. Nothing here blocks or panics on peer input.
+//! Invariant: a `ConnId` held anywhere is checked (generation) before use, so stale
+//! references are harmless; a session's link to its connection is removed when either ends.
+//! Nothing here blocks or panics on peer input, and nothing here decides federation
+//! semantics.
 
-use crate::audit::{Audit, Event};
+use crate::audit::Audit;
 use crate::config::Config;
-use crate::conn::{Closing, Conn, ConnId, ConnState};
-use crate::jwt::{self, Claims, JwtError, TokenType};
-use crate::metrics::Metrics;
-use crate::registry::{Registry, Slot};
-use crate::router::Pending;
+use crate::conn::{Closing, Conn, ConnId, ConnState, WsConn};
+use crate::federation::{Action, Answer, Federation, LinkId, RequestId, SessionId};
 use crate::timer::Timers;
-use crate::ws::WsIo;
+use crate::ws::{Incoming, WsIo};
 use slab::Slab;
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -30,77 +29,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 /// How long a closing connection may linger for the peer's close reply or EOF.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// What a timer in the loop's deadline structure stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimerKey {
-    /// A connection's own nearest deadline (handshake, idle, heartbeat, token, linger).
-    Conn(ConnId),
-    /// A delivery's answer timeout.
-    Delivery(u64),
-    /// A queued message's TTL.
-    Ttl(Slot, u64),
-    /// The next attempt to dial a server (§5).
-    Dial(Slot),
-}
-
-/// An authentication failure, with the contract's status and code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthError {
-    pub status: u16,
-    pub code: &'static str,
-}
-
-impl AuthError {
-    fn new(status: u16, code: &'static str) -> AuthError {
-        AuthError { status, code }
-    }
-
-    pub fn message(&self) -> &'static str {
-        match self.code {
-            "missing_token" => "a bearer token is required",
-            "malformed_token" => {
-                "the token is not a well-formed HS256 JWT with the required claims"
-            }
-            "unsupported_alg" => "only HS256 tokens are accepted",
-            "bad_signature" => "the token signature does not verify",
-            "expired" => "the token has expired",
-            "not_yet_valid" => "the token is not valid yet",
-            "issued_in_future" => "the token was issued in the future",
-            "wrong_type" => "the token is of the wrong type for this endpoint",
-            "revoked" => "the token was revoked",
-            _ => "the token was rejected",
-        }
-    }
-}
-
-impl From<JwtError> for AuthError {
-    fn from(e: JwtError) -> AuthError {
-        AuthError::new(401, e.code())
-    }
-}
-
-/// Which tokens an endpoint takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
-    Federation,
-    Admin,
-    Either,
-}
-
 pub struct Proxy {
-    pub cfg: Config,
-    /// The time of this loop turn, set by the reactor (the only reader of the clock) before
-    /// it hands the turn's events in.
-    pub now: crate::clock::Now,
-    /// Verification keys: the current secret first, then the previous one (rotation).
-    pub secrets: Vec<Vec<u8>>,
+    /// The federation core.
+    pub fed: Federation,
     pub conns: Slab<Conn>,
     next_generation: u32,
-    pub registry: Registry,
-    pub pending: HashMap<u64, Pending>,
-    pub timers: Timers<TimerKey>,
-    pub metrics: Metrics,
-    pub audit: Audit,
+    /// Connections' own deadlines (sessions' deadlines are the core's).
+    pub timers: Timers<ConnId>,
     /// Accepted connections in accept order, for displacing the oldest unauthenticated one at
     /// `FEDMCP_MAX_CONNECTIONS` (entries of connections gone or authenticated are skipped
     /// and dropped lazily; compacted past twice the capacity).
@@ -115,195 +50,42 @@ pub struct Proxy {
     /// The TLS client configuration for `wss://` servers the proxy dials (from
     /// `FEDMCP_TRUSTED_CA_FILE` at start, or the bundled roots on first use).
     pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
-    /// Lookups and connections dialling asked for this turn (the reactor's `dial` module
-    /// carries them out; nothing here opens a socket).
+    /// Lookups and connections the core asked for, for the reactor's `dial` module.
     pub dial_requests: Vec<crate::outbound::DialRequest>,
-    /// Name lookups in flight: lookup id → the server being dialled.
-    pub lookups: HashMap<u64, Slot>,
-    /// Set on SIGTERM/SIGINT: the instant the grace time ends.
-    pub draining: Option<Instant>,
-    /// The state log (`None`: memory only).
-    pub store: Option<crate::store::state::Store>,
-    /// Answers waiting for this turn's fsync.
-    pub deferred: Vec<crate::durable::Deferred>,
-    /// Resource files (`None` only if they could not be opened) and their index.
-    pub blobs: Option<crate::store::blobs::Blobs>,
-    pub resources: crate::resources::Index,
-    /// Revoked token ids (`DELETE /v1/tokens/{jti}`).
-    pub revocations: crate::revocations::Revocations,
-    /// The rate limit of senders the registry had no room for (shared: still bounded).
-    pub overflow_bucket: Option<crate::session::Bucket>,
-    /// Set while the state dir cannot be written (readyz 503), with the error.
-    pub degraded: Option<String>,
-    seq: u64,
-    boot_id: String,
-    /// Where random ids come from (`Entropy::Os` but in simulation and fuzzing).
-    pub entropy: Entropy,
-}
-
-/// Milliseconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Milliseconds of a seconds value (token claims are peer-supplied: saturate, never overflow).
-pub fn secs_to_ms(secs: i64) -> i64 {
-    secs.saturating_mul(1000)
-}
-
-/// Seconds since the epoch, read now: for `main` and tests. The loop uses `Proxy::now`.
-pub fn now_secs() -> i64 {
-    now_ms() / 1000
-}
-
-/// Where the proxy's random ids (message-id prefix, session ids, `jti`s, upgrade keys, backoff
-/// jitter) come from: the OS, or, in the simulation and the fuzz harness, a generator seeded
-/// so that every run of a seed is the same byte for byte. Secrets never come from here.
-#[derive(Debug)]
-pub enum Entropy {
-    Os,
-    Seeded(std::cell::Cell<u64>),
-}
-
-impl Entropy {
-    /// Fills `buf`.
-    pub fn fill(&self, buf: &mut [u8]) {
-        match self {
-            Entropy::Os => buf.copy_from_slice(&random_vec(buf.len())),
-            Entropy::Seeded(state) => {
-                for b in buf.iter_mut() {
-                    // splitmix64, one byte a step: plenty for ids in a test.
-                    let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    state.set(s);
-                    let mut z = s;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    *b = (z ^ (z >> 31)) as u8;
-                }
-            }
-        }
-    }
-
-    pub fn bytes<const N: usize>(&self) -> [u8; N] {
-        let mut b = [0u8; N];
-        self.fill(&mut b);
-        b
-    }
-}
-
-fn random_vec(n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    if getrandom::fill(&mut v).is_err() {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for (i, x) in v.iter_mut().enumerate() {
-            *x = (t >> ((i % 16) * 8)) as u8 ^ i as u8;
-        }
-    }
-    v
-}
-
-/// Random bytes from the OS; an unusable OS source falls back to time-derived bytes
-/// (only ever used for ids, never for secrets: `store` refuses to run without it).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    if getrandom::fill(&mut b).is_err() {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = (t >> ((i % 16) * 8)) as u8 ^ i as u8;
-        }
-    }
-    b
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    /// Which connection carries each session, indexed by the session's table index.
+    links: Vec<Option<(SessionId, ConnId)>>,
+    /// The actions being carried out (kept to reuse its capacity).
+    spare: Vec<Action>,
 }
 
 impl Proxy {
     /// A proxy whose first turn is at `now` (the reactor moves it on every turn after).
     pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit, now: crate::clock::Now) -> Proxy {
-        let mut secrets = vec![secret];
-        if let Some(prev) = cfg.jwt_previous_secret.clone() {
-            secrets.push(prev);
-        }
         let conns = Slab::with_capacity(cfg.max_connections);
-        let cfg_max_revocations = cfg.max_revocations;
-        let registry = Registry::new(cfg.max_servers);
         Proxy {
-            cfg,
-            now,
-            secrets,
+            fed: Federation::new(cfg, secret, audit, now),
             conns,
             next_generation: 1,
-            registry,
-            pending: HashMap::new(),
             timers: Timers::new(),
-            metrics: Metrics::default(),
-            audit,
             accept_order: std::collections::VecDeque::new(),
             dirty: Vec::new(),
             resume: Vec::new(),
             tls: None,
             tls_client: None,
             dial_requests: Vec::new(),
-            lookups: HashMap::new(),
-            draining: None,
-            store: None,
-            deferred: Vec::new(),
-            blobs: None,
-            resources: crate::resources::Index::default(),
-            revocations: crate::revocations::Revocations::new(cfg_max_revocations),
-            overflow_bucket: None,
-            degraded: None,
-            seq: 0,
-            boot_id: hex(&random_bytes::<4>()),
-            entropy: Entropy::Os,
+            links: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
-    /// A fresh number for delivery ids and message ids.
-    pub fn next_seq(&mut self) -> u64 {
-        self.seq = self.seq.saturating_add(1);
-        self.seq
-    }
-
-    /// Makes sure fresh sequence numbers come after `seq` (restored queues keep their order).
-    pub fn bump_seq(&mut self, seq: u64) {
-        self.seq = self.seq.max(seq);
-    }
-
-    /// A message id unique across restarts: a per-boot prefix and a sequence number.
-    pub fn msg_id(&self, seq: u64) -> String {
-        format!("{}-{seq}", self.boot_id)
-    }
-
-    pub fn session_id(&self) -> String {
-        hex(&self.entropy.bytes::<12>())
-    }
-
-    /// Random ids from a generator seeded with `seed` from now on (simulation, fuzzing), the
-    /// message-id prefix included: a run of the same seed is the same byte for byte.
-    pub fn seed_ids(&mut self, seed: u64) {
-        self.entropy = Entropy::Seeded(std::cell::Cell::new(seed));
-        self.boot_id = hex(&self.entropy.bytes::<4>());
+    /// The configuration (the core's copy).
+    pub fn cfg(&self) -> &Config {
+        &self.fed.cfg
     }
 
     /// Inserts a connection, giving it a fresh generation; `None` at capacity.
     pub fn insert_conn(&mut self, make: impl FnOnce(ConnId) -> Conn) -> Option<ConnId> {
-        if self.conns.len() >= self.cfg.max_connections {
+        if self.conns.len() >= self.fed.cfg.max_connections {
             return None;
         }
         let generation = self.next_generation;
@@ -330,7 +112,7 @@ impl Proxy {
     /// Records an accepted connection for [`Proxy::displace_one`].
     pub fn accepted(&mut self, id: ConnId) {
         self.accept_order.push_back(id);
-        if self.accept_order.len() > self.cfg.max_connections.saturating_mul(2) {
+        if self.accept_order.len() > self.fed.cfg.max_connections.saturating_mul(2) {
             let order = std::mem::take(&mut self.accept_order);
             self.accept_order = order
                 .into_iter()
@@ -345,7 +127,7 @@ impl Proxy {
     pub fn displace_one(&mut self) -> bool {
         while let Some(id) = self.accept_order.pop_front() {
             if self.displaceable(id) {
-                self.metrics.displaced_total += 1;
+                self.fed.metrics.displaced_total += 1;
                 self.drop_conn(id, "displaced: FEDMCP_MAX_CONNECTIONS reached");
                 return true;
             }
@@ -365,73 +147,156 @@ impl Proxy {
         self.dirty.push(id);
     }
 
-    /// The bound on a session's unsent bytes: two of the largest messages and some slack.
-    pub fn unsent_bound(&self) -> usize {
-        self.cfg
-            .max_message_bytes
-            .saturating_mul(2)
-            .saturating_add(64 * 1024)
+    /// The request id the core is given for a request on connection `id`.
+    pub fn request_id(id: ConnId) -> RequestId {
+        RequestId(id.token().0 as u64)
     }
 
-    /// The most a session's output may hold before the session is closed 1008: twice the
-    /// soft bound. Past the soft bound deliveries are refused and the peer's input is not
-    /// processed, so only answers already owed can get here: a peer that does not read.
-    pub fn hard_output_bound(&self) -> usize {
-        self.unsent_bound().saturating_mul(2)
+    /// The dialling link id the core is given for connection `id`.
+    pub fn link_id(id: ConnId) -> LinkId {
+        LinkId(id.token().0 as u64)
     }
 
-    /// Writes a text frame to a control session. False when the connection is gone or not a
-    /// session (the caller treats the peer as offline), or when the frame would take the
-    /// session's output past [`Proxy::hard_output_bound`] (the session is closed 1008).
-    pub fn ws_send(&mut self, id: ConnId, text: String) -> bool {
-        let hard = self.hard_output_bound();
-        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
-            return false;
-        };
-        if conn.unsent().saturating_add(text.len()) > hard && matches!(conn.state, ConnState::Ws(_))
-        {
-            self.ws_close(id, 1008, "output over its bound: the peer does not read");
-            return false;
+    fn conn_of_token(t: u64) -> ConnId {
+        ConnId::from_token(mio::Token(t as usize))
+    }
+
+    // ---- sessions on connections ------------------------------------------------------
+
+    /// Records that `session` runs on connection `conn`.
+    pub fn link(&mut self, session: SessionId, conn: ConnId) {
+        let i = session.idx as usize;
+        if self.links.len() <= i {
+            self.links.resize(i + 1, None);
         }
-        let Some(conn) = self.conns.get_mut(id.idx as usize) else {
-            return false;
+        self.links[i] = Some((session, conn));
+    }
+
+    fn unlink(&mut self, session: SessionId) {
+        if let Some(l) = self.links.get_mut(session.idx as usize)
+            && l.is_some_and(|(s, _)| s == session)
+        {
+            *l = None;
+        }
+    }
+
+    /// The connection a session runs on.
+    pub fn conn_of(&self, session: SessionId) -> Option<ConnId> {
+        match self.links.get(session.idx as usize) {
+            Some(Some((s, c))) if *s == session => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// The session on a connection.
+    pub fn session_of(&self, id: ConnId) -> Option<SessionId> {
+        match &self.conn(id)?.state {
+            ConnState::Ws(ws) => Some(ws.session),
+            _ => None,
+        }
+    }
+
+    /// Turns an upgraded connection into the carrier of `session`: WebSocket framing in
+    /// `role`, no input held back.
+    pub fn attach(&mut self, id: ConnId, session: SessionId, role: tungstenite::protocol::Role) {
+        let max = self.fed.cfg.max_message_bytes;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ctx = crate::ws::context(role, max);
+        if let Some(t) = conn.timer.take() {
+            self.timers.cancel(t);
+        }
+        if let Some(conn) = self.conn_mut(id) {
+            conn.state = ConnState::Ws(Box::new(WsConn {
+                ctx,
+                session,
+                stash: Vec::new(),
+            }));
+        }
+        self.link(session, id);
+    }
+
+    /// Carries out what the core asked for, in order, until it asks nothing more.
+    pub fn apply(&mut self) {
+        while self.fed.has_actions() {
+            let mut batch = std::mem::take(&mut self.spare);
+            self.fed.swap_actions(&mut batch);
+            for a in batch.drain(..) {
+                self.act(a);
+            }
+            self.spare = batch;
+        }
+    }
+
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::Send { session, text } => {
+                if let Some(id) = self.conn_of(session) {
+                    self.ws_write(id, Message::text(text));
+                    let unsent = self.conn(id).map_or(0, Conn::unsent);
+                    self.fed.set_unsent(session, unsent);
+                }
+            }
+            Action::Ping { session } => {
+                if let Some(id) = self.conn_of(session) {
+                    self.ws_write(id, Message::Ping(Default::default()));
+                }
+            }
+            Action::Close {
+                session,
+                code,
+                reason,
+            } => {
+                if let Some(id) = self.conn_of(session) {
+                    self.unlink(session);
+                    self.ws_close_conn(id, code, &reason);
+                }
+            }
+            Action::Drop { session, why } => {
+                if let Some(id) = self.conn_of(session) {
+                    self.unlink(session);
+                    self.drop_conn(id, &why);
+                }
+            }
+            Action::Respond { req, resp } => {
+                let id = Self::conn_of_token(req.0);
+                match resp {
+                    Answer::Rpc(r) => self.http_async_answer(id, r),
+                    Answer::Http(r) => self.http_finish(id, r),
+                }
+            }
+            Action::Dial(req) => self.dial_requests.push(req),
+            Action::StopDial { link, why } => self.drop_conn(Self::conn_of_token(link.0), &why),
+        }
+    }
+
+    /// Writes a WebSocket message into a session connection's output.
+    fn ws_write(&mut self, id: ConnId, m: Message) {
+        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return;
         };
         let ConnState::Ws(ws) = &mut conn.state else {
-            return false;
+            return;
         };
         let mut io = WsIo {
             input: &[],
             out: &mut conn.out,
         };
-        if let Err(e) = ws.ctx.write(&mut io, Message::text(text)) {
+        if let Err(e) = ws.ctx.write(&mut io, m) {
             log::debug!("conn {}: write failed: {e}", id.idx);
-            return false;
+            return;
         }
         self.dirty.push(id);
-        true
     }
 
-    /// Sends a ping on a control session.
-    pub fn ws_ping(&mut self, id: ConnId) {
-        if let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id)
-            && let ConnState::Ws(ws) = &mut conn.state
-        {
-            let mut io = WsIo {
-                input: &[],
-                out: &mut conn.out,
-            };
-            let _ = ws.ctx.write(&mut io, Message::Ping(Default::default()));
-            self.dirty.push(id);
-        }
-    }
-
-    /// Closes a control session with a close code: the close frame is queued, the session
-    /// ends (registry, pending deliveries, audit), the connection lingers in `Closing`.
-    pub fn ws_close(&mut self, id: ConnId, code: u16, reason: &str) {
+    /// Writes a close frame on a session connection whose session is over, and lets the
+    /// connection linger in `Closing` for the peer's reply.
+    fn ws_close_conn(&mut self, id: ConnId, code: u16, reason: &str) {
+        let deadline = self.fed.now.at + CLOSE_LINGER;
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let deadline = self.now.at + CLOSE_LINGER;
         let old = std::mem::replace(
             &mut conn.state,
             ConnState::Closing(Closing::Flushing { deadline }),
@@ -450,28 +315,109 @@ impl Proxy {
         };
         let _ = ws.ctx.close(&mut io, Some(frame));
         self.dirty.push(id);
-        let peer = self.conn(id).map(|c| c.peer);
-        self.end_session(id, ws.sess, reason, peer);
         self.rearm(id);
+    }
+
+    /// Bytes from the socket for the session on `id`: every complete message goes to the
+    /// core; framing errors close the session with the contract's code.
+    pub fn ws_input(&mut self, id: ConnId, mut input: &[u8]) {
+        let Some(session) = self.session_of(id) else {
+            return;
+        };
+        self.fed.session_heard(session);
+        let bound = self.fed.unsent_bound();
+        let fail = |p: &mut Proxy, code: u16, why: &str| {
+            p.fed.close_session(session, code, why);
+            p.apply();
+        };
+        loop {
+            let r = {
+                let Some(conn) = self.conn_mut(id) else {
+                    return;
+                };
+                let ConnState::Ws(ws) = &mut conn.state else {
+                    return;
+                };
+                if conn.out.len() - conn.out_pos > bound && !input.is_empty() {
+                    // The peer is not reading its answers: keep the rest of the input for
+                    // when the output drains, and read nothing more until then.
+                    ws.stash.extend_from_slice(input);
+                    break;
+                }
+                let mut io = WsIo {
+                    input,
+                    out: &mut conn.out,
+                };
+                let r = crate::ws::next_message(&mut ws.ctx, &mut io);
+                input = io.input;
+                r
+            };
+            match r {
+                Incoming::Text(t) => {
+                    self.fed.on_text(session, t.as_str());
+                    self.apply();
+                }
+                Incoming::Control => {}
+                Incoming::More => break,
+                Incoming::Closed => {
+                    self.flush_ws_replies(id);
+                    return fail(self, 1000, "closed by peer");
+                }
+                Incoming::Fail { code, why } => return fail(self, code, why),
+            }
+        }
+        self.flush_ws_replies(id);
+    }
+
+    /// Moves tungstenite's owed control frames (pongs, close replies) into the output.
+    fn flush_ws_replies(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id)
+            && let ConnState::Ws(ws) = &mut conn.state
+        {
+            crate::ws::flush_owed(&mut ws.ctx, &mut conn.out);
+            if conn.unsent() > 0 {
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// A session's output was written out: input held back while it was over its bound is
+    /// processed now, and the core learns it has room (queued messages go out).
+    pub fn ws_drained(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let ConnState::Ws(ws) = &mut conn.state else {
+            return;
+        };
+        let session = ws.session;
+        let stash = std::mem::take(&mut ws.stash);
+        if !stash.is_empty() {
+            self.ws_input(id, &stash);
+        }
+        let unsent = self.conn(id).map_or(0, Conn::unsent);
+        self.fed.session_drained(session, unsent);
+        self.apply();
     }
 
     /// The peer of a control session went away (EOF without a close frame): the session
     /// ends now; answers already owed are still written before the socket closes.
     pub fn ws_peer_gone(&mut self, id: ConnId) {
+        let deadline = self.fed.now.at + CLOSE_LINGER;
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let closing = Closing::Flushing {
-            deadline: self.now.at + CLOSE_LINGER,
-        };
-        let old = std::mem::replace(&mut conn.state, ConnState::Closing(closing));
+        let old = std::mem::replace(
+            &mut conn.state,
+            ConnState::Closing(Closing::Flushing { deadline }),
+        );
         let ConnState::Ws(ws) = old else {
             conn.state = old;
             return;
         };
-        let peer = Some(conn.peer);
         let owed = conn.unsent() > 0;
-        self.end_session(id, ws.sess, "connection lost", peer);
+        self.unlink(ws.session);
+        self.fed.session_lost(ws.session, "connection lost");
         if owed {
             self.dirty.push(id);
             self.rearm(id);
@@ -480,7 +426,7 @@ impl Proxy {
         }
     }
 
-    /// Removes a connection now, ending its session if it had one.
+    /// Removes a connection now, ending its session (or its dialling attempt) if it had one.
     pub fn drop_conn(&mut self, id: ConnId, why: &str) {
         if self.conn(id).is_none() {
             return;
@@ -494,14 +440,17 @@ impl Proxy {
         let state = std::mem::replace(
             &mut conn.state,
             ConnState::Closing(Closing::FinSent {
-                deadline: self.now.at,
+                deadline: self.fed.now.at,
             }),
         );
         match state {
-            ConnState::Ws(ws) => self.end_session(id, ws.sess, why, Some(conn.peer)),
-            ConnState::Dialing(d) => self.dial_failed(
-                d.slot,
-                crate::registry::OutPhase::Dialing(id),
+            ConnState::Ws(ws) => {
+                self.unlink(ws.session);
+                self.fed.session_lost(ws.session, why);
+            }
+            ConnState::Dialing(d) => self.fed.dial_failed(
+                d.plan.slot,
+                crate::registry::OutPhase::Dialing(Self::link_id(id)),
                 why.to_string(),
             ),
             _ => {}
@@ -512,7 +461,8 @@ impl Proxy {
     }
 
     /// Re-arms a connection's deadline when its nearest deadline moved earlier (or is unset).
-    /// A deadline that moved later is left armed: it fires early and is recomputed.
+    /// A deadline that moved later is left armed: it fires early and is recomputed. A
+    /// session connection has none of its own (its session's deadlines are the core's).
     pub fn rearm(&mut self, id: ConnId) {
         let Some(conn) = self.conns.get(id.idx as usize).filter(|c| c.id == id) else {
             return;
@@ -522,8 +472,8 @@ impl Proxy {
                 crate::conn::HttpPhase::Waiting { .. } => None,
                 _ => Some(h.deadline),
             },
-            ConnState::Ws(ws) => Some(ws.sess.deadline()),
-            ConnState::Dialing(d) => Some(d.deadline),
+            ConnState::Ws(_) => None,
+            ConnState::Dialing(d) => Some(d.plan.deadline),
             ConnState::Closing(c) => Some(c.deadline()),
         };
         let armed = conn.timer;
@@ -533,7 +483,7 @@ impl Proxy {
                 if let Some(t) = armed {
                     self.timers.cancel(t);
                 }
-                let new = want.map(|w| self.timers.insert(w, TimerKey::Conn(id)));
+                let new = want.map(|w| self.timers.insert(w, id));
                 if let Some(c) = self.conns.get_mut(id.idx as usize) {
                     c.timer = new;
                 }
@@ -541,158 +491,52 @@ impl Proxy {
         }
     }
 
-    /// A server's signing key at `epoch` (contract §6):
-    /// `HMAC-SHA256(secret, "fedmcp/v1/sign/" + serverId + "/" + epoch)`.
-    pub fn signing_key_at(&self, server_id: &str, epoch: u64) -> [u8; 32] {
-        use hmac::{KeyInit, Mac};
-        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.secrets[0])
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(b"fedmcp/v1/sign/");
-        mac.update(server_id.as_bytes());
-        mac.update(b"/");
-        mac.update(epoch.to_string().as_bytes());
-        mac.finalize().into_bytes().into()
-    }
-
-    /// The current signing key of a server: its entry's, or (no entry yet) the one its
-    /// next entry will get.
-    pub fn signing_key(&self, server_id: &str) -> [u8; 32] {
-        match self.registry.by_id(server_id) {
-            Some(e) => e.signing_key,
-            None => self.signing_key_at(server_id, self.registry.next_epoch(server_id)),
+    /// The nearest deadline, the connections' and the core's.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.timers.next_deadline(), self.fed.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// A new registry entry for `server_id`, with the key epoch it is due.
-    pub fn new_entry(&self, server_id: &str) -> crate::registry::Entry {
-        let epoch = self.registry.next_epoch(server_id);
-        crate::registry::Entry::new(
-            server_id.to_string(),
-            epoch,
-            self.signing_key_at(server_id, epoch),
-        )
-    }
-
-    /// The slot of `server_id`, inserting a "known" entry (not registered) when it has none.
-    pub fn find_or_insert(
-        &mut self,
-        server_id: &str,
-    ) -> Result<Slot, crate::registry::RegistryError> {
-        match self.registry.find(server_id) {
-            Some(s) => Ok(s),
-            None => {
-                let e = self.new_entry(server_id);
-                self.registry.insert(e)
+    /// A connection's deadline fired.
+    fn conn_timer(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conn(id) else { return };
+        match &conn.state {
+            ConnState::Http(_) => self.http_timer(id, now),
+            ConnState::Ws(_) => {}
+            ConnState::Dialing(d) => {
+                if now >= d.plan.deadline {
+                    self.drop_conn(id, "handshake timeout");
+                }
+            }
+            ConnState::Closing(c) => {
+                if now >= c.deadline() {
+                    self.drop_conn(id, "close linger over");
+                }
             }
         }
     }
 
-    /// Mints a token for `server_id`, with a fresh random `jti`. Its `iat` is after any
-    /// removal of that id, so a token issued now is never mistaken for one issued before the
-    /// removal.
-    pub fn mint(&self, server_id: &str, token_type: TokenType) -> (String, Claims) {
-        let now = self.now.secs();
-        let iat = match self.registry.removed_at(server_id) {
-            Some(r) if token_type == TokenType::Federation => now.max(r.saturating_add(1)),
-            _ => now,
-        };
-        let exp = iat + self.cfg.token_ttl_secs as i64;
-        let claims = Claims {
-            server_id: server_id.to_string(),
-            token_type,
-            iat,
-            exp,
-            nbf: None,
-            jti: Some(hex(&self.entropy.bytes::<16>())),
-        };
-        (jwt::sign(&self.secrets[0], &claims), claims)
-    }
-
-    /// Verifies a presented token for an endpoint; failures are counted and audited (never
-    /// with the token itself).
-    pub fn authenticate(
-        &mut self,
-        token: Option<&str>,
-        want: Want,
-        peer: SocketAddr,
-    ) -> Result<Claims, AuthError> {
-        let r = self.check_token(token, want);
-        if let Ok(c) = &r
-            && let Some(jti) = &c.jti
-            && self.revocations.saw(jti, c.exp)
-        {
-            // A revoked jti seen with a later expiry: remembered (durably) that long.
-            let op = crate::store::state::Op::Revoke {
-                jti: jti.clone(),
-                until: c.exp,
-            };
-            // Not an answer anyone waits on: its record is not needed.
-            let _ = self.persist(op);
-        }
-        let r = match r {
-            Ok(c)
-                if c.jti
-                    .as_deref()
-                    .is_some_and(|j| self.revocations.is_revoked(j)) =>
-            {
-                Err(AuthError::new(401, "revoked"))
+    /// Fires every deadline due at `now`: the connections', then the core's; then carries
+    /// out what they asked for.
+    pub fn fire_due(&mut self, now: Instant) {
+        while let Some(id) = self.timers.pop_due(now) {
+            if let Some(c) = self.conn_mut(id) {
+                c.timer = None;
             }
-            r => r,
-        };
-        if let Err(e) = &r {
-            self.metrics.auth_failure(e.code);
-            self.audit.record(
-                self.now.wall_ms,
-                Event::AuthFailed,
-                None,
-                Some(peer),
-                Some(e.code),
-            );
+            self.conn_timer(id, now);
+            self.rearm(id);
         }
-        r
-    }
-
-    fn check_token(&self, token: Option<&str>, want: Want) -> Result<Claims, AuthError> {
-        let token = token.ok_or(AuthError::new(401, "missing_token"))?;
-        let keys: Vec<&[u8]> = self.secrets.iter().map(|s| s.as_slice()).collect();
-        let claims = jwt::verify(
-            token,
-            &keys,
-            self.now.secs(),
-            self.cfg.clock_skew_secs as i64,
-        )?;
-        let type_ok = match want {
-            Want::Federation => claims.token_type == TokenType::Federation,
-            Want::Admin => claims.token_type == TokenType::Admin,
-            Want::Either => true,
-        };
-        if !type_ok {
-            return Err(AuthError::new(403, "wrong_type"));
-        }
-        if claims.token_type == TokenType::Federation
-            && let Some(removed) = self.registry.removed_at(&claims.server_id)
-            && claims.iat <= removed
-        {
-            return Err(AuthError::new(401, "revoked"));
-        }
-        Ok(claims)
-    }
-
-    pub fn audit(
-        &mut self,
-        event: Event,
-        server_id: Option<&str>,
-        peer: Option<SocketAddr>,
-        reason: Option<&str>,
-    ) {
-        self.audit
-            .record(self.now.wall_ms, event, server_id, peer, reason);
+        self.fed.fire_due(now);
+        self.apply();
     }
 
     /// SIGHUP: reload the certificate and key from the configured paths; a bad pair keeps
     /// the old one (the proxy keeps serving) and is logged.
     pub fn reload_tls(&mut self) {
-        let (Some(cert), Some(key)) = (self.cfg.tls_cert.clone(), self.cfg.tls_key.clone()) else {
+        let (Some(cert), Some(key)) = (self.fed.cfg.tls_cert.clone(), self.fed.cfg.tls_key.clone())
+        else {
             log::info!("SIGHUP: no TLS certificate configured, nothing to reload");
             return;
         };
@@ -706,9 +550,5 @@ impl Proxy {
             }
             Err(e) => log::error!("SIGHUP: keeping the current certificate: {e}"),
         }
-    }
-
-    pub fn ready(&self) -> bool {
-        self.draining.is_none()
     }
 }

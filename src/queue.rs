@@ -4,17 +4,16 @@
 //! Owns the queue of each registry entry: putting a copy in, in send order (its durable
 //! record first, when there is a state dir), the bound on what is held for one recipient
 //! (`FEDMCP_QUEUE_MAX_MESSAGES` queued, `FEDMCP_QUEUE_MAX_BYTES` for the queue plus the
-//! copies of direct deliveries awaiting an answer: [`Proxy::hold`]), delivering queued copies
-//! to an online recipient as it has room ([`Proxy::pump`]), TTL expiry, and taking copies
+//! copies of direct deliveries awaiting an answer: [`Federation::hold`]), delivering queued copies
+//! to an online recipient as it has room ([`Federation::pump`]), TTL expiry, and taking copies
 //! out (answered, expired, delivered as a notification, restored state, a removed server).
 //! Routing a send and answering its sender are `router`'s; this module never touches a
 //! socket.
 
-use crate::conn::ConnState;
 use crate::durable::Record;
+use crate::federation::{CoreTimer, Federation};
 use crate::jsonrpc::{self, RpcError};
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, TimerKey};
 use crate::registry::{Queued, Slot};
 use crate::router::{MAX_INFLIGHT_PER_RECIPIENT, Pending, PendingKind};
 use std::time::Duration;
@@ -23,7 +22,7 @@ use std::time::Duration;
 /// is looked at again (the next turn, in practice).
 const TTL_RECHECK: Duration = Duration::from_millis(1);
 
-impl Proxy {
+impl Federation {
     /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
     /// TTL already past fires on the next turn and drops it as `expired`).
     /// Returns the enqueue record (`queued` is answered once it is on disk).
@@ -64,7 +63,7 @@ impl Proxy {
             return Err(RpcError::QueueFull);
         }
         if let (Some(at), None) = (q.expires, q.ttl_timer) {
-            q.ttl_timer = Some(self.timers.insert(at, TimerKey::Ttl(slot, q.seq)));
+            q.ttl_timer = Some(self.timers.insert(at, CoreTimer::Ttl(slot, q.seq)));
         }
         let Some(e) = self.registry.get_mut(slot) else {
             return Err(RpcError::UnknownServer);
@@ -112,9 +111,10 @@ impl Proxy {
             let Some(i) = entry.queue.iter().position(|q| q.inflight.is_none()) else {
                 return;
             };
-            let Some(c) = self.conn(conn) else { return };
-            let ConnState::Ws(ws) = &c.state else { return };
-            if c.unsent() > self.unsent_bound() || ws.sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT {
+            let Some(sess) = self.session(conn) else {
+                return;
+            };
+            if sess.unsent > self.unsent_bound() || sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT {
                 return;
             }
             let q = &entry.queue[i];
@@ -196,7 +196,7 @@ impl Proxy {
             // turn's timers fire until none is due at the turn's time, so "again" must be
             // later than that time, or this would fire again at once, forever.
             let again = self.now.at + TTL_RECHECK;
-            let t = self.timers.insert(again, TimerKey::Ttl(slot, qseq));
+            let t = self.timers.insert(again, CoreTimer::Ttl(slot, qseq));
             if let Some(e) = self.registry.get_mut(slot) {
                 e.queue[i].ttl_timer = Some(t);
             }

@@ -14,7 +14,7 @@
 
 use crate::clock::Now;
 use crate::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
-use crate::proxy::{CLOSE_LINGER, Proxy, TimerKey};
+use crate::proxy::{CLOSE_LINGER, Proxy};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -74,20 +74,19 @@ impl Reactor {
     pub fn run(&mut self, proxy: &mut Proxy) -> io::Result<()> {
         loop {
             let now = Instant::now();
-            proxy.now = Now::read();
+            proxy.fed.now = Now::read();
             let mut timeout = proxy
-                .timers
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(now));
             if let Some(at) = self.accept_retry_at {
                 let t = at.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
             }
-            if let Some(end) = proxy.draining {
+            if let Some(end) = proxy.fed.draining {
                 let t = end.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
             }
-            if proxy.degraded.is_some() {
+            if proxy.fed.degraded.is_some() {
                 // Retry the kept batch at least every second.
                 let t = Duration::from_secs(1);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
@@ -96,6 +95,7 @@ impl Reactor {
                 || !proxy.resume.is_empty()
                 || !proxy.dirty.is_empty()
                 || !proxy.dial_requests.is_empty()
+                || proxy.fed.has_actions()
             {
                 timeout = Some(Duration::ZERO);
             }
@@ -105,7 +105,7 @@ impl Reactor {
                 return Err(e);
             }
             // The turn's one reading of the clock: everything handled below sees this time.
-            proxy.now = Now::read();
+            proxy.fed.now = Now::read();
             let tokens: Vec<(Token, bool, bool)> = self
                 .events
                 .iter()
@@ -138,8 +138,9 @@ impl Reactor {
                         }
                     }
                 }
+                proxy.apply();
             }
-            if self.accept_retry_at.is_some_and(|t| proxy.now.at >= t) {
+            if self.accept_retry_at.is_some_and(|t| proxy.fed.now.at >= t) {
                 self.accept_retry_at = None;
                 self.accept(proxy);
             }
@@ -154,21 +155,23 @@ impl Reactor {
                 proxy.http_process(id);
                 self.read(proxy, id);
             }
-            let now = proxy.now.at;
-            fire_due_timers(proxy, now);
+            proxy.apply();
+            let now = proxy.fed.now.at;
+            proxy.fire_due(now);
             // Lookups and connections the turn's dialling asked for.
             self.dialer.run(proxy, self.poll.registry());
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
-            proxy.commit();
+            proxy.fed.commit();
+            proxy.apply();
             self.flush(proxy);
-            proxy.audit.flush();
-            if let Some(end) = proxy.draining {
+            proxy.fed.audit.flush();
+            if let Some(end) = proxy.fed.draining {
                 if proxy.conns.iter().all(|(_, c)| idle_http(c)) {
                     log::info!("drained: no session or request left");
                     return Ok(());
                 }
-                if proxy.now.at >= end {
+                if proxy.fed.now.at >= end {
                     log::warn!(
                         "grace time over with {} connections open; exiting",
                         proxy.conns.len()
@@ -192,22 +195,22 @@ impl Reactor {
                     // Out of descriptors or similar: the edge will not fire again for the
                     // connections already waiting, so come back on a timer.
                     log::warn!("accept failed: {e}");
-                    self.accept_retry_at = Some(proxy.now.at + ACCEPT_RETRY);
+                    self.accept_retry_at = Some(proxy.fed.now.at + ACCEPT_RETRY);
                     return;
                 }
             };
-            if proxy.conns.len() >= proxy.cfg.max_connections && !proxy.displace_one() {
-                proxy.metrics.refused_total += 1;
+            if proxy.conns.len() >= proxy.fed.cfg.max_connections && !proxy.displace_one() {
+                proxy.fed.metrics.refused_total += 1;
                 let _ = io::Write::write(&mut sock, REFUSED_503);
                 continue;
             }
             let _ = sock.set_nodelay(true);
-            let deadline = proxy.now.at + proxy.cfg.handshake_timeout;
+            let deadline = proxy.fed.now.at + proxy.fed.cfg.handshake_timeout;
             let id = proxy.insert_conn(|id| {
                 Conn::new(id, sock, peer, ConnState::Http(HttpConn::new(deadline)))
             });
             let Some(id) = id else { continue };
-            proxy.metrics.accepted_total += 1;
+            proxy.fed.metrics.accepted_total += 1;
             proxy.accepted(id);
             if let Some(cfg) = proxy.tls.clone() {
                 match rustls::ServerConnection::new(cfg) {
@@ -254,32 +257,25 @@ impl Reactor {
 
     /// Stop accepting, answer `readyz` 503, close sessions 1001, let requests finish.
     fn begin_drain(&mut self, proxy: &mut Proxy) {
-        if proxy.draining.is_some() {
+        if proxy.fed.draining.is_some() {
             return;
         }
         log::info!(
             "draining: closing sessions, exiting within {:?}",
-            proxy.cfg.shutdown_grace
+            proxy.fed.cfg.shutdown_grace
         );
         // Exit a little before the grace time is over, so "within the grace time" holds
         // even with the last turn's work.
-        let grace = proxy.cfg.shutdown_grace;
+        let grace = proxy.fed.cfg.shutdown_grace;
         let margin = (grace / 10).min(Duration::from_millis(100));
-        proxy.draining = Some(proxy.now.at + grace - margin);
+        proxy.fed.draining = Some(proxy.fed.now.at + grace - margin);
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         // Sessions close 1001. HTTP connections stay: a request on them is answered (readyz
         // with 503) with `Connection: close`; idle ones do not hold the exit back.
-        let ids: Vec<ConnId> = proxy
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(c.state, ConnState::Ws(_)))
-            .map(|(_, c)| c.id)
-            .collect();
-        for id in ids {
-            proxy.ws_close(id, 1001, "proxy shutting down");
-        }
+        proxy.fed.close_all_sessions(1001, "proxy shutting down");
+        proxy.apply();
         // Attempts to dial stop (no new attempt is scheduled while draining).
         let dialing: Vec<ConnId> = proxy
             .conns
@@ -320,7 +316,7 @@ impl Reactor {
                     match conn.state {
                         ConnState::Http(_) => proxy.http_input(id, data),
                         ConnState::Ws(_) => proxy.ws_input(id, data),
-                        ConnState::Dialing(_) => proxy.dial_input(id, data),
+                        ConnState::Dialing(_) => crate::dial::dial_input(proxy, id, data),
                         ConnState::Closing(_) => {}
                     }
                     if owes_tls {
@@ -354,7 +350,7 @@ impl Reactor {
 
     /// Writes every connection's owed output; finishes closing connections.
     fn flush(&mut self, proxy: &mut Proxy) {
-        let now = proxy.now.at;
+        let now = proxy.fed.now.at;
         let mut dirty = std::mem::take(&mut proxy.dirty);
         dirty.sort_unstable_by_key(|id| (id.idx, id.generation));
         dirty.dedup();
@@ -455,7 +451,7 @@ fn wants_input(proxy: &Proxy, id: ConnId) -> bool {
     match proxy.conn(id) {
         Some(c) => match &c.state {
             ConnState::Http(_) => proxy.http_wants_input(id),
-            ConnState::Ws(ws) => c.unsent() <= proxy.unsent_bound() && ws.stash.is_empty(),
+            ConnState::Ws(ws) => c.unsent() <= proxy.fed.unsent_bound() && ws.stash.is_empty(),
             ConnState::Dialing(_) | ConnState::Closing(_) => true,
         },
         None => false,
@@ -475,39 +471,6 @@ fn on_eof(proxy: &mut Proxy, id: ConnId) {
         ConnState::Closing(_) => {
             if unsent == 0 {
                 proxy.drop_conn(id, "closed");
-            }
-        }
-    }
-}
-
-/// Fires every timer due at `now`, each to its handler (the loop's and the simulation's one
-/// dispatch).
-pub fn fire_due_timers(proxy: &mut Proxy, now: Instant) {
-    while let Some(key) = proxy.timers.pop_due(now) {
-        match key {
-            TimerKey::Conn(id) => {
-                if let Some(c) = proxy.conn_mut(id) {
-                    c.timer = None;
-                }
-                conn_timer(proxy, id, now);
-                proxy.rearm(id);
-            }
-            TimerKey::Delivery(seq) => proxy.on_delivery_timeout(seq),
-            TimerKey::Ttl(slot, qseq) => proxy.on_ttl(slot, qseq),
-            TimerKey::Dial(slot) => proxy.dial(slot),
-        }
-    }
-}
-
-fn conn_timer(proxy: &mut Proxy, id: ConnId, now: Instant) {
-    let Some(conn) = proxy.conn(id) else { return };
-    match &conn.state {
-        ConnState::Http(_) => proxy.http_timer(id, now),
-        ConnState::Ws(_) => proxy.session_timer(id, now),
-        ConnState::Dialing(_) => proxy.dial_timer(id, now),
-        ConnState::Closing(c) => {
-            if now >= c.deadline() {
-                proxy.drop_conn(id, "close linger over");
             }
         }
     }

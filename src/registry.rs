@@ -10,7 +10,7 @@
 //! generation changes whenever its entry is removed. It never does I/O and never panics on a
 //! peer-supplied id (lookups return `Option`).
 
-use crate::conn::ConnId;
+use crate::federation::{LinkId, SessionId};
 use crate::timer::TimerId;
 use std::collections::{HashMap, VecDeque};
 
@@ -25,24 +25,23 @@ pub struct Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
     Offline,
-    /// A session on this connection whose welcome is not answered yet: it may send, but it
-    /// is not a recipient.
-    Connecting(ConnId),
-    /// A session on this connection, welcome answered: a recipient.
-    Online(ConnId),
+    /// A session whose welcome is not answered yet: it may send, but it is not a recipient.
+    Connecting(SessionId),
+    /// A session whose welcome was answered: a recipient.
+    Online(SessionId),
 }
 
 impl Presence {
-    /// The session's connection, online or still connecting.
-    pub fn session(self) -> Option<ConnId> {
+    /// The session, online or still connecting.
+    pub fn session(self) -> Option<SessionId> {
         match self {
             Presence::Offline => None,
             Presence::Connecting(c) | Presence::Online(c) => Some(c),
         }
     }
 
-    /// The session's connection when it is a recipient.
-    pub fn online(self) -> Option<ConnId> {
+    /// The session when it is a recipient.
+    pub fn online(self) -> Option<SessionId> {
         match self {
             Presence::Online(c) => Some(c),
             _ => None,
@@ -92,10 +91,10 @@ pub enum OutPhase {
     Resolving(u64),
     /// Asked the reactor to open the connection of this attempt (done within the turn).
     Opening,
-    /// Connecting / TLS / upgrading on this connection.
-    Dialing(ConnId),
-    /// A session on this connection (until it ends).
-    Session(ConnId),
+    /// Connecting / TLS / upgrading on the reactor's connection `LinkId`.
+    Dialing(LinkId),
+    /// The dialled session (until it ends).
+    Session(SessionId),
 }
 
 #[derive(Debug)]

@@ -316,6 +316,43 @@ impl Index {
     }
 }
 
+impl crate::federation::Federation {
+    /// `GET /v1/resources`: only what the caller may read.
+    pub fn list_resources(&self, claims: &crate::jwt::Claims) -> crate::http::response::Resp {
+        let admin = claims.token_type == crate::jwt::TokenType::Admin;
+        let items: Vec<String> = self
+            .resources
+            .list()
+            .filter(|(o, _, m)| m.readable_by(o, &claims.server_id, admin))
+            .map(|(o, n, m)| resource_json(o, n, m))
+            .collect();
+        crate::http::response::Resp::json(200, format!("{{\"resources\":[{}]}}", items.join(",")))
+    }
+
+    /// Deletes every resource of a removed server (files first, then the index).
+    pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
+        let names = self.resources.names_of(owner);
+        let r = match self.blobs.as_mut() {
+            Some(b) => b.remove_owner(owner, &names),
+            None => Ok(()),
+        };
+        for n in &names {
+            self.resources.remove(owner, n);
+        }
+        r
+    }
+}
+
+/// A resource as the API shows it: `{"owner","name","size","sha256","readers"}`.
+pub(crate) fn resource_json(owner: &str, name: &str, m: &Meta) -> String {
+    format!(
+        "{{\"owner\":\"{owner}\",\"name\":\"{name}\",\"size\":{},\"sha256\":\"{}\",\"readers\":{}}}",
+        m.size,
+        m.sha256,
+        readers_json(&m.readers)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

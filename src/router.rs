@@ -10,15 +10,14 @@
 //! Invariants: every `Pending` entry has exactly one owner of its answer (`ReplyTo`); a
 //! recipient's deliveries are written to its one output buffer in the order sent, so order
 //! per sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
-//! Bounds: unsent bytes per session ([`Proxy::unsent_bound`]), deliveries awaiting one
+//! Bounds: unsent bytes per session ([`Federation::unsent_bound`]), deliveries awaiting one
 //! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), and (through `queue`) the bytes held for one
 //! recipient, so no copy is ever outside a bound.
-use crate::conn::{ConnId, ConnState};
 use crate::durable::Deferred;
+use crate::federation::{Action, Answer, CoreTimer, Federation, RequestId, SessionId};
 use crate::jsonrpc::{self, RpcError};
 use crate::jwt;
 use crate::metrics::MsgResult;
-use crate::proxy::{Proxy, TimerKey};
 use crate::registry::{Queued, Slot};
 use crate::timer::TimerId;
 use serde::Deserialize;
@@ -48,12 +47,12 @@ pub enum ReplyTo {
     /// A JSON-RPC request on a control session; `id` is its JSON text; `batch` when it was
     /// part of a batch whose array answer waits on it.
     Ws {
-        conn: ConnId,
+        session: SessionId,
         id: String,
         batch: Option<u64>,
     },
-    /// `POST /v1/messages` on an HTTP connection.
-    Http { conn: ConnId },
+    /// `POST /v1/messages`, answered with [`Action::Respond`].
+    Http { req: RequestId },
 }
 
 /// What the sender gets now.
@@ -82,7 +81,7 @@ pub enum PendingKind {
 
 #[derive(Debug)]
 pub struct Pending {
-    pub recipient: ConnId,
+    pub recipient: SessionId,
     pub slot: Slot,
     pub started: Instant,
     pub timer: Option<TimerId>,
@@ -129,7 +128,7 @@ fn outcome_json(msg_id: &str, outcome: Result<&str, &str>) -> String {
     format!("{{\"msgId\":\"{msg_id}\",\"status\":\"{status}\",\"{key}\":{v}}}")
 }
 
-impl Proxy {
+impl Federation {
     /// Handles `federation/send` (or `POST /v1/messages`) from `from`.
     /// `reply_to` is `None` for a notification.
     pub fn send(
@@ -289,24 +288,25 @@ impl Proxy {
 
     /// The recipient's session when it can take a delivery now; else whether it is online
     /// (overloaded) or not.
-    fn recipient_ready(&self, slot: Slot, awaits_answer: bool) -> Result<ConnId, bool> {
+    fn recipient_ready(&self, slot: Slot, awaits_answer: bool) -> Result<SessionId, bool> {
         let Some(entry) = self.registry.get(slot) else {
             return Err(false);
         };
-        let Some(conn) = entry.presence.online() else {
+        let Some(session) = entry.presence.online() else {
             return Err(false);
         };
-        let Some(c) = self.conn(conn) else {
-            return Err(false);
-        };
-        let ConnState::Ws(ws) = &c.state else {
+        let Some(sess) = self.session(session) else {
             return Err(false);
         };
         // Queued messages not yet written go first: a direct send must not overtake them.
         let backlog = entry.queue.iter().any(|q| q.inflight.is_none());
-        let full = c.unsent() > self.unsent_bound()
-            || (awaits_answer && ws.sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT);
-        if backlog || full { Err(true) } else { Ok(conn) }
+        let full = sess.unsent > self.unsent_bound()
+            || (awaits_answer && sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT);
+        if backlog || full {
+            Err(true)
+        } else {
+            Ok(session)
+        }
     }
 
     pub(crate) fn deliver_params_for(
@@ -344,7 +344,7 @@ impl Proxy {
     /// Writes a `federation/deliver` request with id `seq` and records it as pending.
     pub(crate) fn deliver(
         &mut self,
-        conn: ConnId,
+        conn: SessionId,
         slot: Slot,
         seq: u64,
         params: &str,
@@ -353,7 +353,7 @@ impl Proxy {
         let timer = match kind {
             PendingKind::Direct { .. } => Some(self.timers.insert(
                 self.now.at + self.cfg.delivery_timeout,
-                TimerKey::Delivery(seq),
+                CoreTimer::Delivery(seq),
             )),
             PendingKind::FromQueue { .. } => None,
         };
@@ -362,8 +362,8 @@ impl Proxy {
             jsonrpc::request(Some(&seq.to_string()), "federation/deliver", params),
         );
         self.count_received(slot);
-        if let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) {
-            ws.sess.inflight += 1;
+        if let Some(sess) = self.session_mut(conn) {
+            sess.inflight += 1;
         }
         self.pending.insert(
             seq,
@@ -379,7 +379,7 @@ impl Proxy {
 
     fn broadcast(&mut self, from: &str, msg_id: &str, message: &str, sent_at: i64) -> usize {
         let bound = self.unsent_bound();
-        let targets: Vec<(Slot, ConnId)> = self
+        let targets: Vec<(Slot, SessionId)> = self
             .registry
             .slots()
             .filter_map(|s| {
@@ -388,7 +388,7 @@ impl Proxy {
                     return None;
                 }
                 let c = e.presence.online()?;
-                (self.conn(c)?.unsent() <= bound).then_some((s, c))
+                (self.session(c)?.unsent <= bound).then_some((s, c))
             })
             .collect();
         let mut n = 0;
@@ -402,17 +402,17 @@ impl Proxy {
         n
     }
 
-    /// The recipient on `conn` answered delivery `seq`.
+    /// The recipient on session `conn` answered delivery `seq`.
     pub fn on_delivery_answer(
         &mut self,
-        conn: ConnId,
+        conn: SessionId,
         seq: u64,
         outcome: Result<&RawValue, &RawValue>,
     ) {
         match self.pending.get(&seq) {
             Some(p) if p.recipient == conn => {}
             _ => {
-                log::debug!("conn {}: answer to unknown delivery {seq}", conn.idx);
+                log::debug!("session {}: answer to unknown delivery {seq}", conn.idx);
                 return;
             }
         }
@@ -423,8 +423,8 @@ impl Proxy {
         if let Some(t) = p.timer {
             self.timers.cancel(t);
         }
-        if let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) {
-            ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
+        if let Some(sess) = self.session_mut(conn) {
+            sess.inflight = sess.inflight.saturating_sub(1);
         }
         self.metrics.observe_delivery(
             self.now
@@ -478,8 +478,8 @@ impl Proxy {
             return;
         };
         self.unhold(&p);
-        if let Some(ConnState::Ws(ws)) = self.conn_mut(p.recipient).map(|c| &mut c.state) {
-            ws.sess.inflight = ws.sess.inflight.saturating_sub(1);
+        if let Some(sess) = self.session_mut(p.recipient) {
+            sess.inflight = sess.inflight.saturating_sub(1);
         }
         self.metrics.message(MsgResult::Timeout);
         if let PendingKind::Direct { reply_to, .. } = p.kind {
@@ -487,12 +487,12 @@ impl Proxy {
         }
     }
 
-    /// The session on `conn` ended (`Gone::Offline`) or its server is being removed
+    /// The session `conn` ended (`Gone::Offline`) or its server is being removed
     /// (`Gone::Removed`): its unanswered deliveries are settled. When it went offline, direct
     /// sends with `queue: true` go back to the queue (the sender is told `queued`), other
     /// direct sends fail `server_offline`, and queued deliveries become undelivered again.
     /// When it is removed, direct sends fail `unknown_server` (its queue is dropped next).
-    pub fn settle_deliveries(&mut self, conn: ConnId, gone: Gone) {
+    pub fn settle_deliveries(&mut self, conn: SessionId, gone: Gone) {
         let seqs: Vec<u64> = self
             .pending
             .iter()
@@ -553,7 +553,8 @@ impl Proxy {
                         let q = &mut e.queue[i];
                         q.inflight = None;
                         if let (Some(at), None) = (q.expires, q.ttl_timer) {
-                            q.ttl_timer = Some(self.timers.insert(at, TimerKey::Ttl(p.slot, qseq)));
+                            q.ttl_timer =
+                                Some(self.timers.insert(at, CoreTimer::Ttl(p.slot, qseq)));
                         }
                     }
                 }
@@ -565,7 +566,7 @@ impl Proxy {
     pub fn reply(&mut self, to: ReplyTo, r: Result<String, RpcError>) {
         match to {
             ReplyTo::Ws {
-                conn,
+                session: conn,
                 id,
                 batch: None,
             } => {
@@ -576,7 +577,7 @@ impl Proxy {
                 self.ws_send(conn, text);
             }
             ReplyTo::Ws {
-                conn,
+                session: conn,
                 id,
                 batch: Some(b),
             } => {
@@ -584,10 +585,10 @@ impl Proxy {
                     Ok(res) => jsonrpc::result(&id, &res),
                     Err(e) => jsonrpc::error(&id, &e),
                 };
-                let Some(ConnState::Ws(ws)) = self.conn_mut(conn).map(|c| &mut c.state) else {
+                let Some(sess) = self.session_mut(conn) else {
                     return;
                 };
-                let Some(batch) = ws.sess.batches.get_mut(&b) else {
+                let Some(batch) = sess.batches.get_mut(&b) else {
                     return;
                 };
                 batch.push(text);
@@ -596,7 +597,10 @@ impl Proxy {
                     self.finish_batch(conn, b);
                 }
             }
-            ReplyTo::Http { conn } => self.http_async_answer(conn, r),
+            ReplyTo::Http { req } => self.act(Action::Respond {
+                req,
+                resp: Answer::Rpc(r),
+            }),
         }
     }
 }

@@ -4,8 +4,10 @@
 //! slot, the welcome handshake (a session is `connecting` until the server answers the
 //! welcome), token expiry and the one-time `tokenExpiring` notice, heartbeat bookkeeping,
 //! the run of rate-limit refusals (the token bucket itself is the server's, in the registry,
-//! shared with its HTTP sends), deliveries awaiting this server's answer, and batches
-//! whose answer waits on deliveries. Times are passed in; nothing here does I/O.
+//! shared with its HTTP sends), deliveries awaiting this server's answer, batches whose
+//! answer waits on deliveries, and the output the reactor has not written yet. The core's
+//! session table holds these, keyed by `SessionId`. Times are passed in; nothing here does
+//! I/O.
 
 use crate::clock::Now;
 use crate::registry::Slot;
@@ -77,6 +79,15 @@ impl Bucket {
 
 #[derive(Debug)]
 pub struct Session {
+    /// Its handle in the core's session table.
+    pub id: crate::federation::SessionId,
+    /// Where the session's connection comes from (audit lines).
+    pub peer: Option<std::net::SocketAddr>,
+    /// Bytes written to the session and not yet taken by the socket: the reactor's count
+    /// after its last flush plus what was asked for since (backpressure, §4 bounds).
+    pub unsent: usize,
+    /// The session's armed deadline in the core's timers.
+    pub timer: Option<crate::timer::TimerId>,
     pub server_id: String,
     pub slot: Slot,
     pub session_id: String,

@@ -1,12 +1,14 @@
 //! Deterministic simulation of a federation: members, sends, answers, failures, time and
-//! crashes, played from a seed against the real proxy, checking the contract's promises after
-//! every step (`tests/sim.rs`, `make sim`).
+//! crashes, played from a seed against the federation core, checking the contract's promises
+//! after every step (`tests/sim.rs`, `make sim`).
 //!
-//! Owns nothing the proxy uses in production. A run builds a real `Proxy` on a virtual clock
-//! (it moves only when the script jumps it) and a handful of members whose control sessions
-//! are real connections (loopback socket pairs the simulation never reads: it writes client
-//! frames into the proxy with `ws_input` and takes the proxy's output straight out of the
-//! connection's buffer, as the reactor would hand it to the socket). Each step is chosen by a
+//! Owns nothing the proxy uses in production. A run builds the real [`Federation`] core on a
+//! virtual clock (it moves only when the script jumps it) with no socket at all: it plays the
+//! reactor's part for a handful of members — a session is opened with the token a member
+//! presents, its text frames go in with `on_text`, and the core's actions are carried out by
+//! hand (a `Send` lands in the member's inbox of frames, a `Close` ends its session, an
+//! answer to an HTTP request is checked). A member that does not read holds its frames, so
+//! the session's unsent bytes grow as they would behind a socket. Each step is chosen by a
 //! seeded generator: a direct, queued, notified or broadcast send, a batch, answers and
 //! rejections, a member that stops reading, leaves, comes back or opens a second session,
 //! time jumps (heartbeats, delivery timeouts, TTLs, token expiry), a server removed over HTTP,
@@ -25,20 +27,18 @@
 //!   request is answered twice or without having been asked;
 //! - every bound holds: output owed per session, queue length and bytes held per recipient.
 //!
-//! The generator and every map here are deterministic, and the proxy's random ids (message
-//! and session ids, `jti`s) come from the seed too (`Proxy::seed_ids`): a replay is the same
-//! run byte for byte.
+//! The generator and every map here are deterministic, and the core's random ids (message
+//! and session ids, `jti`s) come from the seed too (`Federation::seed_ids`): a replay is the
+//! same run byte for byte.
 
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::conn::{Conn, ConnId, ConnState, HttpConn};
+use crate::federation::{Action, Answer, Federation, RequestId, SessionId, Want};
 use crate::jwt::{self, Claims, TokenType};
-use crate::proxy::Proxy;
-use crate::ws::client_frame;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -109,7 +109,15 @@ impl Rng {
 
 const MEMBERS: usize = 5;
 const SECRET: &[u8] = b"simulation-secret-0123456789-abcdefgh";
-const UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// The address every member seems to come from (audit lines only).
+const PEER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+/// What the core sent a member's session.
+#[derive(Debug, Clone)]
+enum Frame {
+    Text(String),
+    Close(u16),
+}
 
 /// One send the model knows of, by `(sender, n)`.
 #[derive(Debug, Clone)]
@@ -140,13 +148,12 @@ struct Inbox {
 
 struct Member {
     id: String,
-    conn: Option<ConnId>,
-    /// Our end of the connection's socket pair (kept open, never read).
-    _sock: Option<TcpStream>,
-    /// Output taken from the proxy and not yet decoded (frames may be cut).
-    rx: Vec<u8>,
-    /// The `101` head has been taken off `rx`.
-    upgraded: bool,
+    session: Option<SessionId>,
+    /// Frames the core sent and the member has not read yet.
+    rx: Vec<Frame>,
+    /// Frames the member wrote while its session's output was over its bound: held back,
+    /// as the reactor holds back a socket's input, until the output drains.
+    stash: Vec<String>,
     /// Whether the member drains its output each step (a slow consumer when false).
     reads: bool,
     next_rid: u64,
@@ -162,10 +169,9 @@ impl Member {
     fn new(id: String) -> Member {
         Member {
             id,
-            conn: None,
-            _sock: None,
+            session: None,
             rx: Vec::new(),
-            upgraded: false,
+            stash: Vec::new(),
             reads: true,
             next_rid: 0,
             asked: BTreeMap::new(),
@@ -177,10 +183,9 @@ impl Member {
 
     /// Forgets the session: what it awaited will not come on another connection.
     fn gone(&mut self) {
-        self.conn = None;
-        self._sock = None;
+        self.session = None;
         self.rx.clear();
-        self.upgraded = false;
+        self.stash.clear();
         self.asked.clear();
         self.inbox.clear();
     }
@@ -190,9 +195,8 @@ impl Member {
 pub struct Sim {
     seed: u64,
     rng: Rng,
-    p: Proxy,
+    p: Federation,
     cfg: Config,
-    listener: TcpListener,
     dir: Option<PathBuf>,
     members: Vec<Member>,
     step: usize,
@@ -245,7 +249,6 @@ impl Sim {
         if let Some(d) = &dir {
             let _ = std::fs::remove_dir_all(d);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let start = Now {
             at: std::time::Instant::now(),
             wall_ms: 1_767_225_600_000,
@@ -256,7 +259,6 @@ impl Sim {
             rng: Rng::new(seed),
             p,
             cfg,
-            listener,
             dir,
             members: (0..MEMBERS).map(|i| Member::new(format!("m{i}"))).collect(),
             step: 0,
@@ -277,11 +279,11 @@ impl Sim {
         self
     }
 
-    /// A proxy on the state dir (if any); `ids` seeds its random ids (a new one per boot, as
+    /// A core on the state dir (if any); `ids` seeds its random ids (a new one per boot, as
     /// a real restart gets new ones).
-    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now, ids: u64) -> Result<Proxy, String> {
+    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now, ids: u64) -> Result<Federation, String> {
         let audit = Audit::open(None).map_err(|e| e.to_string())?;
-        let mut p = Proxy::new(cfg.clone(), SECRET.to_vec(), audit, now);
+        let mut p = Federation::new(cfg.clone(), SECRET.to_vec(), audit, now);
         // Ids from the seed too: a replay is the same run byte for byte.
         p.seed_ids(ids);
         if let Some(d) = dir {
@@ -369,9 +371,33 @@ impl Sim {
         }
     }
 
-    fn connected(&self, m: usize) -> Option<ConnId> {
-        let c = self.members[m].conn?;
-        matches!(self.p.conn(c).map(|c| &c.state), Some(ConnState::Ws(_))).then_some(c)
+    fn connected(&self, m: usize) -> Option<SessionId> {
+        let s = self.members[m].session?;
+        self.p.session(s).map(|_| s)
+    }
+
+    /// Carries out what the core asked for, as the reactor would: frames land with the
+    /// member whose session they are for (a session nobody holds any more: nobody reads
+    /// them); answers to HTTP requests are returned.
+    fn carry_out(&mut self) -> Vec<(RequestId, Answer)> {
+        let mut answers = Vec::new();
+        for a in self.p.take_actions() {
+            let (session, frame) = match a {
+                Action::Send { session, text } => (session, Frame::Text(text)),
+                Action::Close { session, code, .. } => (session, Frame::Close(code)),
+                // The connection just ends: like a close nobody reads.
+                Action::Drop { session, .. } => (session, Frame::Close(1006)),
+                Action::Ping { .. } | Action::Dial(_) | Action::StopDial { .. } => continue,
+                Action::Respond { req, resp } => {
+                    answers.push((req, resp));
+                    continue;
+                }
+            };
+            if let Some(mem) = self.members.iter_mut().find(|m| m.session == Some(session)) {
+                mem.rx.push(frame);
+            }
+        }
+        answers
     }
 
     fn write(&mut self, m: usize, text: &str) {
@@ -383,9 +409,18 @@ impl Sim {
             };
             eprintln!("  m{m} -> {text}{on}");
         }
-        if let Some(c) = self.connected(m) {
-            self.p.ws_input(c, &client_frame(1, true, text.as_bytes()));
+        let Some(s) = self.connected(m) else {
+            return;
+        };
+        if !self.p.session_wants_input(s) || !self.members[m].stash.is_empty() {
+            // The member's output is over its bound: its input waits (the reactor's
+            // backpressure), and is handed in when the output drains.
+            self.members[m].stash.push(text.to_string());
+            return;
         }
+        self.p.session_heard(s);
+        self.p.on_text(s, text);
+        self.carry_out();
     }
 
     fn request(&mut self, m: usize, method: &str, params: Value, asked: Asked) {
@@ -498,18 +533,17 @@ impl Sim {
 
     /// The member goes away: a close frame, or the connection just ends.
     fn leave(&mut self, m: usize) {
-        let Some(c) = self.connected(m) else {
+        let Some(s) = self.connected(m) else {
             return;
         };
         if self.rng.chance(50) {
-            // A close frame: the proxy answers it and ends the session.
-            self.p
-                .ws_input(c, &client_frame(8, true, &1000u16.to_be_bytes()));
+            // A close frame: the reactor answers it and the session ends.
+            self.p.close_session(s, 1000, "closed by peer");
         } else {
-            self.p.ws_peer_gone(c);
+            self.p.session_lost(s, "connection lost");
         }
-        self.p.drop_conn(c, "sim: peer gone");
         self.members[m].gone();
+        self.carry_out();
     }
 
     /// A new session for the member (a second one while connected: the older gets 4003).
@@ -532,57 +566,43 @@ impl Sim {
                     iat,
                     exp: iat + 4,
                     nbf: None,
-                    jti: Some(crate::proxy::hex(&self.p.entropy.bytes::<16>())),
+                    jti: Some(crate::federation::hex(&self.p.entropy.bytes::<16>())),
                 },
             )
         } else {
             self.p.mint(&id, TokenType::Federation).0
         };
-        let (conn, sock) = self.open_http()?;
-        let req = format!(
-            "GET /v1/control HTTP/1.1\r\nHost: sim\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {UPGRADE_KEY}\r\nAuthorization: Bearer {token}\r\n\r\n"
-        );
-        if let Some(o) = old {
-            // The old session's last output (the 4003 close among it) is read first.
+        if old.is_some() {
+            // What the old session was sent so far is read first.
             self.read_member(m)?;
-            let _ = o;
         }
         self.members[m].gone();
+        // The upgrade's checks, as `GET /v1/control` makes them: the token, then room in
+        // the registry (refused: not a failure of the contract).
+        let Ok(claims) = self.p.authenticate(Some(&token), Want::Federation, PEER) else {
+            return Ok(());
+        };
+        if self.p.registry.find(&id).is_none()
+            && self.p.registry.len() >= self.p.registry.capacity()
+        {
+            return Ok(());
+        }
+        let opening = crate::control::Opening {
+            claims: &claims,
+            welcome_by: self.p.now.at + self.cfg.handshake_timeout,
+            outbound: false,
+            peer: Some(PEER),
+        };
+        let Ok(session) = self.p.open_session(opening) else {
+            return Ok(());
+        };
         if self.trace {
-            eprintln!("  m{m} connects on {conn:?} at {:?}", self.p.now.at);
+            eprintln!("  m{m} connects as {session:?} at {:?}", self.p.now.at);
         }
-        self.members[m].conn = Some(conn);
-        self.members[m]._sock = Some(sock);
-        self.p.http_input(conn, req.as_bytes());
+        self.members[m].session = Some(session);
         self.members[m].key = self.p.signing_key(&id);
-        if !matches!(self.p.conn(conn).map(|c| &c.state), Some(ConnState::Ws(_))) {
-            // Refused (registry full, ...): not a failure of the contract.
-            self.p.drop_conn(conn, "sim: refused");
-            self.members[m].gone();
-        }
+        self.carry_out();
         Ok(())
-    }
-
-    /// An HTTP connection (a socket pair whose far end the simulation keeps).
-    fn open_http(&mut self) -> Result<(ConnId, TcpStream), Failure> {
-        let addr = self
-            .listener
-            .local_addr()
-            .map_err(|e| self.fail(e.to_string()))?;
-        let far = TcpStream::connect(addr).map_err(|e| self.fail(e.to_string()))?;
-        let (near, peer) = self
-            .listener
-            .accept()
-            .map_err(|e| self.fail(e.to_string()))?;
-        near.set_nonblocking(true)
-            .map_err(|e| self.fail(e.to_string()))?;
-        let sock = mio::net::TcpStream::from_std(near);
-        let deadline = self.p.now.at + self.cfg.handshake_timeout;
-        let id = self
-            .p
-            .insert_conn(|id| Conn::new(id, sock, peer, ConnState::Http(HttpConn::new(deadline))))
-            .ok_or_else(|| self.fail("connection table full"))?;
-        Ok((id, far))
     }
 
     /// An operator removes a server over HTTP (its queue is dropped, its session closed 4001).
@@ -594,22 +614,22 @@ impl Sim {
         // What its session was sent so far is read first: signed with the key the removal
         // retires. Its last output (the 4001 close) is read afterwards.
         self.read_member(m)?;
-        let (admin, _sock) = self.open_http()?;
-        let token = self.p.mint("operator", TokenType::Admin).0;
-        let req = format!(
-            "DELETE /v1/servers/{id} HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer {token}\r\n\r\n"
-        );
-        self.p.http_input(admin, req.as_bytes());
+        let req = RequestId(self.step as u64);
+        let r = self.p.remove_server(&id, PEER);
+        let now = self.p.durable_answer(req, r);
         self.p.commit();
-        let answer = self
-            .p
-            .conn(admin)
-            .map(|c| String::from_utf8_lossy(&c.out[c.out_pos..]).into_owned())
-            .unwrap_or_default();
-        if !answer.starts_with("HTTP/1.1 204") {
-            return Err(self.fail(format!("DELETE /v1/servers/{id}: {answer:?}")));
+        let later = self
+            .carry_out()
+            .into_iter()
+            .find(|(r, _)| *r == req)
+            .and_then(|(_, a)| match a {
+                Answer::Http(r) => Some(r),
+                Answer::Rpc(_) => None,
+            });
+        let status = now.or(later).map(|r| r.status);
+        if status != Some(204) {
+            return Err(self.fail(format!("DELETE /v1/servers/{id}: {status:?}")));
         }
-        self.p.drop_conn(admin, "sim: done");
         self.removed.insert(id.clone());
         for s in self.sent.values_mut().filter(|s| s.to == id) {
             s.dropped = true;
@@ -639,67 +659,43 @@ impl Sim {
         }
         self.p.now = self.p.now.after(Duration::from_millis(ms));
         let at = self.p.now.at;
-        crate::reactor::fire_due_timers(&mut self.p, at);
+        self.p.fire_due(at);
+        self.carry_out();
     }
 
     /// The end of a loop turn: the commit, then every reading member takes its output.
     fn end_turn(&mut self) -> Result<(), Failure> {
         self.p.commit();
+        self.carry_out();
         for m in 0..MEMBERS {
             if self.members[m].reads {
                 self.read_member(m)?;
             }
-            if let Some(c) = self.members[m].conn
-                && !matches!(self.p.conn(c).map(|c| &c.state), Some(ConnState::Ws(_)))
-            {
-                // Dropped by the proxy (heartbeat, a close it sent and we read): the socket ends.
+            if self.members[m].session.is_some() && self.connected(m).is_none() {
+                // Ended by the proxy (heartbeat, a close it sent): its last frames are read.
                 self.read_member(m)?;
-                self.p.drop_conn(c, "sim: closed");
                 self.members[m].gone();
             }
         }
         self.p.commit();
-        self.p.dirty.clear();
-        for id in std::mem::take(&mut self.p.resume) {
-            self.p.http_process(id);
-        }
+        self.carry_out();
         self.check_bounds()
     }
 
-    /// Takes a member's output off its connection and handles every complete frame.
+    /// The member reads every frame the core sent it, then its output is empty again: held
+    /// input goes in and queued messages move on.
     fn read_member(&mut self, m: usize) -> Result<(), Failure> {
-        let Some(c) = self.members[m].conn else {
+        if self.members[m].session.is_none() {
             return Ok(());
-        };
-        let Some(conn) = self.p.conn_mut(c) else {
-            return Ok(());
-        };
-        let bytes = conn.out[conn.out_pos..].to_vec();
-        conn.out.clear();
-        conn.out_pos = 0;
-        for b in &bytes {
-            self.stats.digest = (self.stats.digest ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
         }
-        self.members[m].rx.extend_from_slice(&bytes);
-        if !self.members[m].upgraded {
-            let rx = &self.members[m].rx;
-            let Some(end) = rx.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return Ok(());
-            };
-            if !rx.starts_with(b"HTTP/1.1 101") {
-                // Refused upgrade: the session never was.
-                self.members[m].rx.clear();
-                return Ok(());
-            }
-            self.members[m].rx.drain(..end + 4);
-            self.members[m].upgraded = true;
-        }
-        while let Some((opcode, payload, used)) = server_frame(&self.members[m].rx) {
-            self.members[m].rx.drain(..used);
-            match opcode {
-                1 => {
-                    let text = String::from_utf8(payload)
-                        .map_err(|_| self.fail("a text frame that is not UTF-8"))?;
+        let frames = std::mem::take(&mut self.members[m].rx);
+        for f in frames {
+            match f {
+                Frame::Text(text) => {
+                    for b in text.bytes() {
+                        self.stats.digest =
+                            (self.stats.digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+                    }
                     let v: Value = serde_json::from_str(&text)
                         .map_err(|e| self.fail(format!("not JSON: {e}: {text}")))?;
                     match v {
@@ -711,20 +707,26 @@ impl Sim {
                         one => self.on_message(m, one)?,
                     }
                 }
-                8 => {
+                Frame::Close(code) => {
+                    self.stats.digest =
+                        (self.stats.digest ^ u64::from(code)).wrapping_mul(0x100_0000_01b3);
                     if self.trace {
-                        eprintln!("  m{m} <- close {:?}", payload.get(..2));
+                        eprintln!("  m{m} <- close {code}");
                     }
                     // The proxy closed the session: what it awaited will not come here.
                     self.members[m].asked.clear();
                     self.members[m].inbox.clear();
                 }
-                _ => {}
             }
         }
         // Room in the output again: held-back input and waiting queues move on.
-        if self.connected(m).is_some() {
-            self.p.ws_drained(c);
+        if let Some(s) = self.connected(m) {
+            self.p.set_unsent(s, 0);
+            for text in std::mem::take(&mut self.members[m].stash) {
+                self.write(m, &text);
+            }
+            self.p.session_drained(s, 0);
+            self.carry_out();
         }
         Ok(())
     }
@@ -875,11 +877,10 @@ impl Sim {
     fn check_bounds(&self) -> Result<(), Failure> {
         let hard = self.p.hard_output_bound() + 64 * 1024;
         for m in &self.members {
-            if let Some(c) = m.conn
-                && let Some(conn) = self.p.conn(c)
-                && conn.unsent() > hard
+            if let Some(s) = m.session.and_then(|s| self.p.session(s))
+                && s.unsent > hard
             {
-                return Err(self.fail(format!("{}: {} bytes owed", m.id, conn.unsent())));
+                return Err(self.fail(format!("{}: {} bytes owed", m.id, s.unsent)));
             }
         }
         for e in self.p.registry.entries() {
@@ -958,26 +959,6 @@ impl Drop for Sim {
     }
 }
 
-/// One complete server→client frame at the start of `buf`: `(opcode, payload, bytes used)`.
-/// The proxy's frames are unmasked and never fragmented.
-fn server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let opcode = buf[0] & 0x0f;
-    let (len, head): (usize, usize) = match buf[1] & 0x7f {
-        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
-        127 => (
-            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let end = head.checked_add(len)?;
-    let payload = buf.get(head..end)?.to_vec();
-    Some((opcode, payload, end))
-}
-
 /// Runs one seed: a memory-only run, or (every fourth seed) one with a state dir and crashes.
 pub fn run_seed(seed: u64, steps: usize) -> Result<Stats, Failure> {
     let sim = Sim::new(seed, seed % 4 == 3).map_err(|e| Failure {
@@ -991,15 +972,6 @@ pub fn run_seed(seed: u64, steps: usize) -> Result<Stats, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_are_cut_where_they_end() {
-        let mut b = vec![0x81, 3, b'a', b'b', b'c', 0x88, 2, 3];
-        assert_eq!(server_frame(&b), Some((1, b"abc".to_vec(), 5)));
-        assert_eq!(server_frame(&b[5..]), None, "a cut frame waits");
-        b.push(0xe8);
-        assert_eq!(server_frame(&b[5..]), Some((8, vec![3, 0xe8], 4)));
-    }
 
     #[test]
     fn the_generator_is_the_same_everywhere() {

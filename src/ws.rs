@@ -6,6 +6,10 @@
 //! be driven by a script of bytes in tests and fuzzing. When the slice is exhausted the adapter
 //! answers `WouldBlock`, which is how tungstenite says "no complete message yet".
 //!
+//! [`next_message`] is the one read step the reactor repeats on a session's input: it maps
+//! every frame and every framing error to what the session does (a text message for the
+//! core, or the contract's close code).
+//!
 //! All of tungstenite's input sizes come from our limits ([`config`]). Its output buffer never
 //! holds more than the frame being written (write buffer size 0, and the adapter accepts every
 //! write), so its cap is left open: the output bound is ours, on `Conn::out`, enforced before
@@ -13,7 +17,9 @@
 //! read. A frame is never refused half-way, so no answer is silently lost.
 
 use std::io::{self, Read, Write};
-use tungstenite::protocol::WebSocketConfig;
+pub use tungstenite::protocol::Role;
+use tungstenite::protocol::{WebSocketConfig, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
 
 /// Initial read-buffer capacity per session: small, because idle sessions dominate memory;
 /// tungstenite grows it for a large frame.
@@ -59,6 +65,73 @@ impl Write for WsIo<'_, '_> {
     }
 }
 
+/// A session's WebSocket state in `role` (server for accepted sessions, client for dialled
+/// ones), with the limits of [`config`].
+pub fn context(role: Role, max_message_bytes: usize) -> WebSocketContext {
+    WebSocketContext::new(role, Some(config(max_message_bytes)))
+}
+
+/// Moves the frames tungstenite owes (pongs, a close reply) into `out`.
+pub fn flush_owed(ctx: &mut WebSocketContext, out: &mut Vec<u8>) {
+    let _ = ctx.flush(&mut WsIo { input: &[], out });
+}
+
+/// What one step of reading a session's input gave.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A complete text message.
+    Text(tungstenite::Utf8Bytes),
+    /// A ping or pong (answered by tungstenite into the output on the next flush).
+    Control,
+    /// The peer's close frame (its reply is owed in the output).
+    Closed,
+    /// No complete message in the input yet.
+    More,
+    /// The session must close with this code (contract §4): binary 1003, oversize 1009,
+    /// bad UTF-8 1007, a protocol violation 1002, anything else 1011.
+    Fail { code: u16, why: &'static str },
+}
+
+/// Reads the next message out of `io.input` (the step the reactor repeats until `More`).
+pub fn next_message(ctx: &mut WebSocketContext, io: &mut WsIo) -> Incoming {
+    match ctx.read(io) {
+        Ok(Message::Text(t)) => Incoming::Text(t),
+        Ok(Message::Binary(_)) => Incoming::Fail {
+            code: 1003,
+            why: "binary frames are not accepted",
+        },
+        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Incoming::Control,
+        Ok(Message::Close(_)) => Incoming::Closed,
+        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Incoming::More,
+        Err(WsError::Capacity(_)) => Incoming::Fail {
+            code: 1009,
+            why: "message too big",
+        },
+        Err(WsError::Utf8(_)) => Incoming::Fail {
+            code: 1007,
+            why: "invalid UTF-8 in a text frame",
+        },
+        Err(WsError::Protocol(p)) => {
+            log::debug!("websocket protocol error: {p}");
+            Incoming::Fail {
+                code: 1002,
+                why: "protocol error",
+            }
+        }
+        Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Incoming::Fail {
+            code: 1000,
+            why: "closed",
+        },
+        Err(e) => {
+            log::debug!("websocket error: {e}");
+            Incoming::Fail {
+                code: 1011,
+                why: "internal error",
+            }
+        }
+    }
+}
+
 /// A masked client frame (`fin` false for a fragment), as a client would send it: for tests,
 /// the fuzz harness and tools; the proxy itself never builds one.
 pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
@@ -83,8 +156,8 @@ pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tungstenite::protocol::{Role, WebSocketContext};
-    use tungstenite::{Error, Message};
+    use tungstenite::Error;
+    use tungstenite::protocol::Role;
 
     #[test]
     fn reads_a_message_split_across_inputs() {

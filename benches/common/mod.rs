@@ -177,7 +177,7 @@ impl ProxyProc {
     }
 
     pub fn admin_token(&self) -> String {
-        let now = fedmcp::proxy::now_secs();
+        let now = fedmcp::federation::now_secs();
         jwt::sign(
             self.secret.as_bytes(),
             &Claims {

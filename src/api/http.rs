@@ -13,7 +13,6 @@
 
 use super::{Outcome, Resp, Route, bearer, internal_error, rpc_error_resp};
 use crate::conn::{Closing, ConnId, ConnState, HttpPhase};
-use crate::durable::Record;
 use crate::http::chunked::{ChunkedDecoder, Progress};
 use crate::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::http::response;
@@ -59,9 +58,9 @@ impl Proxy {
     /// Processes every complete request in the buffer, in order, until one is incomplete,
     /// asynchronous, or ends the connection.
     pub fn http_process(&mut self, id: ConnId) {
-        let now = self.now.at;
+        let now = self.fed.now.at;
         loop {
-            let handshake = self.cfg.handshake_timeout;
+            let handshake = self.fed.cfg.handshake_timeout;
             let Some(conn) = self.conn_mut(id) else {
                 return;
             };
@@ -175,7 +174,7 @@ impl Proxy {
     /// the connection closes if a body was announced. Only an authorised request may have
     /// its body read, `Expect: 100-continue` being answered then.
     pub(super) fn on_head(&mut self, id: ConnId, head: RequestHead) {
-        self.metrics.http_requests_total += 1;
+        self.fed.metrics.http_requests_total += 1;
         let Some(peer) = self.conn(id).map(|c| c.peer) else {
             return;
         };
@@ -189,7 +188,7 @@ impl Proxy {
                     _ => None,
                 };
                 let token = bearer(&head).or(query_token.as_deref());
-                match self.authenticate(token, want, peer) {
+                match self.fed.authenticate(token, want, peer) {
                     Ok(c) => {
                         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
                             h.authenticated = true;
@@ -218,7 +217,7 @@ impl Proxy {
             }
             return;
         }
-        let max_body = self.cfg.max_message_bytes as u64;
+        let max_body = self.fed.cfg.max_message_bytes as u64;
         let (chunked, left) = match head.body {
             BodyKind::Length(len) if len > max_body => {
                 let r = Resp::error(
@@ -303,11 +302,11 @@ impl Proxy {
 
     /// Writes an answer and moves the connection to its next request (or to closing).
     pub(super) fn respond(&mut self, id: ConnId, r: Resp, keep_alive: bool, head_only: bool) {
-        let now_t = self.now;
-        let now = self.now.at;
-        let idle = self.cfg.idle_timeout;
-        let handshake = self.cfg.handshake_timeout;
-        let draining = self.draining.is_some();
+        let now_t = self.fed.now;
+        let now = self.fed.now.at;
+        let idle = self.fed.cfg.idle_timeout;
+        let handshake = self.fed.cfg.handshake_timeout;
+        let draining = self.fed.draining.is_some();
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
@@ -377,24 +376,9 @@ impl Proxy {
         self.resume.push(id);
     }
 
-    /// An answer that promises durability waits for the turn's fsync when changes were
-    /// made (contract §7: `201`, `200` and `204` only once the change is on disk).
-    pub(super) fn durable_answer(&mut self, id: ConnId, (resp, record): (Resp, Record)) -> Outcome {
-        if record.is_some() && resp.status < 300 {
-            self.deferred.push(crate::durable::Deferred::Http {
-                conn: id,
-                resp,
-                record,
-            });
-            Outcome::Later
-        } else {
-            Outcome::Respond(resp)
-        }
-    }
-
     /// An HTTP connection's deadline fired: idle keep-alive close, or `408`.
     pub fn http_timer(&mut self, id: ConnId, now: Instant) {
-        let now_t = self.now;
+        let now_t = self.fed.now;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };

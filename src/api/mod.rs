@@ -6,8 +6,11 @@
 //! authorised request to its handler, one module per concern: `http` (the connection's
 //! framing, deadlines, keep-alive, pipelining), `servers` (registry, signing keys), `tokens`
 //! (issue, revoke), `messages` (`POST /v1/messages`), `upgrade` (`GET /v1/control`), and the
-//! data channel's resources in `crate::data`. No handler touches a socket: answers go into the
-//! connection's output through `http`.
+//! data channel's resources in `crate::data`. The framing (`http`, `upgrade`) and the data
+//! channel's streaming are the reactor's side (`impl Proxy`); the handlers of `servers`,
+//! `tokens` and `messages` are the core's (`impl Federation`): they take a request's parts
+//! and give back an answer, or say it comes later (an `Action::Respond`). No handler
+//! touches a socket.
 
 mod http;
 
@@ -19,10 +22,11 @@ mod upgrade;
 
 use crate::conn::ConnId;
 use crate::durable::Record;
+use crate::federation::{AuthError, Federation, Want};
 use crate::http::parse::{Method, RequestHead};
 use crate::jsonrpc::RpcError;
 use crate::jwt;
-use crate::proxy::{AuthError, Proxy, Want};
+use crate::proxy::Proxy;
 use std::net::SocketAddr;
 
 pub use crate::http::response::Resp;
@@ -172,12 +176,13 @@ impl Proxy {
     ) -> Outcome {
         use Outcome::Respond as R;
         let route = Route::of(head.method, &head.path);
+        let req = Proxy::request_id(id);
         let Some(claims) = claims else {
             return R(match route {
                 Route::Healthz => Resp::json(200, "{\"status\":\"ok\"}"),
-                Route::Readyz => self.readyz(),
+                Route::Readyz => self.fed.readyz(),
                 Route::Metrics => {
-                    let text = self.metrics.render(&self.gauges());
+                    let text = self.fed.metrics.render(&self.gauges());
                     Resp {
                         status: 200,
                         headers: vec![(
@@ -193,29 +198,31 @@ impl Proxy {
                 _ => internal_error(),
             });
         };
+        let fed = &mut self.fed;
+        let later = |r: Option<Resp>| r.map_or(Outcome::Later, Outcome::Respond);
         match route {
             Route::Register => {
-                let r = self.register(body, peer);
-                self.durable_answer(id, r)
+                let r = fed.register(body, peer);
+                later(fed.durable_answer(req, r))
             }
-            Route::ListServers => R(self.list_servers()),
-            Route::GetServer(raw) => R(self.get_server(raw)),
+            Route::ListServers => R(fed.list_servers()),
+            Route::GetServer(raw) => R(fed.get_server(raw)),
             Route::RemoveServer(raw) => {
-                let r = self.remove_server(raw, peer);
-                self.durable_answer(id, r)
+                let r = fed.remove_server(raw, peer);
+                later(fed.durable_answer(req, r))
             }
             Route::RotateKey(raw) => {
-                let r = self.rotate_key(raw, peer);
-                self.durable_answer(id, r)
+                let r = fed.rotate_key(raw, peer);
+                later(fed.durable_answer(req, r))
             }
             Route::RevokeToken(raw) => {
-                let r = self.revoke_token(raw, peer);
-                self.durable_answer(id, r)
+                let r = fed.revoke_token(raw, peer);
+                later(fed.durable_answer(req, r))
             }
-            Route::IssueToken => R(self.issue_token(&claims.server_id, peer)),
-            Route::PostMessage => self.post_message(id, &claims.server_id, body),
+            Route::IssueToken => R(fed.issue_token(&claims.server_id, peer)),
+            Route::PostMessage => later(fed.post_message(req, &claims.server_id, body, peer)),
             Route::Control => self.upgrade(id, head, &claims),
-            Route::ListResources => R(self.list_resources(&claims)),
+            Route::ListResources => R(self.fed.list_resources(&claims)),
             Route::Resource(rest) => match self.resource_route(id, head, rest, &claims) {
                 Some(r) => R(r),
                 None => Outcome::Streaming,
@@ -223,7 +230,9 @@ impl Proxy {
             _ => R(internal_error()),
         }
     }
+}
 
+impl Federation {
     pub(super) fn readyz(&self) -> Resp {
         if let Some(e) = self.degraded.clone() {
             Resp::error(

@@ -9,10 +9,11 @@
 use super::{Resp, no_record};
 use crate::audit::Event;
 use crate::durable::Record;
+use crate::federation::{Federation, secs_to_ms};
 use crate::http::parse;
 use crate::jwt::{self, TokenType};
 use crate::metrics::Gauges;
-use crate::proxy::{Proxy, secs_to_ms};
+use crate::proxy::Proxy;
 use crate::registry::{Entry, RegistryError};
 use base64::Engine;
 use serde::Deserialize;
@@ -64,21 +65,31 @@ fn url_ok(url: &str, schemes: &[&str]) -> bool {
 }
 
 impl Proxy {
+    /// The gauges `/metrics` shows: connections by state (a session's from the core) and
+    /// the registry's totals.
     pub fn gauges(&self) -> Gauges {
         let mut g = Gauges {
-            ready: self.ready(),
-            pending_deliveries: self.pending.len(),
+            ready: self.fed.ready(),
+            pending_deliveries: self.fed.pending.len(),
             ..Gauges::default()
         };
         for (_, c) in self.conns.iter() {
-            match c.state.label() {
-                "http" => g.conns_http += 1,
-                "online" => g.conns_online += 1,
-                "connecting" => g.conns_connecting += 1,
-                _ => g.conns_closing += 1,
+            match &c.state {
+                crate::conn::ConnState::Ws(ws) => {
+                    if self.fed.session(ws.session).is_some_and(|s| s.is_online()) {
+                        g.conns_online += 1;
+                    } else {
+                        g.conns_connecting += 1;
+                    }
+                }
+                s => match s.label() {
+                    "http" => g.conns_http += 1,
+                    "connecting" => g.conns_connecting += 1,
+                    _ => g.conns_closing += 1,
+                },
             }
         }
-        for e in self.registry.entries() {
+        for e in self.fed.registry.entries() {
             g.servers_registered += 1;
             g.queue_messages += e.queue.len();
             if e.presence.online().is_some() {
@@ -87,8 +98,10 @@ impl Proxy {
         }
         g
     }
+}
 
-    pub(super) fn register(&mut self, body: &[u8], peer: SocketAddr) -> (Resp, Record) {
+impl Federation {
+    pub fn register(&mut self, body: &[u8], peer: SocketAddr) -> (Resp, Record) {
         let bad = |m: &str| (Resp::error(400, "invalid_request", m), None);
         let Ok(text) = std::str::from_utf8(body) else {
             return bad("the body is not UTF-8");
@@ -212,7 +225,7 @@ impl Proxy {
 
     /// `POST /v1/servers/{id}/signing-key` (§6): the key moves to the next epoch; the old
     /// one stops verifying at once. Durable before it is answered.
-    pub(super) fn rotate_key(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
+    pub fn rotate_key(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
             return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
@@ -238,7 +251,7 @@ impl Proxy {
         (resp, record)
     }
 
-    pub(super) fn entry_json(e: &Entry) -> String {
+    pub fn entry_json(e: &Entry) -> String {
         use crate::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
         let online = e.presence.session().is_some();
@@ -288,12 +301,12 @@ impl Proxy {
         )
     }
 
-    pub(super) fn list_servers(&self) -> Resp {
+    pub fn list_servers(&self) -> Resp {
         let items: Vec<String> = self.registry.entries().map(Self::entry_json).collect();
         Resp::json(200, format!("{{\"servers\":[{}]}}", items.join(",")))
     }
 
-    pub(super) fn get_server(&self, raw: &str) -> Resp {
+    pub fn get_server(&self, raw: &str) -> Resp {
         match parse::percent_decode(raw)
             .and_then(|id| self.registry.by_id(&id).map(Self::entry_json))
         {
@@ -302,16 +315,16 @@ impl Proxy {
         }
     }
 
-    pub(super) fn remove_server(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
+    pub fn remove_server(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
             return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
         self.outbound_stop(slot);
-        if let Some(conn) = self.registry.get(slot).and_then(|e| e.presence.session()) {
+        if let Some(session) = self.registry.get(slot).and_then(|e| e.presence.session()) {
             // Its unanswered deliveries fail `unknown_server` now, instead of going back to
             // a queue that is about to be dropped; then the session closes.
-            self.settle_deliveries(conn, crate::router::Gone::Removed);
-            self.ws_close(conn, 4001, "server removed");
+            self.settle_deliveries(session, crate::router::Gone::Removed);
+            self.close_session(session, 4001, "server removed");
         }
         self.drop_queue(slot);
         let at = self.now.secs();

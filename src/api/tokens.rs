@@ -6,15 +6,14 @@
 
 use super::{Resp, no_record};
 use crate::audit::Event;
-use crate::conn::{ConnId, ConnState};
 use crate::durable::Record;
+use crate::federation::{Federation, SessionId, secs_to_ms};
 use crate::http::parse;
 use crate::jwt::{self, TokenType};
-use crate::proxy::{Proxy, secs_to_ms};
 use std::net::SocketAddr;
 
-impl Proxy {
-    pub(super) fn issue_token(&mut self, server_id: &str, peer: SocketAddr) -> Resp {
+impl Federation {
+    pub fn issue_token(&mut self, server_id: &str, peer: SocketAddr) -> Resp {
         let (token, claims) = self.mint(server_id, TokenType::Federation);
         let exp = claims.exp;
         self.audit(
@@ -35,7 +34,7 @@ impl Proxy {
     /// `DELETE /v1/tokens/{jti}` (§2): every token with that `jti` is refused from now on,
     /// durably; sessions resting on it are closed 4001. Remembered until the latest `exp`
     /// seen with it (the sessions' tokens), else for `FEDMCP_TOKEN_TTL_SECS`.
-    pub(super) fn revoke_token(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
+    pub fn revoke_token(&mut self, raw: &str, peer: SocketAddr) -> (Resp, Record) {
         let Some(jti) = parse::percent_decode(raw).filter(|j| jwt::valid_jti(j)) else {
             return no_record(Resp::error(
                 400,
@@ -45,15 +44,10 @@ impl Proxy {
         };
         let now = self.now.secs();
         let skew = self.cfg.clock_skew_secs as i64;
-        let sessions: Vec<(ConnId, i64)> = self
-            .conns
-            .iter()
-            .filter_map(|(_, c)| match &c.state {
-                ConnState::Ws(ws) if ws.sess.uses_jti(&jti) => {
-                    Some((c.id, ws.sess.expires_at_secs))
-                }
-                _ => None,
-            })
+        let sessions: Vec<(SessionId, i64)> = self
+            .sessions()
+            .filter(|s| s.uses_jti(&jti))
+            .map(|s| (s.id, s.expires_at_secs))
             .collect();
         let until = sessions
             .iter()
@@ -75,7 +69,7 @@ impl Proxy {
             until,
         });
         for (conn, _) in sessions {
-            self.ws_close(conn, 4001, "token revoked");
+            self.close_session(conn, 4001, "token revoked");
         }
         self.audit(Event::TokenRevoked, None, Some(peer), None);
         (Resp::no_content(), record)

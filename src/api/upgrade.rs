@@ -3,7 +3,7 @@
 //!
 //! Owns the upgrade's checks (`Upgrade`/`Connection` tokens, version 13, the key), the `101`
 //! with the selected subprotocol, and handing the connection and any bytes after the head to
-//! the session (`control::open_session`). The token was checked on the head (`http`).
+//! the session the core opens (`Federation::open_session`). The token was checked on the head (`http`).
 
 use super::{Outcome, Resp};
 use crate::conn::{ConnId, ConnState};
@@ -53,11 +53,11 @@ impl Proxy {
                 "Sec-WebSocket-Key must be 16 bytes in base64",
             ));
         }
-        if self.draining.is_some() {
+        if self.fed.draining.is_some() {
             return Outcome::Respond(Resp::error(503, "draining", "the proxy is shutting down"));
         }
-        if self.registry.find(&claims.server_id).is_none()
-            && self.registry.len() >= self.registry.capacity()
+        if self.fed.registry.find(&claims.server_id).is_none()
+            && self.fed.registry.len() >= self.fed.registry.capacity()
         {
             return Outcome::Respond(Resp::error(
                 507,
@@ -77,24 +77,31 @@ impl Proxy {
             resp.push_str("Sec-WebSocket-Protocol: fedmcp.v1\r\n");
         }
         resp.push_str("\r\n");
-        let (leftover, welcome_by) = match self.conn_mut(id) {
+        let (leftover, welcome_by, peer) = match self.conn_mut(id) {
             Some(conn) => {
                 conn.out.extend_from_slice(resp.as_bytes());
+                let peer = conn.peer;
                 match &mut conn.state {
-                    ConnState::Http(h) => (std::mem::take(&mut h.inbuf), h.deadline),
+                    ConnState::Http(h) => (std::mem::take(&mut h.inbuf), h.deadline, peer),
                     _ => return Outcome::Upgraded,
                 }
             }
             None => return Outcome::Upgraded,
         };
         self.dirty.push(id);
-        if self
-            .open_session(id, claims, welcome_by, tungstenite::protocol::Role::Server)
-            .is_err()
-        {
+        let opening = crate::control::Opening {
+            claims,
+            welcome_by,
+            outbound: false,
+            peer: Some(peer),
+        };
+        let Ok(session) = self.fed.open_session(opening) else {
+            self.apply();
             self.drop_conn(id, "registry full");
             return Outcome::Upgraded;
-        }
+        };
+        self.attach(id, session, tungstenite::protocol::Role::Server);
+        self.apply();
         if !leftover.is_empty() {
             self.ws_input(id, &leftover);
         }

@@ -50,7 +50,7 @@ impl Drop for Upload {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    crate::proxy::hex(bytes)
+    crate::federation::hex(bytes)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -21,7 +21,7 @@ pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn now_secs() -> i64 {
-    fedmcp::proxy::now_secs()
+    fedmcp::federation::now_secs()
 }
 
 /// The `fedmcp` binary the tests run: `FEDMCP_TEST_BIN` when set (e.g. an older build, to
