@@ -59,6 +59,24 @@ impl Now {
     }
 }
 
+/// Milliseconds since the epoch, read now: for `main` and tests. The loop uses its turn's time.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds of a seconds value (token claims are peer-supplied: saturate, never overflow).
+pub fn secs_to_ms(secs: i64) -> i64 {
+    secs.saturating_mul(1000)
+}
+
+/// Seconds since the epoch, read now: for `main` and tests. The loop uses its turn's time.
+pub fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

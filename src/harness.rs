@@ -14,9 +14,10 @@
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::control::Opening;
-use crate::federation::{Action, Federation, SessionId};
-use crate::jwt::{Claims, TokenType};
+use crate::federation::Federation;
+use crate::federation::action::{Action, SessionId};
+use crate::federation::control::Opening;
+use crate::proto::jwt::{Claims, TokenType};
 use serde_json::Value;
 use std::time::Duration;
 

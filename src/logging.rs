@@ -63,7 +63,7 @@ mod tests {
         assert!(!meta("tungstenite", Level::Debug));
         assert!(!meta("rustls::conn", Level::Debug));
         assert!(meta("tungstenite::protocol", Level::Warn));
-        assert!(meta("fedmcp::control", Level::Trace));
+        assert!(meta("fedmcp::federation::control", Level::Trace));
         assert!(meta("tungstenite_like", Level::Trace));
     }
 }

@@ -5,11 +5,11 @@
 //! the process with exit code 2 and one line on stderr.
 
 use fedmcp::audit::Audit;
+use fedmcp::clock::now_secs;
 use fedmcp::config::Config;
-use fedmcp::federation::now_secs;
-use fedmcp::jwt::{self, Claims, TokenType};
-use fedmcp::proxy::Proxy;
-use fedmcp::reactor::{self, Reactor};
+use fedmcp::io::proxy::Proxy;
+use fedmcp::io::reactor::{self, Reactor};
+use fedmcp::proto::jwt::{self, Claims, TokenType};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -59,7 +59,7 @@ fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
                 return Err(ExitCode::from(2));
             }
             log::warn!("no secret configured and no state dir: tokens will not survive a restart");
-            Ok(fedmcp::federation::hex(&raw).into_bytes())
+            Ok(fedmcp::random::hex(&raw).into_bytes())
         }
     }
 }
@@ -78,7 +78,7 @@ fn serve() -> ExitCode {
     };
     // TLS first: a bad pair must end the start before anything is created or logged.
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => match fedmcp::tls::load(cert, key) {
+        (Some(cert), Some(key)) => match fedmcp::io::tls::load(cert, key) {
             Ok(t) => Some(t),
             Err(e) => {
                 eprintln!("{e}");
@@ -90,7 +90,7 @@ fn serve() -> ExitCode {
     // A configured CA file is checked now (exit 2 if bad); the bundled web roots cost
     // ~600 KiB of memory, so they are loaded only when a wss:// server is first dialled.
     let tls_client = match cfg.trusted_ca_file.as_deref() {
-        Some(path) => match fedmcp::tls::client_config(Some(path)) {
+        Some(path) => match fedmcp::io::tls::client_config(Some(path)) {
             Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("{e}");
@@ -159,7 +159,7 @@ fn serve() -> ExitCode {
             let dir = std::env::temp_dir().join(format!(
                 "fedmcp-resources-{}-{}",
                 std::process::id(),
-                fedmcp::federation::hex(&fedmcp::federation::random_bytes::<8>())
+                fedmcp::random::hex(&fedmcp::random::random_bytes::<8>())
             ));
             let made = {
                 #[cfg(unix)]

@@ -34,8 +34,9 @@
 use crate::audit::Audit;
 use crate::clock::Now;
 use crate::config::Config;
-use crate::federation::{Action, Answer, Federation, RequestId, SessionId, Want};
-use crate::jwt::{self, Claims, TokenType};
+use crate::federation::action::{Action, Answer, RequestId, SessionId};
+use crate::federation::{Federation, Want};
+use crate::proto::jwt::{self, Claims, TokenType};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -566,7 +567,7 @@ impl Sim {
                     iat,
                     exp: iat + 4,
                     nbf: None,
-                    jti: Some(crate::federation::hex(&self.p.entropy.bytes::<16>())),
+                    jti: Some(crate::random::hex(&self.p.entropy.bytes::<16>())),
                 },
             )
         } else {
@@ -587,7 +588,7 @@ impl Sim {
         {
             return Ok(());
         }
-        let opening = crate::control::Opening {
+        let opening = crate::federation::control::Opening {
             claims: &claims,
             welcome_by: self.p.now.at + self.cfg.handshake_timeout,
             outbound: false,

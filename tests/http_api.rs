@@ -1377,7 +1377,7 @@ fn registry_entries_have_the_contract_fields_and_follow_the_session() {
 }
 
 fn now_ms() -> i64 {
-    fedmcp::federation::now_ms()
+    fedmcp::clock::now_ms()
 }
 
 #[test]

@@ -497,7 +497,7 @@ fn finding1_server_ids_are_never_path_components() {
             let body = format!("{owner} wrote {target}").into_bytes();
             let r = put(&p, &token, &target, &body);
             let what = format!("owner {owner:?} PUT {target:?}");
-            match decoded.filter(|n| fedmcp::resources::valid_name(n)) {
+            match decoded.filter(|n| fedmcp::federation::resources::valid_name(n)) {
                 Some(name) => {
                     assert_eq!(r.status, 201, "{what}: {}", r.text());
                     let j = r.json();

@@ -2,11 +2,11 @@
 //! a minimal WebSocket client (RFC 6455 framing over plain sockets, no allocation per frame
 //! beyond the caller's buffers), and process statistics from `/proc`.
 //!
-//! Nothing here depends on the proxy's internals except `fedmcp::jwt` for admin tokens.
+//! Nothing here depends on the proxy's internals except `fedmcp::proto::jwt` for admin tokens.
 #![allow(dead_code)]
 
 use base64::Engine;
-use fedmcp::jwt::{self, Claims, TokenType};
+use fedmcp::proto::jwt::{self, Claims, TokenType};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -177,7 +177,7 @@ impl ProxyProc {
     }
 
     pub fn admin_token(&self) -> String {
-        let now = fedmcp::federation::now_secs();
+        let now = fedmcp::clock::now_secs();
         jwt::sign(
             self.secret.as_bytes(),
             &Claims {

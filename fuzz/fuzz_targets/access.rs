@@ -9,9 +9,9 @@
 //! never holds more than its capacity and never forgets a revocation whose tokens can still
 //! be presented; `valid_jti` agrees with the contract's "1 to 64 printable ASCII".
 #![no_main]
-use fedmcp::jwt::{valid_jti, valid_server_id};
-use fedmcp::resources::{MAX_READERS, parse_readers, readers_json};
-use fedmcp::revocations::Revocations;
+use fedmcp::proto::jwt::{valid_jti, valid_server_id};
+use fedmcp::federation::resources::{MAX_READERS, parse_readers, readers_json};
+use fedmcp::federation::revocations::Revocations;
 use libfuzzer_sys::fuzz_target;
 
 fn readers(data: &[u8]) {

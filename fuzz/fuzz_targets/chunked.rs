@@ -1,7 +1,7 @@
 //! The chunked body decoder: never panics, never decodes more than its limit, and decoding
 //! in one call equals decoding byte by byte.
 #![no_main]
-use fedmcp::http::chunked::{ChunkedDecoder, Progress};
+use fedmcp::proto::http::chunked::{ChunkedDecoder, Progress};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

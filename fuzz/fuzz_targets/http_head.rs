@@ -1,7 +1,7 @@
 //! The HTTP/1.1 request-head parser: never panics, never claims more bytes than it was given,
 //! and gives the same answer for the whole input as for the input fed in two parts.
 #![no_main]
-use fedmcp::http::parse::parse_head;
+use fedmcp::proto::http::parse::parse_head;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -9,5 +9,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some((_, n))) = &whole {
         assert!(*n <= data.len());
     }
-    let _ = fedmcp::http::parse::percent_decode(&String::from_utf8_lossy(data));
+    let _ = fedmcp::proto::http::parse::percent_decode(&String::from_utf8_lossy(data));
 });

@@ -1,7 +1,7 @@
 //! The JSON-RPC envelope parser (single and batch), exactly as a control session runs it:
 //! never panics, and every error it reports maps to a contract code.
 #![no_main]
-use fedmcp::jsonrpc::{Frame, parse_frame, parse_msg};
+use fedmcp::proto::jsonrpc::{Frame, parse_frame, parse_msg};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Ok(Frame::Batch(items)) => {
-            assert!(!items.is_empty() && items.len() <= fedmcp::jsonrpc::MAX_BATCH_LEN);
+            assert!(!items.is_empty() && items.len() <= fedmcp::proto::jsonrpc::MAX_BATCH_LEN);
             for raw in items {
                 let _ = parse_msg(raw.get());
             }

@@ -6,7 +6,7 @@
 //! The key is fixed (RFC 6455's sample nonce, 16 bytes in base64), so the whole input is the
 //! answer and the checked-in seeds are plain HTTP: a valid `101` for this key passes.
 #![no_main]
-use fedmcp::outbound::{AnswerError, MAX_ANSWER_HEAD, check_answer};
+use fedmcp::proto::upgrade::{AnswerError, MAX_ANSWER_HEAD, check_answer};
 use libfuzzer_sys::fuzz_target;
 
 /// Our `Sec-WebSocket-Key`; the matching `Sec-WebSocket-Accept` is

@@ -1,15 +1,15 @@
-//! The WebSocket read step a control session's input goes through (`fedmcp::ws::next_message`
+//! The WebSocket read step a control session's input goes through (`fedmcp::proto::ws::next_message`
 //! over tungstenite, server role, the proxy's limits): never panics, never yields a message
 //! over the limit, and the output it owes (pongs, close replies) stays within a frame's size
 //! per input frame.
 #![no_main]
-use fedmcp::ws::{Incoming, WsIo, context, flush_owed, next_message};
+use fedmcp::proto::ws::{Incoming, WsIo, context, flush_owed, next_message};
 use libfuzzer_sys::fuzz_target;
 
 const MAX: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
-    let mut ctx = context(fedmcp::ws::Role::Server, MAX);
+    let mut ctx = context(fedmcp::proto::ws::Role::Server, MAX);
     let mut out = Vec::new();
     // The input arrives in reads of varying sizes, as from a socket.
     let mut rest = data;

@@ -4,9 +4,10 @@
 //! and the mapping of the router's answer to HTTP. The send itself is `router`'s.
 
 use super::{Resp, rpc_error_resp};
-use crate::federation::{Federation, RequestId};
-use crate::jsonrpc::RpcError;
-use crate::router::{Reply, ReplyTo};
+use crate::federation::Federation;
+use crate::federation::action::RequestId;
+use crate::federation::pending::{Reply, ReplyTo};
+use crate::proto::jsonrpc::RpcError;
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
 
@@ -14,7 +15,7 @@ impl Federation {
     /// `POST /v1/messages` (§3): the control channel's limits apply — the body's size (on
     /// its head), its JSON nesting (`400 parse_error`), and the sender's rate limit, the same
     /// bucket its control session draws on (`429 rate_limited` with `Retry-After`).
-    /// `None`: the answer comes later, with [`crate::federation::Action::Respond`].
+    /// `None`: the answer comes later, with [`crate::federation::action::Action::Respond`].
     pub fn post_message(
         &mut self,
         req: RequestId,
@@ -27,7 +28,7 @@ impl Federation {
         }
         let parsed = std::str::from_utf8(body)
             .ok()
-            .filter(|t| !crate::jsonrpc::too_deep(t, crate::jsonrpc::MAX_JSON_DEPTH))
+            .filter(|t| !crate::proto::jsonrpc::too_deep(t, crate::proto::jsonrpc::MAX_JSON_DEPTH))
             .and_then(|t| serde_json::from_str::<&RawValue>(t).ok());
         let Some(params) = parsed else {
             return Some(Resp::error(

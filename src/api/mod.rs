@@ -2,34 +2,28 @@
 //!
 //! Owns what a request means: [`Route::of`] decides from the method and path alone which
 //! route a request is for and [`Route::auth`] which token it takes, so the token is checked on
-//! the head, before any byte of a body (`http`). [`Resp`] is an answer; `route` dispatches an
-//! authorised request to its handler, one module per concern: `http` (the connection's
-//! framing, deadlines, keep-alive, pipelining), `servers` (registry, signing keys), `tokens`
-//! (issue, revoke), `messages` (`POST /v1/messages`), `upgrade` (`GET /v1/control`), and the
-//! data channel's resources in `crate::data`. The framing (`http`, `upgrade`) and the data
-//! channel's streaming are the reactor's side (`impl Proxy`); the handlers of `servers`,
-//! `tokens` and `messages` are the core's (`impl Federation`): they take a request's parts
-//! and give back an answer, or say it comes later (an `Action::Respond`). No handler
-//! touches a socket.
+//! the head, before any byte of a body. [`Resp`] is an answer; [`Federation::handle`]
+//! dispatches an authorised request to its handler, one module per concern: `servers`
+//! (registry, signing keys), `tokens` (issue, revoke), `messages` (`POST /v1/messages`).
+//! Handlers are the core's: they take a request's parts (route, peer, body, claims) and give
+//! back an answer, or say it comes later (an `Action::Respond`). The connection's framing,
+//! the upgrade of `GET /v1/control` and the data channel's streaming are the reactor's side
+//! (`io::http`, `io::upgrade`, `io::data`). Nothing here touches a socket.
 
-mod http;
-
-pub(crate) use http::next_request;
 mod messages;
+mod resources;
 mod servers;
 mod tokens;
-mod upgrade;
 
-use crate::conn::ConnId;
-use crate::durable::Record;
+use crate::federation::action::RequestId;
+use crate::federation::pending::Record;
 use crate::federation::{AuthError, Federation, Want};
-use crate::http::parse::{Method, RequestHead};
-use crate::jsonrpc::RpcError;
-use crate::jwt;
-use crate::proxy::Proxy;
+use crate::proto::http::parse::{Method, RequestHead};
+use crate::proto::jsonrpc::RpcError;
+use crate::proto::jwt;
 use std::net::SocketAddr;
 
-pub use crate::http::response::Resp;
+pub use crate::proto::http::response::Resp;
 
 /// The contract's answer to a refused token: its status and code, and for a `401` the
 /// `WWW-Authenticate` challenge.
@@ -42,17 +36,6 @@ impl Resp {
         }
         r
     }
-}
-
-/// What a request turned into.
-pub(crate) enum Outcome {
-    Respond(Resp),
-    /// A send awaiting its recipient: the answer comes through `http_async_answer`.
-    Later,
-    /// The connection became a control session.
-    Upgraded,
-    /// The handler wrote the head and the body streams from a file (`data`).
-    Streaming,
 }
 
 /// What a request is for: the route table of contract §3, decided from the method and the
@@ -163,77 +146,56 @@ pub fn bearer(head: &RequestHead) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-impl Proxy {
-    /// One request, its token already checked against [`Route::auth`] (`claims` is `Some`
-    /// exactly when the route takes a token).
-    pub(super) fn route(
+impl Federation {
+    /// An authorised request to a route the core answers by itself (every route but
+    /// `Control`, `Upload`, `Resource` and `Metrics`, which the reactor's side serves):
+    /// `None` when the answer comes later, with an `Action::Respond` for `req`. `claims` is
+    /// `Some` exactly when the route takes a token.
+    pub fn handle(
         &mut self,
-        id: ConnId,
+        req: RequestId,
+        route: Route,
         peer: SocketAddr,
-        head: &RequestHead,
         body: &[u8],
-        claims: Option<jwt::Claims>,
-    ) -> Outcome {
-        use Outcome::Respond as R;
-        let route = Route::of(head.method, &head.path);
-        let req = Proxy::request_id(id);
+        claims: Option<&jwt::Claims>,
+    ) -> Option<Resp> {
         let Some(claims) = claims else {
-            return R(match route {
+            return Some(match route {
                 Route::Healthz => Resp::json(200, "{\"status\":\"ok\"}"),
-                Route::Readyz => self.fed.readyz(),
-                Route::Metrics => {
-                    let text = self.fed.metrics.render(&self.gauges());
-                    Resp {
-                        status: 200,
-                        headers: vec![(
-                            "Content-Type",
-                            "text/plain; version=0.0.4; charset=utf-8".into(),
-                        )],
-                        body: text.into_bytes(),
-                    }
-                }
+                Route::Readyz => self.readyz(),
                 Route::NotAllowed(allow) => Resp::method_not_allowed(allow),
                 Route::NotFound => Resp::error(404, "not_found", "no such path"),
                 // A route that takes a token always has one here.
                 _ => internal_error(),
             });
         };
-        let fed = &mut self.fed;
-        let later = |r: Option<Resp>| r.map_or(Outcome::Later, Outcome::Respond);
         match route {
             Route::Register => {
-                let r = fed.register(body, peer);
-                later(fed.durable_answer(req, r))
+                let r = self.register(body, peer);
+                self.durable_answer(req, r)
             }
-            Route::ListServers => R(fed.list_servers()),
-            Route::GetServer(raw) => R(fed.get_server(raw)),
+            Route::ListServers => Some(self.list_servers()),
+            Route::GetServer(raw) => Some(self.get_server(raw)),
             Route::RemoveServer(raw) => {
-                let r = fed.remove_server(raw, peer);
-                later(fed.durable_answer(req, r))
+                let r = self.remove_server(raw, peer);
+                self.durable_answer(req, r)
             }
             Route::RotateKey(raw) => {
-                let r = fed.rotate_key(raw, peer);
-                later(fed.durable_answer(req, r))
+                let r = self.rotate_key(raw, peer);
+                self.durable_answer(req, r)
             }
             Route::RevokeToken(raw) => {
-                let r = fed.revoke_token(raw, peer);
-                later(fed.durable_answer(req, r))
+                let r = self.revoke_token(raw, peer);
+                self.durable_answer(req, r)
             }
-            Route::IssueToken => R(fed.issue_token(&claims.server_id, peer)),
-            Route::PostMessage => later(fed.post_message(req, &claims.server_id, body, peer)),
-            Route::Control => self.upgrade(id, head, &claims),
-            Route::ListResources => R(self.fed.list_resources(&claims)),
-            Route::Resource(rest) => match self.resource_route(id, head, rest, &claims) {
-                Some(r) => R(r),
-                None => Outcome::Streaming,
-            },
-            _ => R(internal_error()),
+            Route::IssueToken => Some(self.issue_token(&claims.server_id, peer)),
+            Route::PostMessage => self.post_message(req, &claims.server_id, body, peer),
+            Route::ListResources => Some(self.list_resources(claims)),
+            _ => Some(internal_error()),
         }
     }
-}
 
-impl Federation {
-    pub(super) fn readyz(&self) -> Resp {
+    pub(crate) fn readyz(&self) -> Resp {
         if let Some(e) = self.degraded.clone() {
             Resp::error(
                 503,

@@ -1,5 +1,5 @@
 //! The registry's admin endpoints (contract §3, §6): register, list, show, remove, rotate a
-//! signing key; and the gauges `/metrics` reads.
+//! signing key.
 //!
 //! Owns the checks of a registration (serverId rule, endpoint URLs, `insecure_endpoint`),
 //! the registry entry's JSON, and the durable records these changes write (answered only once
@@ -8,13 +8,12 @@
 
 use super::{Resp, no_record};
 use crate::audit::Event;
-use crate::durable::Record;
-use crate::federation::{Federation, secs_to_ms};
-use crate::http::parse;
-use crate::jwt::{self, TokenType};
-use crate::metrics::Gauges;
-use crate::proxy::Proxy;
-use crate::registry::{Entry, RegistryError};
+use crate::clock::secs_to_ms;
+use crate::federation::Federation;
+use crate::federation::pending::Record;
+use crate::federation::registry::{Entry, RegistryError};
+use crate::proto::http::parse;
+use crate::proto::jwt::{self, TokenType};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -64,42 +63,6 @@ fn url_ok(url: &str, schemes: &[&str]) -> bool {
     })
 }
 
-impl Proxy {
-    /// The gauges `/metrics` shows: connections by state (a session's from the core) and
-    /// the registry's totals.
-    pub fn gauges(&self) -> Gauges {
-        let mut g = Gauges {
-            ready: self.fed.ready(),
-            pending_deliveries: self.fed.pending.len(),
-            ..Gauges::default()
-        };
-        for (_, c) in self.conns.iter() {
-            match &c.state {
-                crate::conn::ConnState::Ws(ws) => {
-                    if self.fed.session(ws.session).is_some_and(|s| s.is_online()) {
-                        g.conns_online += 1;
-                    } else {
-                        g.conns_connecting += 1;
-                    }
-                }
-                s => match s.label() {
-                    "http" => g.conns_http += 1,
-                    "connecting" => g.conns_connecting += 1,
-                    _ => g.conns_closing += 1,
-                },
-            }
-        }
-        for e in self.fed.registry.entries() {
-            g.servers_registered += 1;
-            g.queue_messages += e.queue.len();
-            if e.presence.online().is_some() {
-                g.servers_online += 1;
-            }
-        }
-        g
-    }
-}
-
 impl Federation {
     pub fn register(&mut self, body: &[u8], peer: SocketAddr) -> (Resp, Record) {
         let bad = |m: &str| (Resp::error(400, "invalid_request", m), None);
@@ -125,7 +88,7 @@ impl Federation {
                 }
             };
             if e.control.as_deref().is_some_and(|u| {
-                !url_ok(u, &["ws", "wss"]) || crate::outbound::ControlUrl::parse(u).is_none()
+                !url_ok(u, &["ws", "wss"]) || crate::proto::upgrade::ControlUrl::parse(u).is_none()
             }) {
                 // A URL the proxy could not dial is refused now, not left to fail silently.
                 return bad(
@@ -136,7 +99,7 @@ impl Federation {
             if let Some(u) = e
                 .control
                 .as_deref()
-                .and_then(crate::outbound::ControlUrl::parse)
+                .and_then(crate::proto::upgrade::ControlUrl::parse)
                 && !u.tls
                 && !u.loopback_host()
                 && !self.cfg.allow_plaintext
@@ -252,7 +215,7 @@ impl Federation {
     }
 
     pub fn entry_json(e: &Entry) -> String {
-        use crate::registry::OutPhase;
+        use crate::federation::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
         let online = e.presence.session().is_some();
         // Without a session, a dialled server is `connecting` while an attempt runs and
@@ -323,7 +286,7 @@ impl Federation {
         if let Some(session) = self.registry.get(slot).and_then(|e| e.presence.session()) {
             // Its unanswered deliveries fail `unknown_server` now, instead of going back to
             // a queue that is about to be dropped; then the session closes.
-            self.settle_deliveries(session, crate::router::Gone::Removed);
+            self.settle_deliveries(session, crate::federation::pending::Gone::Removed);
             self.close_session(session, 4001, "server removed");
         }
         self.drop_queue(slot);

@@ -6,10 +6,12 @@
 
 use super::{Resp, no_record};
 use crate::audit::Event;
-use crate::durable::Record;
-use crate::federation::{Federation, SessionId, secs_to_ms};
-use crate::http::parse;
-use crate::jwt::{self, TokenType};
+use crate::clock::secs_to_ms;
+use crate::federation::Federation;
+use crate::federation::action::SessionId;
+use crate::federation::pending::Record;
+use crate::proto::http::parse;
+use crate::proto::jwt::{self, TokenType};
 use std::net::SocketAddr;
 
 impl Federation {
@@ -56,7 +58,7 @@ impl Federation {
             .unwrap_or(now.saturating_add(self.cfg.token_ttl_secs as i64));
         let until = match self.revocations.revoke(&jti, until, now, skew) {
             Ok(u) => u,
-            Err(crate::revocations::RevokeError::Full) => {
+            Err(crate::federation::revocations::RevokeError::Full) => {
                 return no_record(Resp::error(
                     507,
                     "revocations_full",

@@ -16,7 +16,7 @@
 //! directory 0700.
 //! Reads are bounded chunks at an offset; nothing here ever holds a whole resource in memory.
 
-use crate::resources::{Index, Limits, Meta, Readers, parse_readers, valid_name};
+use crate::federation::resources::{Index, Limits, Meta, Readers, parse_readers, valid_name};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -50,7 +50,7 @@ impl Drop for Upload {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    crate::federation::hex(bytes)
+    crate::random::hex(bytes)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -70,7 +70,7 @@ impl Blobs {
             let Some(owner_name) = owner.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            if !crate::jwt::valid_server_id(&owner_name) || !owner.file_type()?.is_dir() {
+            if !crate::proto::jwt::valid_server_id(&owner_name) || !owner.file_type()?.is_dir() {
                 continue;
             }
             for item in fs::read_dir(owner.path())? {

@@ -46,7 +46,7 @@ pub fn load_or_create_secret(dir: &Path) -> io::Result<Vec<u8>> {
     create_dir_private(dir)?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| io::Error::other(format!("no OS randomness: {e}")))?;
-    let text = crate::federation::hex(&raw);
+    let text = crate::random::hex(&raw);
     let tmp = dir.join(format!("{SECRET_FILE}.tmp"));
     write_new_private(&tmp, text.as_bytes())?;
     fs::rename(&tmp, &path)?;

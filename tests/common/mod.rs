@@ -13,7 +13,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::WebSocket;
 use tungstenite::{Message, http::HeaderValue};
 
-pub use fedmcp::jwt::{self, Claims, TokenType};
+pub use fedmcp::proto::jwt::{self, Claims, TokenType};
 
 /// The secret every test proxy is started with (unless a test overrides it).
 pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
@@ -21,7 +21,7 @@ pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn now_secs() -> i64 {
-    fedmcp::federation::now_secs()
+    fedmcp::clock::now_secs()
 }
 
 /// The `fedmcp` binary the tests run: `FEDMCP_TEST_BIN` when set (e.g. an older build, to

@@ -10,16 +10,10 @@
 //! generation changes whenever its entry is removed. It never does I/O and never panics on a
 //! peer-supplied id (lookups return `Option`).
 
-use crate::federation::{LinkId, SessionId};
+use crate::federation::action::Slot;
+use crate::federation::action::{LinkId, SessionId};
 use crate::timer::TimerId;
 use std::collections::{HashMap, VecDeque};
-
-/// A registry position that stays valid only while the same entry occupies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Slot {
-    pub idx: u32,
-    pub generation: u32,
-}
 
 /// Where a server's session is: the one answer to "is it connected, is it a recipient".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +93,7 @@ pub enum OutPhase {
 
 #[derive(Debug)]
 pub struct Outbound {
-    pub url: crate::outbound::ControlUrl,
+    pub url: crate::proto::upgrade::ControlUrl,
     /// Failed attempts since the last session that came online.
     pub attempt: u32,
     pub phase: OutPhase,
@@ -148,7 +142,7 @@ pub struct Entry {
     pub inflight_bytes: usize,
     /// The server's rate limit, shared by its control session and its HTTP sends (made at
     /// its first message).
-    pub bucket: Option<crate::session::Bucket>,
+    pub bucket: Option<crate::federation::rate::Bucket>,
     /// In a run of refused messages (one `rate_limited` audit line per run).
     pub rate_limited: bool,
     pub sent: u64,

@@ -12,13 +12,16 @@
 //! session's id; output is asked for with [`Federation::ws_send`] (an [`Action`]).
 
 use crate::audit::Event;
-use crate::federation::{Action, Federation, SessionId, secs_to_ms};
-use crate::jsonrpc::{self, Frame, Msg, RpcError};
-use crate::jwt::{Claims, TokenType};
+use crate::clock::secs_to_ms;
+use crate::federation::Federation;
+use crate::federation::action::{Action, SessionId};
+use crate::federation::pending::{Reply, ReplyTo};
+use crate::federation::rate::Bucket;
+use crate::federation::registry::Presence;
+use crate::federation::session::{Batch, Session};
 use crate::metrics::MsgResult;
-use crate::registry::Presence;
-use crate::router::{Reply, ReplyTo};
-use crate::session::{Batch, Bucket, Session};
+use crate::proto::jsonrpc::{self, Frame, Msg, RpcError};
+use crate::proto::jwt::{Claims, TokenType};
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -47,7 +50,7 @@ impl Federation {
     pub fn open_session(
         &mut self,
         o: Opening,
-    ) -> Result<SessionId, crate::registry::RegistryError> {
+    ) -> Result<SessionId, crate::federation::registry::RegistryError> {
         let claims = o.claims;
         let slot = self.find_or_insert(&claims.server_id)?;
         if let Some(old) = self.registry.get(slot).and_then(|e| e.presence.session()) {
@@ -124,9 +127,9 @@ impl Federation {
             e.outbound_session = false;
             e.capabilities = e.reg_capabilities.clone();
         }
-        self.settle_deliveries(id, crate::router::Gone::Offline);
+        self.settle_deliveries(id, crate::federation::pending::Gone::Offline);
         // A dialled session that ended is dialled again (§5).
-        let phase = crate::registry::OutPhase::Session(id);
+        let phase = crate::federation::registry::OutPhase::Session(id);
         self.dial_failed(sess.slot, phase, format!("session ended: {reason}"));
         self.audit(
             Event::SessionClosed,
@@ -149,7 +152,7 @@ impl Federation {
     /// [`Federation::take_rate`] for a server whose slot is known (its session's).
     fn take_rate_at(
         &mut self,
-        slot: Option<crate::registry::Slot>,
+        slot: Option<crate::federation::action::Slot>,
         server: &str,
         peer: Option<SocketAddr>,
     ) -> Result<(), u64> {

@@ -22,82 +22,35 @@
 //! session; every peer-driven table it holds is bounded by configuration. It never panics
 //! on peer input.
 
+pub mod action;
+pub mod control;
+pub mod durable;
+pub mod outbound;
+pub mod pending;
+pub mod queue;
+pub mod rate;
+pub mod registry;
+pub mod resources;
+pub mod revocations;
+pub mod router;
+pub mod session;
+
+use action::{Action, CoreTimer, SessionId};
+
 use crate::audit::{Audit, Event};
 use crate::config::Config;
-use crate::jwt::{self, Claims, JwtError, TokenType};
+use crate::federation::action::Slot;
+use crate::federation::pending::Pending;
+use crate::federation::registry::Registry;
+use crate::federation::session::Session;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, Slot};
-use crate::router::Pending;
-use crate::session::Session;
+use crate::proto::jwt::{self, Claims, JwtError, TokenType};
+use crate::random::{Entropy, hex, random_bytes};
 use crate::timer::Timers;
 use slab::Slab;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-/// A control session as the core knows it: an index in its session table and a generation,
-/// so a handle kept by a pending delivery or a timer never reaches a newer session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId {
-    pub idx: u32,
-    pub generation: u32,
-}
-
-/// An HTTP request awaiting an answer, as the core knows it: an opaque number the front end
-/// chose (the reactor uses its connection id) and gets back in [`Action::Respond`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RequestId(pub u64);
-
-/// A dialling attempt's connection, as the core knows it: an opaque number the reactor chose
-/// when it opened the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LinkId(pub u64);
-
-/// What the core asks the reactor to do, in the order it is asked.
-#[derive(Debug)]
-pub enum Action {
-    /// Write a text frame on a session.
-    Send { session: SessionId, text: String },
-    /// Write a ping on a session.
-    Ping { session: SessionId },
-    /// The session is over (the core has forgotten it): write a close frame with this code,
-    /// then close the connection once the frame is out.
-    Close {
-        session: SessionId,
-        code: u16,
-        reason: String,
-    },
-    /// The session is over and its peer is gone silent: drop the connection now, no frame.
-    Drop { session: SessionId, why: String },
-    /// The answer to an HTTP request that was told it would come later.
-    Respond { req: RequestId, resp: Answer },
-    /// Resolve a name or open a connection for dialling (`dial`).
-    Dial(crate::outbound::DialRequest),
-    /// Stop a dialling attempt's connection.
-    StopDial { link: LinkId, why: String },
-}
-
-/// An answer for an HTTP request.
-#[derive(Debug)]
-pub enum Answer {
-    /// The outcome of a `POST /v1/messages`.
-    Rpc(Result<String, crate::jsonrpc::RpcError>),
-    /// A finished HTTP answer (a registration or a removal after its fsync).
-    Http(crate::http::response::Resp),
-}
-
-/// What a timer in the core's deadline structure stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CoreTimer {
-    /// A session's nearest deadline (welcome, heartbeat, token notice and expiry).
-    Session(SessionId),
-    /// A delivery's answer timeout.
-    Delivery(u64),
-    /// A queued message's TTL.
-    Ttl(Slot, u64),
-    /// The next attempt to dial a server (§5).
-    Dial(Slot),
-}
+use std::time::Instant;
 
 /// An authentication failure, with the contract's status and code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,14 +125,14 @@ pub struct Federation {
     /// The state log (`None`: memory only).
     pub store: Option<crate::store::state::Store>,
     /// Answers waiting for this turn's fsync.
-    pub deferred: Vec<crate::durable::Deferred>,
+    pub deferred: Vec<crate::federation::pending::Deferred>,
     /// Resource files (`None` only if they could not be opened) and their index.
     pub blobs: Option<crate::store::blobs::Blobs>,
-    pub resources: crate::resources::Index,
+    pub resources: crate::federation::resources::Index,
     /// Revoked token ids (`DELETE /v1/tokens/{jti}`).
-    pub revocations: crate::revocations::Revocations,
+    pub revocations: crate::federation::revocations::Revocations,
     /// The rate limit of senders the registry had no room for (shared: still bounded).
-    pub overflow_bucket: Option<crate::session::Bucket>,
+    pub overflow_bucket: Option<crate::federation::rate::Bucket>,
     /// Set while the state dir cannot be written (readyz 503), with the error.
     pub degraded: Option<String>,
     /// Name lookups in flight: lookup id → the server being dialled.
@@ -192,89 +145,6 @@ pub struct Federation {
     actions: Vec<Action>,
 }
 
-/// Milliseconds since the epoch, read now: for `main` and tests. The loop uses its turn's time.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Milliseconds of a seconds value (token claims are peer-supplied: saturate, never overflow).
-pub fn secs_to_ms(secs: i64) -> i64 {
-    secs.saturating_mul(1000)
-}
-
-/// Seconds since the epoch, read now: for `main` and tests. The loop uses its turn's time.
-pub fn now_secs() -> i64 {
-    now_ms() / 1000
-}
-
-/// Where the proxy's random ids (message-id prefix, session ids, `jti`s, upgrade keys, backoff
-/// jitter) come from: the OS, or, in the simulation and the fuzz harness, a generator seeded
-/// so that every run of a seed is the same byte for byte. Secrets never come from here.
-#[derive(Debug)]
-pub enum Entropy {
-    Os,
-    Seeded(std::cell::Cell<u64>),
-}
-
-impl Entropy {
-    /// Fills `buf`.
-    pub fn fill(&self, buf: &mut [u8]) {
-        match self {
-            Entropy::Os => buf.copy_from_slice(&random_vec(buf.len())),
-            Entropy::Seeded(state) => {
-                for b in buf.iter_mut() {
-                    // splitmix64, one byte a step: plenty for ids in a test.
-                    let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    state.set(s);
-                    let mut z = s;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    *b = (z ^ (z >> 31)) as u8;
-                }
-            }
-        }
-    }
-
-    pub fn bytes<const N: usize>(&self) -> [u8; N] {
-        let mut b = [0u8; N];
-        self.fill(&mut b);
-        b
-    }
-}
-
-fn random_vec(n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    if getrandom::fill(&mut v).is_err() {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for (i, x) in v.iter_mut().enumerate() {
-            *x = (t >> ((i % 16) * 8)) as u8 ^ i as u8;
-        }
-    }
-    v
-}
-
-/// Random bytes from the OS; an unusable OS source falls back to time-derived bytes
-/// (only ever used for ids, never for secrets: `store` refuses to run without it).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    b.copy_from_slice(&random_vec(N));
-    b
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
-
 impl Federation {
     /// A core whose first turn is at `now`.
     pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit, now: crate::clock::Now) -> Federation {
@@ -283,7 +153,7 @@ impl Federation {
             secrets.push(prev);
         }
         let registry = Registry::new(cfg.max_servers);
-        let revocations = crate::revocations::Revocations::new(cfg.max_revocations);
+        let revocations = crate::federation::revocations::Revocations::new(cfg.max_revocations);
         let sessions = Slab::with_capacity(cfg.max_connections.min(4096));
         Federation {
             cfg,
@@ -301,7 +171,7 @@ impl Federation {
             store: None,
             deferred: Vec::new(),
             blobs: None,
-            resources: crate::resources::Index::default(),
+            resources: crate::federation::resources::Index::default(),
             revocations,
             overflow_bucket: None,
             degraded: None,
@@ -561,9 +431,9 @@ impl Federation {
     }
 
     /// A new registry entry for `server_id`, with the key epoch it is due.
-    pub fn new_entry(&self, server_id: &str) -> crate::registry::Entry {
+    pub fn new_entry(&self, server_id: &str) -> crate::federation::registry::Entry {
         let epoch = self.registry.next_epoch(server_id);
-        crate::registry::Entry::new(
+        crate::federation::registry::Entry::new(
             server_id.to_string(),
             epoch,
             self.signing_key_at(server_id, epoch),
@@ -574,7 +444,7 @@ impl Federation {
     pub fn find_or_insert(
         &mut self,
         server_id: &str,
-    ) -> Result<Slot, crate::registry::RegistryError> {
+    ) -> Result<Slot, crate::federation::registry::RegistryError> {
         match self.registry.find(server_id) {
             Some(s) => Ok(s),
             None => {

@@ -13,54 +13,19 @@
 //! Files are the `store::blobs` module's; the index and quota are `resources`'.
 
 use crate::api::Resp;
-use crate::conn::{ConnId, ConnState, HttpPhase};
-use crate::http::chunked::{ChunkedDecoder, Progress};
-use crate::http::parse::{self, BodyKind, Method, RequestHead};
-use crate::http::response;
-use crate::jwt::{Claims, TokenType};
-use crate::proxy::Proxy;
-use crate::resources::{
-    Limits, QuotaError, RangeAnswer, Readers, apply_range, parse_readers, resource_json, valid_name,
+use crate::federation::resources::{
+    Limits, QuotaError, RangeAnswer, apply_range, parse_readers, resource_json, valid_name,
 };
-use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
-use std::fs::File;
+use crate::io::conn::{ConnId, ConnState, HttpPhase, Sending, Uploading};
+use crate::io::proxy::Proxy;
+use crate::proto::http::chunked::{ChunkedDecoder, Progress};
+use crate::proto::http::parse::{self, BodyKind, Method, RequestHead};
+use crate::proto::http::response;
+use crate::proto::jwt::{Claims, TokenType};
+use crate::store::blobs::{Blobs, READ_CHUNK};
 
 /// Bytes of a download put in the output per refill.
 const REFILL_BYTES: usize = 4 * READ_CHUNK;
-
-/// An upload in progress on a connection.
-pub struct Uploading {
-    pub owner: String,
-    pub name: String,
-    /// Who may read it once stored (`?readers=`).
-    pub readers: Readers,
-    pub up: Upload,
-    pub chunked: Option<ChunkedDecoder>,
-    /// Bytes still expected (Content-Length uploads).
-    pub left: u64,
-    /// Quota bytes reserved for it.
-    pub reserved: u64,
-    pub keep_alive: bool,
-}
-
-impl std::fmt::Debug for Uploading {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Uploading({}/{}, {} bytes)",
-            self.owner, self.name, self.up.written
-        )
-    }
-}
-
-/// A download in progress on a connection.
-#[derive(Debug)]
-pub struct Sending {
-    pub file: File,
-    pub offset: u64,
-    pub left: u64,
-    pub keep_alive: bool,
-}
 
 fn quota_resp(e: QuotaError) -> Resp {
     match e {
@@ -247,7 +212,7 @@ impl Proxy {
                         }
                         matches!(p, Progress::Done)
                     }
-                    Err(crate::http::chunked::ChunkError::TooLarge) => {
+                    Err(crate::proto::http::chunked::ChunkError::TooLarge) => {
                         failure = Some(quota_resp(QuotaError::TooLarge));
                         true
                     }
@@ -336,7 +301,8 @@ impl Proxy {
         claims: &Claims,
     ) -> Option<Resp> {
         let (owner_raw, name_raw) = rest.split_once('/').unwrap_or((rest, ""));
-        let owner = parse::percent_decode(owner_raw).filter(|o| crate::jwt::valid_server_id(o));
+        let owner =
+            parse::percent_decode(owner_raw).filter(|o| crate::proto::jwt::valid_server_id(o));
         let name = parse::percent_decode(name_raw).filter(|n| valid_name(n));
         let (Some(owner), Some(name)) = (owner, name) else {
             return Some(not_found());
@@ -420,7 +386,7 @@ impl Proxy {
             .fed
             .blobs
             .as_ref()
-            .map(|b| File::open(b.path(owner, name)))
+            .map(|b| std::fs::File::open(b.path(owner, name)))
         {
             Some(Ok(f)) => f,
             _ => {
@@ -512,7 +478,7 @@ impl Proxy {
         let now = self.fed.now.at;
         let (idle, handshake) = (self.fed.cfg.idle_timeout, self.fed.cfg.handshake_timeout);
         if let Some(ConnState::Http(h)) = self.conn_mut(id).map(|c| &mut c.state) {
-            crate::api::next_request(h, keep_alive, now, idle, handshake);
+            crate::io::http::next_request(h, keep_alive, now, idle, handshake);
         }
         self.dirty.push(id);
         self.resume.push(id);

@@ -10,7 +10,7 @@
 //! I/O.
 
 use crate::clock::Now;
-use crate::registry::Slot;
+use crate::federation::action::Slot;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -44,43 +44,10 @@ impl Batch {
     }
 }
 
-/// A token bucket: `rate` tokens per second, at most `burst` saved up.
-#[derive(Debug, Clone)]
-pub struct Bucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl Bucket {
-    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst as f64,
-            last: now,
-            rate: rate_per_sec.max(1) as f64,
-            burst: burst.max(1) as f64,
-        }
-    }
-
-    /// Takes one token, or says in how many milliseconds one will be there.
-    pub fn take(&mut self, now: Instant) -> Result<(), u64> {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err((((1.0 - self.tokens) / self.rate) * 1000.0).ceil().max(1.0) as u64)
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Session {
     /// Its handle in the core's session table.
-    pub id: crate::federation::SessionId,
+    pub id: crate::federation::action::SessionId,
     /// Where the session's connection comes from (audit lines).
     pub peer: Option<std::net::SocketAddr>,
     /// Bytes written to the session and not yet taken by the socket: the reactor's count
@@ -154,19 +121,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bucket_allows_burst_then_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(10, 3, t0);
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        let wait = b.take(t0).unwrap_err();
-        assert_eq!(wait, 100);
-        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
-        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
-    }
 
     fn at(t0: Instant, wall_ms: i64) -> Now {
         Now { at: t0, wall_ms }

@@ -10,12 +10,15 @@
 //! Routing a send and answering its sender are `router`'s; this module never touches a
 //! socket.
 
-use crate::durable::Record;
-use crate::federation::{CoreTimer, Federation};
-use crate::jsonrpc::{self, RpcError};
+use crate::federation::Federation;
+use crate::federation::action::CoreTimer;
+use crate::federation::action::Slot;
+use crate::federation::pending::Record;
+use crate::federation::pending::{Pending, PendingKind};
+use crate::federation::registry::Queued;
+use crate::federation::router::MAX_INFLIGHT_PER_RECIPIENT;
 use crate::metrics::MsgResult;
-use crate::registry::{Queued, Slot};
-use crate::router::{MAX_INFLIGHT_PER_RECIPIENT, Pending, PendingKind};
+use crate::proto::jsonrpc::{self, RpcError};
 use std::time::Duration;
 
 /// How much later an expired copy whose `queued` answer still waits for the turn's commit

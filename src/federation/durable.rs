@@ -9,39 +9,16 @@
 //! degradation until a commit succeeds again, and the failure is logged and counted.
 //! Restore replays the log into the registry and queues before the listener serves.
 
-use crate::federation::{Action, Answer, Federation, RequestId};
-use crate::http::response::Resp;
-use crate::jsonrpc::RpcError;
-use crate::registry::{Queued, Slot};
-use crate::router::ReplyTo;
+use crate::federation::Federation;
+use crate::federation::action::Slot;
+use crate::federation::action::{Action, Answer, RequestId};
+use crate::federation::pending::{Deferred, Record};
+use crate::federation::registry::Queued;
+use crate::proto::http::response::Resp;
+use crate::proto::jsonrpc::RpcError;
 use crate::store::state::{Op, Replay};
 use serde_json::value::RawValue;
 use std::ops::Range;
-
-/// Where a change's record sits in this turn's batch (`None`: nothing was written, e.g. a
-/// memory-only proxy): an answer deferred on it can take it back out if the commit fails.
-pub type Record = Option<Range<usize>>;
-
-/// An answer that waits for the turn's fsync.
-#[derive(Debug)]
-pub enum Deferred {
-    /// `{"msgId","status":"queued"}` for the copy `qseq` in `slot`'s queue; `record` is its
-    /// enqueue record in the batch.
-    Queued {
-        to: ReplyTo,
-        body: String,
-        slot: Slot,
-        qseq: u64,
-        record: Option<Range<usize>>,
-    },
-    /// An HTTP answer (registration, removal) to a request waiting for it; `record` is the
-    /// change's record in the batch.
-    Http {
-        req: RequestId,
-        resp: Resp,
-        record: Option<Range<usize>>,
-    },
-}
 
 fn raw(text: &str) -> Box<RawValue> {
     RawValue::from_string(text.to_string())
@@ -63,7 +40,7 @@ fn safe_msg_id(s: &str) -> bool {
 /// Whether a record read from disk is one the proxy could have written: a crafted or
 /// damaged log must not inject ids that break JSON, or numbers that overflow.
 fn sane(op: &Op) -> bool {
-    use crate::jwt::valid_server_id as id_ok;
+    use crate::proto::jwt::valid_server_id as id_ok;
     let object = |v: &RawValue| v.get().starts_with('{');
     match op {
         Op::Register {
@@ -77,7 +54,7 @@ fn sane(op: &Op) -> bool {
         }
         Op::Rekey { id, epoch } => id_ok(id) && (1..=MAX_SEQ).contains(epoch),
         Op::Revoke { jti, until } => {
-            crate::jwt::valid_jti(jti) && (0..=MAX_TIME_SECS).contains(until)
+            crate::proto::jwt::valid_jti(jti) && (0..=MAX_TIME_SECS).contains(until)
         }
         Op::Enqueue {
             to,

@@ -13,17 +13,19 @@
 //! Bounds: unsent bytes per session ([`Federation::unsent_bound`]), deliveries awaiting one
 //! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), and (through `queue`) the bytes held for one
 //! recipient, so no copy is ever outside a bound.
-use crate::durable::Deferred;
-use crate::federation::{Action, Answer, CoreTimer, Federation, RequestId, SessionId};
-use crate::jsonrpc::{self, RpcError};
-use crate::jwt;
+use crate::federation::Federation;
+use crate::federation::action::Slot;
+use crate::federation::action::{Action, Answer, CoreTimer, SessionId};
+use crate::federation::pending::Deferred;
+use crate::federation::pending::{Gone, Pending, PendingKind, Reply, ReplyTo};
+use crate::federation::registry::Queued;
 use crate::metrics::MsgResult;
-use crate::registry::{Queued, Slot};
-use crate::timer::TimerId;
+use crate::proto::jsonrpc::{self, RpcError};
+use crate::proto::jwt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Deliveries one recipient may hold unanswered before new sends to it are refused
 /// `recipient_overloaded`.
@@ -31,62 +33,6 @@ pub const MAX_INFLIGHT_PER_RECIPIENT: usize = 1024;
 
 /// The longest `ttlMs` honoured (a century); longer is treated as this.
 pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// Why a recipient's unanswered deliveries are being settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gone {
-    /// Its session ended: it may come back.
-    Offline,
-    /// Its server is being removed.
-    Removed,
-}
-
-/// Where the answer to a send goes.
-#[derive(Debug, Clone)]
-pub enum ReplyTo {
-    /// A JSON-RPC request on a control session; `id` is its JSON text; `batch` when it was
-    /// part of a batch whose array answer waits on it.
-    Ws {
-        session: SessionId,
-        id: String,
-        batch: Option<u64>,
-    },
-    /// `POST /v1/messages`, answered with [`Action::Respond`].
-    Http { req: RequestId },
-}
-
-/// What the sender gets now.
-#[derive(Debug)]
-pub enum Reply {
-    /// Nothing (a notification, or a response).
-    None,
-    /// An answer available at once: a result's JSON text, or an error.
-    Now(Result<String, RpcError>),
-    /// The answer comes later through the `ReplyTo`.
-    Later,
-}
-
-#[derive(Debug)]
-pub enum PendingKind {
-    /// A direct send; `requeue` holds the message when the sender set `queue: true`, so a
-    /// recipient lost before answering gets it from its queue later.
-    Direct {
-        reply_to: ReplyTo,
-        msg_id: String,
-        requeue: Option<Box<Queued>>,
-    },
-    /// A delivery out of the recipient's queue (identified by its queue sequence number).
-    FromQueue { qseq: u64 },
-}
-
-#[derive(Debug)]
-pub struct Pending {
-    pub recipient: SessionId,
-    pub slot: Slot,
-    pub started: Instant,
-    pub timer: Option<TimerId>,
-    pub kind: PendingKind,
-}
 
 #[derive(Deserialize)]
 struct SendParams<'a> {

@@ -10,10 +10,12 @@
 //! with `on_resolved`, `dial_opened`, `dial_established` and `dial_failed`; it makes no
 //! decision of its own. The resolver thread holds no proxy state and does nothing else.
 
-use crate::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
-use crate::outbound::{DialRequest, MAX_ADDRESSES, check_answer, upgrade_request};
-use crate::proxy::Proxy;
-use crate::registry::OutPhase;
+use crate::federation::action::DialRequest;
+use crate::federation::outbound::MAX_ADDRESSES;
+use crate::federation::registry::OutPhase;
+use crate::io::conn::{Conn, ConnId, ConnState, DialPhase, Dialing};
+use crate::io::proxy::Proxy;
+use crate::proto::upgrade::{check_answer, upgrade_request};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -148,7 +150,7 @@ fn open(
     proxy: &mut Proxy,
     registry: &mio::Registry,
     addr: SocketAddr,
-    plan: Box<crate::outbound::DialPlan>,
+    plan: Box<crate::federation::action::DialPlan>,
 ) -> Result<ConnId, String> {
     let sock = mio::net::TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
     let dialing = Box::new(Dialing {
@@ -182,7 +184,7 @@ pub fn on_ready(proxy: &mut Proxy, id: ConnId) {
     let wss =
         matches!(proxy.conn(id).map(|c| &c.state), Some(ConnState::Dialing(d)) if d.plan.url.tls);
     if wss && proxy.tls_client.is_none() {
-        match crate::tls::client_config(None) {
+        match crate::io::tls::client_config(None) {
             Ok(c) => proxy.tls_client = Some(c),
             Err(e) => return proxy.drop_conn(id, &e),
         }
@@ -218,7 +220,7 @@ pub fn on_ready(proxy: &mut Proxy, id: ConnId) {
         };
         match rustls::ClientConnection::new(cfg, name) {
             Ok(mut c) => {
-                c.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
+                c.set_buffer_limit(Some(crate::io::conn::TLS_BUFFER_LIMIT));
                 conn.tls = Some(Box::new(rustls::Connection::Client(c)));
             }
             Err(e) => return proxy.drop_conn(id, &format!("TLS client: {e}")),

@@ -15,8 +15,8 @@
 //! the connection slots of contract §1). This module never interprets protocol bytes and
 //! never blocks; the TLS session sits between the socket and these buffers.
 
-use crate::http::chunked::ChunkedDecoder;
-use crate::http::parse::RequestHead;
+use crate::proto::http::chunked::ChunkedDecoder;
+use crate::proto::http::parse::RequestHead;
 use crate::timer::TimerId;
 use mio::Token;
 use mio::net::TcpStream;
@@ -68,18 +68,52 @@ pub enum HttpPhase {
         chunked: Option<ChunkedDecoder>,
         left: u64,
         /// The request's verified token (only an authorised request has its body read).
-        claims: Option<crate::jwt::Claims>,
+        claims: Option<crate::proto::jwt::Claims>,
     },
     /// A request is being answered asynchronously (a send awaiting its recipient).
     Waiting { keep_alive: bool },
     /// A resource body streaming to disk.
-    Upload(Box<crate::data::Uploading>),
+    Upload(Box<Uploading>),
     /// A resource streaming to the peer as the socket drains.
-    Sending(Box<crate::data::Sending>),
+    Sending(Box<Sending>),
     /// The connection's last answer is in the output: nothing more is read, and it closes
     /// once the answer is flushed (`Connection: close`, an error, a refused body, the peer's
     /// EOF).
     LastAnswer,
+}
+
+/// An upload in progress on a connection.
+pub struct Uploading {
+    pub owner: String,
+    pub name: String,
+    /// Who may read it once stored (`?readers=`).
+    pub readers: crate::federation::resources::Readers,
+    pub up: crate::store::blobs::Upload,
+    pub chunked: Option<ChunkedDecoder>,
+    /// Bytes still expected (Content-Length uploads).
+    pub left: u64,
+    /// Quota bytes reserved for it.
+    pub reserved: u64,
+    pub keep_alive: bool,
+}
+
+impl std::fmt::Debug for Uploading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Uploading({}/{}, {} bytes)",
+            self.owner, self.name, self.up.written
+        )
+    }
+}
+
+/// A download in progress on a connection.
+#[derive(Debug)]
+pub struct Sending {
+    pub file: std::fs::File,
+    pub offset: u64,
+    pub left: u64,
+    pub keep_alive: bool,
 }
 
 #[derive(Debug)]
@@ -109,7 +143,7 @@ impl HttpConn {
 pub struct WsConn {
     pub ctx: tungstenite::protocol::WebSocketContext,
     /// The core's session this connection carries.
-    pub session: crate::federation::SessionId,
+    pub session: crate::federation::action::SessionId,
     /// Input read from the socket but not yet processed, because the session's output went
     /// over its bound mid-read (at most one read chunk: nothing more is read until it is
     /// processed).
@@ -161,7 +195,7 @@ pub enum DialPhase {
 #[derive(Debug)]
 pub struct Dialing {
     /// What the core decided for this attempt (server, URL, key, token, deadline).
-    pub plan: Box<crate::outbound::DialPlan>,
+    pub plan: Box<crate::federation::action::DialPlan>,
     pub phase: DialPhase,
 }
 

@@ -16,10 +16,11 @@
 
 use crate::audit::Audit;
 use crate::config::Config;
-use crate::conn::{Closing, Conn, ConnId, ConnState, WsConn};
-use crate::federation::{Action, Answer, Federation, LinkId, RequestId, SessionId};
+use crate::federation::Federation;
+use crate::federation::action::{Action, Answer, LinkId, RequestId, SessionId};
+use crate::io::conn::{Closing, Conn, ConnId, ConnState, WsConn};
+use crate::proto::ws::{Incoming, WsIo};
 use crate::timer::Timers;
-use crate::ws::{Incoming, WsIo};
 use slab::Slab;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
@@ -51,7 +52,7 @@ pub struct Proxy {
     /// `FEDMCP_TRUSTED_CA_FILE` at start, or the bundled roots on first use).
     pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Lookups and connections the core asked for, for the reactor's `dial` module.
-    pub dial_requests: Vec<crate::outbound::DialRequest>,
+    pub dial_requests: Vec<crate::federation::action::DialRequest>,
     /// Which connection carries each session, indexed by the session's table index.
     links: Vec<Option<(SessionId, ConnId)>>,
     /// The actions being carried out (kept to reuse its capacity).
@@ -203,7 +204,7 @@ impl Proxy {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        let ctx = crate::ws::context(role, max);
+        let ctx = crate::proto::ws::context(role, max);
         if let Some(t) = conn.timer.take() {
             self.timers.cancel(t);
         }
@@ -348,7 +349,7 @@ impl Proxy {
                     input,
                     out: &mut conn.out,
                 };
-                let r = crate::ws::next_message(&mut ws.ctx, &mut io);
+                let r = crate::proto::ws::next_message(&mut ws.ctx, &mut io);
                 input = io.input;
                 r
             };
@@ -374,7 +375,7 @@ impl Proxy {
         if let Some(conn) = self.conn_mut(id)
             && let ConnState::Ws(ws) = &mut conn.state
         {
-            crate::ws::flush_owed(&mut ws.ctx, &mut conn.out);
+            crate::proto::ws::flush_owed(&mut ws.ctx, &mut conn.out);
             if conn.unsent() > 0 {
                 self.dirty.push(id);
             }
@@ -450,7 +451,7 @@ impl Proxy {
             }
             ConnState::Dialing(d) => self.fed.dial_failed(
                 d.plan.slot,
-                crate::registry::OutPhase::Dialing(Self::link_id(id)),
+                crate::federation::registry::OutPhase::Dialing(Self::link_id(id)),
                 why.to_string(),
             ),
             _ => {}
@@ -469,7 +470,7 @@ impl Proxy {
         };
         let want = match &conn.state {
             ConnState::Http(h) => match h.phase {
-                crate::conn::HttpPhase::Waiting { .. } => None,
+                crate::io::conn::HttpPhase::Waiting { .. } => None,
                 _ => Some(h.deadline),
             },
             ConnState::Ws(_) => None,
@@ -540,7 +541,7 @@ impl Proxy {
             log::info!("SIGHUP: no TLS certificate configured, nothing to reload");
             return;
         };
-        match crate::tls::load(&cert, &key) {
+        match crate::io::tls::load(&cert, &key) {
             Ok(cfg) => {
                 self.tls = Some(cfg);
                 log::info!(

@@ -205,7 +205,7 @@ pub fn valid_jti(s: &str) -> bool {
 
 /// A fresh random `jti` for a token the proxy issues: 128 bits, hex.
 pub fn new_jti() -> String {
-    crate::federation::hex(&crate::federation::random_bytes::<16>())
+    crate::random::hex(&crate::random::random_bytes::<16>())
 }
 
 /// base64url (no padding) of HMAC-SHA256(`key`, the concatenation of `data`).

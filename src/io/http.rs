@@ -11,15 +11,27 @@
 //! (pipelined requests wait in the socket, not in memory). Parsing is the sans-io `http`
 //! module's; this module never touches a socket.
 
-use super::{Outcome, Resp, Route, bearer, internal_error, rpc_error_resp};
-use crate::conn::{Closing, ConnId, ConnState, HttpPhase};
-use crate::http::chunked::{ChunkedDecoder, Progress};
-use crate::http::parse::{self, BodyKind, Method, RequestHead};
-use crate::http::response;
-use crate::jsonrpc::RpcError;
-use crate::jwt;
-use crate::proxy::{CLOSE_LINGER, Proxy};
+use crate::api::{Resp, Route, bearer, internal_error, rpc_error_resp};
+use crate::io::conn::{Closing, ConnId, ConnState, HttpPhase};
+use crate::io::proxy::{CLOSE_LINGER, Proxy};
+use crate::proto::http::chunked::{ChunkedDecoder, Progress};
+use crate::proto::http::parse::{self, BodyKind, Method, RequestHead};
+use crate::proto::http::response;
+use crate::proto::jsonrpc::RpcError;
+use crate::proto::jwt;
+use std::net::SocketAddr;
 use std::time::Instant;
+
+/// What a request turned into.
+pub(crate) enum Outcome {
+    Respond(Resp),
+    /// A send awaiting its recipient: the answer comes through `http_async_answer`.
+    Later,
+    /// The connection became a control session.
+    Upgraded,
+    /// The handler wrote the head and the body streams from a file (`data`).
+    Streaming,
+}
 
 /// Output owed on an HTTP connection above which no further pipelined request is processed
 /// until the peer reads.
@@ -130,12 +142,14 @@ impl Proxy {
                                 matches!(p, Progress::Done)
                             }
                             Err(e) => {
-                                let status =
-                                    if matches!(e, crate::http::chunked::ChunkError::TooLarge) {
-                                        413
-                                    } else {
-                                        400
-                                    };
+                                let status = if matches!(
+                                    e,
+                                    crate::proto::http::chunked::ChunkError::TooLarge
+                                ) {
+                                    413
+                                } else {
+                                    400
+                                };
                                 let code = if status == 413 {
                                     "payload_too_large"
                                 } else {
@@ -421,7 +435,7 @@ impl Proxy {
 /// After an answer: the next request (`Idle`, or `Head` when its bytes are already here), or,
 /// when the connection is not kept, `LastAnswer` until the flush closes it.
 pub(crate) fn next_request(
-    h: &mut crate::conn::HttpConn,
+    h: &mut crate::io::conn::HttpConn,
     keep: bool,
     now: Instant,
     idle: std::time::Duration,
@@ -436,5 +450,81 @@ pub(crate) fn next_request(
     } else {
         h.phase = HttpPhase::Head;
         h.deadline = now + handshake;
+    }
+}
+
+impl Proxy {
+    /// One request, its token already checked against [`Route::auth`] (`claims` is `Some`
+    /// exactly when the route takes a token).
+    fn route(
+        &mut self,
+        id: ConnId,
+        peer: SocketAddr,
+        head: &RequestHead,
+        body: &[u8],
+        claims: Option<jwt::Claims>,
+    ) -> Outcome {
+        let route = Route::of(head.method, &head.path);
+        match (route, &claims) {
+            (Route::Metrics, None) => {
+                let text = self.fed.metrics.render(&self.gauges());
+                Outcome::Respond(Resp {
+                    status: 200,
+                    headers: vec![(
+                        "Content-Type",
+                        "text/plain; version=0.0.4; charset=utf-8".into(),
+                    )],
+                    body: text.into_bytes(),
+                })
+            }
+            (Route::Control, Some(c)) => self.upgrade(id, head, c),
+            (Route::Resource(rest), Some(c)) => match self.resource_route(id, head, rest, c) {
+                Some(r) => Outcome::Respond(r),
+                None => Outcome::Streaming,
+            },
+            (route, claims) => {
+                let req = Proxy::request_id(id);
+                match self.fed.handle(req, route, peer, body, claims.as_ref()) {
+                    Some(r) => Outcome::Respond(r),
+                    None => Outcome::Later,
+                }
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// The gauges `/metrics` shows: connections by state (a session's from the core) and
+    /// the registry's totals.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        let mut g = crate::metrics::Gauges {
+            ready: self.fed.ready(),
+            pending_deliveries: self.fed.pending.len(),
+            ..crate::metrics::Gauges::default()
+        };
+        for (_, c) in self.conns.iter() {
+            match &c.state {
+                crate::io::conn::ConnState::Ws(ws) => {
+                    if self.fed.session(ws.session).is_some_and(|s| s.is_online()) {
+                        g.conns_online += 1;
+                    } else {
+                        g.conns_connecting += 1;
+                    }
+                }
+                s => match s.label() {
+                    "http" => g.conns_http += 1,
+                    "connecting" => g.conns_connecting += 1,
+                    _ => g.conns_closing += 1,
+                },
+            }
+        }
+        for e in self.fed.registry.entries() {
+            g.servers_registered += 1;
+            g.queue_messages += e.queue.len();
+            if e.presence.online().is_some() {
+                g.servers_online += 1;
+            }
+        }
+        g
     }
 }

@@ -120,7 +120,7 @@ pub fn parse_readers(value: Option<&str>) -> Result<Readers, ReadersError> {
     };
     let mut ids: Vec<String> = Vec::new();
     for id in v.split(',').filter(|p| !p.is_empty()) {
-        if !crate::jwt::valid_server_id(id) {
+        if !crate::proto::jwt::valid_server_id(id) {
             let shown: String = id.chars().take(80).collect();
             return Err(ReadersError::BadId(shown));
         }
@@ -313,33 +313,6 @@ impl Index {
         self.items
             .iter()
             .map(|((o, n), m)| (o.as_str(), n.as_str(), m))
-    }
-}
-
-impl crate::federation::Federation {
-    /// `GET /v1/resources`: only what the caller may read.
-    pub fn list_resources(&self, claims: &crate::jwt::Claims) -> crate::http::response::Resp {
-        let admin = claims.token_type == crate::jwt::TokenType::Admin;
-        let items: Vec<String> = self
-            .resources
-            .list()
-            .filter(|(o, _, m)| m.readable_by(o, &claims.server_id, admin))
-            .map(|(o, n, m)| resource_json(o, n, m))
-            .collect();
-        crate::http::response::Resp::json(200, format!("{{\"resources\":[{}]}}", items.join(",")))
-    }
-
-    /// Deletes every resource of a removed server (files first, then the index).
-    pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
-        let names = self.resources.names_of(owner);
-        let r = match self.blobs.as_mut() {
-            Some(b) => b.remove_owner(owner, &names),
-            None => Ok(()),
-        };
-        for n in &names {
-            self.resources.remove(owner, n);
-        }
-        r
     }
 }
 

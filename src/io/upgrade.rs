@@ -5,11 +5,12 @@
 //! with the selected subprotocol, and handing the connection and any bytes after the head to
 //! the session the core opens (`Federation::open_session`). The token was checked on the head (`http`).
 
-use super::{Outcome, Resp};
-use crate::conn::{ConnId, ConnState};
-use crate::http::parse::RequestHead;
-use crate::jwt;
-use crate::proxy::Proxy;
+use super::http::Outcome;
+use crate::api::Resp;
+use crate::io::conn::{ConnId, ConnState};
+use crate::io::proxy::Proxy;
+use crate::proto::http::parse::RequestHead;
+use crate::proto::jwt;
 use base64::Engine;
 
 /// The subprotocol a control client may offer.
@@ -89,7 +90,7 @@ impl Proxy {
             None => return Outcome::Upgraded,
         };
         self.dirty.push(id);
-        let opening = crate::control::Opening {
+        let opening = crate::federation::control::Opening {
             claims,
             welcome_by,
             outbound: false,

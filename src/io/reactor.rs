@@ -13,8 +13,8 @@
 //! one reading per turn (`Proxy::now`) is the time every handler of that turn works with.
 
 use crate::clock::Now;
-use crate::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
-use crate::proxy::{CLOSE_LINGER, Proxy};
+use crate::io::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};
+use crate::io::proxy::{CLOSE_LINGER, Proxy};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -46,7 +46,7 @@ pub struct Reactor {
     again: Vec<ConnId>,
     accept_retry_at: Option<Instant>,
     /// Outbound dialling's lookups and sockets (`dial`).
-    dialer: crate::dial::Dialer,
+    dialer: crate::io::dial::Dialer,
 }
 
 impl Reactor {
@@ -66,7 +66,7 @@ impl Reactor {
             scratch: vec![0; READ_CHUNK],
             again: Vec::new(),
             accept_retry_at: None,
-            dialer: crate::dial::Dialer::new(waker),
+            dialer: crate::io::dial::Dialer::new(waker),
         })
     }
 
@@ -128,7 +128,7 @@ impl Reactor {
                         conn.writable |= w;
                         conn.readable |= r;
                         if matches!(conn.state, ConnState::Dialing(_)) {
-                            crate::dial::on_ready(proxy, id);
+                            crate::io::dial::on_ready(proxy, id);
                         }
                         if w {
                             proxy.dirty.push(id);
@@ -215,7 +215,7 @@ impl Reactor {
             if let Some(cfg) = proxy.tls.clone() {
                 match rustls::ServerConnection::new(cfg) {
                     Ok(mut t) => {
-                        t.set_buffer_limit(Some(crate::conn::TLS_BUFFER_LIMIT));
+                        t.set_buffer_limit(Some(crate::io::conn::TLS_BUFFER_LIMIT));
                         if let Some(c) = proxy.conn_mut(id) {
                             c.tls = Some(Box::new(rustls::Connection::Server(t)));
                         }
@@ -316,7 +316,7 @@ impl Reactor {
                     match conn.state {
                         ConnState::Http(_) => proxy.http_input(id, data),
                         ConnState::Ws(_) => proxy.ws_input(id, data),
-                        ConnState::Dialing(_) => crate::dial::dial_input(proxy, id, data),
+                        ConnState::Dialing(_) => crate::io::dial::dial_input(proxy, id, data),
                         ConnState::Closing(_) => {}
                     }
                     if owes_tls {

@@ -1,0 +1,97 @@
+//! What waits: deliveries awaiting their recipient's answer, and answers awaiting the turn's
+//! fsync.
+//!
+//! Owns the types of the core's two waiting tables: [`Pending`] (a delivery and who gets its
+//! answer, [`ReplyTo`]), and [`Deferred`] (an answer that is a durability promise, released
+//! by the commit). [`Reply`] is what a sender gets at once. Plain data, so `router`,
+//! `queue`, `durable` and `control` share them without importing one another.
+
+use crate::federation::action::Slot;
+use crate::federation::action::{RequestId, SessionId};
+use crate::federation::registry::Queued;
+use crate::proto::http::response::Resp;
+use crate::proto::jsonrpc::RpcError;
+use crate::timer::TimerId;
+use std::ops::Range;
+use std::time::Instant;
+
+/// Why a recipient's unanswered deliveries are being settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Its session ended: it may come back.
+    Offline,
+    /// Its server is being removed.
+    Removed,
+}
+
+/// Where the answer to a send goes.
+#[derive(Debug, Clone)]
+pub enum ReplyTo {
+    /// A JSON-RPC request on a control session; `id` is its JSON text; `batch` when it was
+    /// part of a batch whose array answer waits on it.
+    Ws {
+        session: SessionId,
+        id: String,
+        batch: Option<u64>,
+    },
+    /// `POST /v1/messages`, answered with [`Action::Respond`].
+    Http { req: RequestId },
+}
+
+/// What the sender gets now.
+#[derive(Debug)]
+pub enum Reply {
+    /// Nothing (a notification, or a response).
+    None,
+    /// An answer available at once: a result's JSON text, or an error.
+    Now(Result<String, RpcError>),
+    /// The answer comes later through the `ReplyTo`.
+    Later,
+}
+
+#[derive(Debug)]
+pub enum PendingKind {
+    /// A direct send; `requeue` holds the message when the sender set `queue: true`, so a
+    /// recipient lost before answering gets it from its queue later.
+    Direct {
+        reply_to: ReplyTo,
+        msg_id: String,
+        requeue: Option<Box<Queued>>,
+    },
+    /// A delivery out of the recipient's queue (identified by its queue sequence number).
+    FromQueue { qseq: u64 },
+}
+
+#[derive(Debug)]
+pub struct Pending {
+    pub recipient: SessionId,
+    pub slot: Slot,
+    pub started: Instant,
+    pub timer: Option<TimerId>,
+    pub kind: PendingKind,
+}
+
+/// Where a change's record sits in this turn's batch (`None`: nothing was written, e.g. a
+/// memory-only proxy): an answer deferred on it can take it back out if the commit fails.
+pub type Record = Option<Range<usize>>;
+
+/// An answer that waits for the turn's fsync.
+#[derive(Debug)]
+pub enum Deferred {
+    /// `{"msgId","status":"queued"}` for the copy `qseq` in `slot`'s queue; `record` is its
+    /// enqueue record in the batch.
+    Queued {
+        to: ReplyTo,
+        body: String,
+        slot: Slot,
+        qseq: u64,
+        record: Option<Range<usize>>,
+    },
+    /// An HTTP answer (registration, removal) to a request waiting for it; `record` is the
+    /// change's record in the batch.
+    Http {
+        req: RequestId,
+        resp: Resp,
+        record: Option<Range<usize>>,
+    },
+}
