@@ -214,7 +214,7 @@ impl Federation {
         (resp, record)
     }
 
-    pub fn entry_json(e: &Entry) -> String {
+    pub fn entry_json(&self, e: &Entry) -> String {
         use crate::federation::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
         let online = e.presence.session().is_some();
@@ -225,10 +225,15 @@ impl Federation {
             (Some(_), false) => "connecting",
             _ => e.presence.as_str(),
         };
-        let direction = match (online, e.outbound_session) {
-            (false, _) => "null",
-            (true, true) => "\"outbound\"",
-            (true, false) => "\"inbound\"",
+        let dialled = e
+            .presence
+            .session()
+            .and_then(|s| self.session(s))
+            .map(|s| s.outbound);
+        let direction = match dialled {
+            None => "null",
+            Some(true) => "\"outbound\"",
+            Some(false) => "\"inbound\"",
         };
         let mut dial = String::new();
         if let Some(o) = &e.outbound {
@@ -265,13 +270,17 @@ impl Federation {
     }
 
     pub fn list_servers(&self) -> Resp {
-        let items: Vec<String> = self.registry.entries().map(Self::entry_json).collect();
+        let items: Vec<String> = self
+            .registry
+            .entries()
+            .map(|e| self.entry_json(e))
+            .collect();
         Resp::json(200, format!("{{\"servers\":[{}]}}", items.join(",")))
     }
 
     pub fn get_server(&self, raw: &str) -> Resp {
         match parse::percent_decode(raw)
-            .and_then(|id| self.registry.by_id(&id).map(Self::entry_json))
+            .and_then(|id| self.registry.by_id(&id).map(|e| self.entry_json(e)))
         {
             Some(j) => Resp::json(200, j),
             None => Resp::error(404, "unknown_server", "no server with that id"),

@@ -65,6 +65,7 @@ impl Federation {
         let id = self.insert_session(|id| Session {
             id,
             peer: o.peer,
+            outbound: o.outbound,
             unsent: 0,
             timer: None,
             server_id: claims.server_id.clone(),
@@ -99,7 +100,6 @@ impl Federation {
         };
         if let Some(e) = self.registry.get_mut(slot) {
             e.presence = Presence::Connecting(id);
-            e.outbound_session = o.outbound;
             e.connected_at_ms = Some(now_ms);
             e.last_seen_at_ms = Some(self.now.wall_ms);
         }
@@ -124,13 +124,14 @@ impl Federation {
             && e.presence.session() == Some(id)
         {
             e.presence = Presence::Offline;
-            e.outbound_session = false;
             e.capabilities = e.reg_capabilities.clone();
         }
         self.settle_deliveries(id, crate::federation::pending::Gone::Offline);
-        // A dialled session that ended is dialled again (§5).
-        let phase = crate::federation::registry::OutPhase::Session(id);
-        self.dial_failed(sess.slot, phase, format!("session ended: {reason}"));
+        if sess.outbound {
+            // A dialled session that ended is dialled again (§5).
+            let phase = crate::federation::registry::OutPhase::Session;
+            self.dial_failed(sess.slot, phase, format!("session ended: {reason}"));
+        }
         self.audit(
             Event::SessionClosed,
             Some(&sess.server_id),

@@ -304,7 +304,7 @@ impl Federation {
             .get_mut(slot)
             .and_then(|e| e.outbound.as_mut())
         {
-            o.phase = OutPhase::Session(id);
+            o.phase = OutPhase::Session;
         }
         Ok(id)
     }

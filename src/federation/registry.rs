@@ -87,8 +87,9 @@ pub enum OutPhase {
     Opening,
     /// Connecting / TLS / upgrading on the reactor's connection `LinkId`.
     Dialing(LinkId),
-    /// The dialled session (until it ends).
-    Session(SessionId),
+    /// The dialled session is the server's session (`Entry::presence` names it) until it
+    /// ends.
+    Session,
 }
 
 #[derive(Debug)]
@@ -128,8 +129,6 @@ pub struct Entry {
     pub revoked_through: Option<i64>,
     /// Its session, if it has one, and whether that session is a recipient yet.
     pub presence: Presence,
-    /// Whether the current session was dialled by the proxy.
-    pub outbound_session: bool,
     /// Present while the server has a `ws://`/`wss://` `endpoints.control`.
     pub outbound: Option<Outbound>,
     pub connected_at_ms: Option<i64>,
@@ -341,7 +340,6 @@ impl Entry {
             signing_key,
             revoked_through: None,
             presence: Presence::Offline,
-            outbound_session: false,
             outbound: None,
             connected_at_ms: None,
             last_seen_at_ms: None,

@@ -50,6 +50,8 @@ pub struct Session {
     pub id: crate::federation::action::SessionId,
     /// Where the session's connection comes from (audit lines).
     pub peer: Option<std::net::SocketAddr>,
+    /// The proxy dialled it (§5): when it ends, the server is dialled again.
+    pub outbound: bool,
     /// Bytes written to the session and not yet taken by the socket: the reactor's count
     /// after its last flush plus what was asked for since (backpressure, §4 bounds).
     pub unsent: usize,

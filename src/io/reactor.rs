@@ -73,8 +73,9 @@ impl Reactor {
     /// Runs until a drain completes (all connections closed, or the grace time is over).
     pub fn run(&mut self, proxy: &mut Proxy) -> io::Result<()> {
         loop {
-            let now = Instant::now();
+            // A reading for this poll's timeout; the turn's own is taken after the poll.
             proxy.fed.now = Now::read();
+            let now = proxy.fed.now.at;
             let mut timeout = proxy
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(now));
