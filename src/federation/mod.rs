@@ -96,9 +96,16 @@ pub enum Want {
     Either,
 }
 
-/// Bytes of framing counted per frame in a session's output estimate (a WebSocket header is
-/// at most 14 bytes).
-const FRAME_OVERHEAD: usize = 14;
+/// The bytes a text frame of `len` bytes takes in a session's output: the WebSocket header
+/// of a server frame (2, 4 or 10 bytes; a dialled session's client frames add a 4-byte mask,
+/// which the reactor's count after the flush corrects).
+fn frame_bytes(len: usize) -> usize {
+    len + match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
 
 pub struct Federation {
     pub cfg: Config,
@@ -299,7 +306,7 @@ impl Federation {
             self.close_session(id, 1008, "output over its bound: the peer does not read");
             return false;
         }
-        s.unsent = s.unsent.saturating_add(text.len() + FRAME_OVERHEAD);
+        s.unsent = s.unsent.saturating_add(frame_bytes(text.len()));
         self.act(Action::Send { session: id, text });
         true
     }

@@ -233,10 +233,10 @@ impl Proxy {
     fn act(&mut self, a: Action) {
         match a {
             Action::Send { session, text } => {
+                // The core counted the frame (`Federation::ws_send`); the count is set to
+                // the connection's after each flush.
                 if let Some(id) = self.conn_of(session) {
                     self.ws_write(id, Message::text(text));
-                    let unsent = self.conn(id).map_or(0, Conn::unsent);
-                    self.fed.set_unsent(session, unsent);
                 }
             }
             Action::Ping { session } => {

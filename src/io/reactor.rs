@@ -367,6 +367,11 @@ impl Reactor {
                 }
             };
             if !done {
+                // A session's output only partly written: the core learns what is left.
+                if let ConnState::Ws(ws) = &conn.state {
+                    let (session, unsent) = (ws.session, conn.unsent());
+                    proxy.fed.set_unsent(session, unsent);
+                }
                 continue;
             }
             let readable = conn.readable && !conn.read_closed;
