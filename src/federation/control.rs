@@ -70,26 +70,24 @@ impl Federation {
             timer: None,
             server_id: claims.server_id.clone(),
             slot,
-            session_id: session_name,
             welcome: Some((welcome_id, o.welcome_by.min(now + handshake))),
             expires_at: turn.instant_of(claims.exp.saturating_mul(1000)),
             expires_at_secs: claims.exp,
             expiring_at: Some(Session::expiring_notice(turn, claims.iat, claims.exp)),
             last_rx: now,
             next_ping: now + hb,
-            heartbeat: hb,
             jti: claims.jti.clone(),
             refreshed_jti: None,
             refused_in_row: 0,
             inflight: 0,
-            batches: Default::default(),
+            batches: Vec::new(),
             next_batch: 0,
         });
         let welcome = match self.session(id) {
             Some(sess) => format!(
                 "{{\"serverId\":\"{}\",\"sessionId\":\"{}\",\"expiresAt\":{},\"heartbeatMs\":{},\"limits\":{{\"maxMessageBytes\":{},\"ratePerSec\":{},\"burst\":{}}}}}",
                 sess.server_id,
-                sess.session_id,
+                session_name,
                 secs_to_ms(claims.exp),
                 hb.as_millis(),
                 self.cfg.max_message_bytes,
@@ -243,17 +241,16 @@ impl Federation {
                 };
                 sess.next_batch += 1;
                 let b = sess.next_batch;
-                sess.batches.insert(
+                sess.batches.push((
                     b,
                     Batch {
                         reading: true,
                         ..Batch::default()
                     },
-                );
+                ));
                 for raw in items {
                     let r = self.on_message(id, raw.get(), Some(b));
-                    let Some(batch) = self.session_mut(id).and_then(|s| s.batches.get_mut(&b))
-                    else {
+                    let Some(batch) = self.session_mut(id).and_then(|s| s.batch_mut(b)) else {
                         return; // the session ended (or the batch was cut off) meanwhile
                     };
                     match r {
@@ -267,7 +264,7 @@ impl Federation {
                         return;
                     }
                 }
-                if let Some(batch) = self.session_mut(id).and_then(|s| s.batches.get_mut(&b)) {
+                if let Some(batch) = self.session_mut(id).and_then(|s| s.batch_mut(b)) {
                     batch.reading = false;
                 }
                 self.finish_batch(id, b);
@@ -280,10 +277,10 @@ impl Federation {
         let Some(sess) = self.session_mut(id) else {
             return;
         };
-        if !sess.batches.get(&b).is_some_and(Batch::done) {
+        if !sess.batch(b).is_some_and(Batch::done) {
             return;
         }
-        if let Some(answer) = sess.batches.remove(&b).and_then(|batch| batch.answer()) {
+        if let Some(answer) = sess.take_batch(b).and_then(|batch| batch.answer()) {
             self.ws_send(id, answer);
         }
     }
@@ -294,7 +291,7 @@ impl Federation {
         let hard = self.hard_output_bound();
         let over = self
             .session(id)
-            .and_then(|s| s.batches.get(&b))
+            .and_then(|s| s.batch(b))
             .is_some_and(|batch| batch.bytes > hard);
         if over {
             self.close_session(id, 1008, "batch answer over the output bound");
@@ -466,13 +463,14 @@ impl Federation {
 
     /// A session's deadline fired: welcome, heartbeat, token expiry.
     pub fn session_timer(&mut self, id: SessionId, now: Instant) {
+        let hb = self.cfg.heartbeat;
         let Some(sess) = self.session_mut(id) else {
             return;
         };
         if sess.welcome.is_some_and(|(_, d)| now >= d) {
             return self.close_session(id, 1008, "welcome not answered in time");
         }
-        if now >= sess.last_rx + sess.heartbeat * 2 {
+        if now >= sess.last_rx + hb * 2 {
             return self.drop_session(id, "heartbeat: silent for two intervals");
         }
         if sess.expiring_at.is_some_and(|t| now >= t) {
@@ -494,7 +492,7 @@ impl Federation {
             return self.close_session(id, 4002, "token expired");
         }
         if now >= sess.next_ping {
-            sess.next_ping = now + sess.heartbeat;
+            sess.next_ping = now + hb;
             self.act(Action::Ping { session: id });
         }
     }

@@ -375,7 +375,7 @@ impl Federation {
         let Some(s) = self.session(id) else {
             return;
         };
-        let want = s.deadline();
+        let want = s.deadline(self.cfg.heartbeat);
         match s.timer {
             Some(t) if t.at <= want => {}
             armed => {

@@ -534,7 +534,7 @@ impl Federation {
                 let Some(sess) = self.session_mut(conn) else {
                     return;
                 };
-                let Some(batch) = sess.batches.get_mut(&b) else {
+                let Some(batch) = sess.batch_mut(b) else {
                     return;
                 };
                 batch.push(text);

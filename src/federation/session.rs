@@ -11,7 +11,6 @@
 
 use crate::clock::Now;
 use crate::federation::action::Slot;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A batch's answer array, collected until every entry is settled.
@@ -59,7 +58,6 @@ pub struct Session {
     pub timer: Option<crate::timer::TimerId>,
     pub server_id: String,
     pub slot: Slot,
-    pub session_id: String,
     /// The welcome request's id and the deadline for its answer, while `connecting`.
     pub welcome: Option<(u64, Instant)>,
     /// When the token ends the session (close 4002), and its unix-seconds value.
@@ -69,7 +67,6 @@ pub struct Session {
     pub expiring_at: Option<Instant>,
     pub last_rx: Instant,
     pub next_ping: Instant,
-    pub heartbeat: Duration,
     /// The `jti` of the token the session was opened (or last refreshed) with: revoking it
     /// closes the session 4001.
     pub jti: Option<String>,
@@ -81,13 +78,30 @@ pub struct Session {
     pub refused_in_row: u64,
     /// Deliveries written to this server and awaiting its answer.
     pub inflight: usize,
-    pub batches: HashMap<u64, Batch>,
+    /// Batches whose answer array waits on deliveries, by batch number (few at a time).
+    pub batches: Vec<(u64, Batch)>,
     pub next_batch: u64,
 }
 
 impl Session {
     pub fn is_online(&self) -> bool {
         self.welcome.is_none()
+    }
+
+    pub fn batch(&self, b: u64) -> Option<&Batch> {
+        self.batches.iter().find(|(n, _)| *n == b).map(|(_, x)| x)
+    }
+
+    pub fn batch_mut(&mut self, b: u64) -> Option<&mut Batch> {
+        self.batches
+            .iter_mut()
+            .find(|(n, _)| *n == b)
+            .map(|(_, x)| x)
+    }
+
+    pub fn take_batch(&mut self, b: u64) -> Option<Batch> {
+        let i = self.batches.iter().position(|(n, _)| *n == b)?;
+        Some(self.batches.swap_remove(i).1)
     }
 
     /// Whether the session rests on a token with this `jti`.
@@ -104,12 +118,13 @@ impl Session {
         now.instant_of(exp.saturating_mul(1000) - lead_ms)
     }
 
-    /// The earliest instant at which this session needs the loop's attention.
-    pub fn deadline(&self) -> Instant {
+    /// The earliest instant at which this session needs the loop's attention, with pings
+    /// every `heartbeat`.
+    pub fn deadline(&self, heartbeat: Duration) -> Instant {
         let mut d = self
             .next_ping
             .min(self.expires_at)
-            .min(self.last_rx + self.heartbeat * 2);
+            .min(self.last_rx + heartbeat * 2);
         if let Some((_, w)) = self.welcome {
             d = d.min(w);
         }
