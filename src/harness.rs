@@ -63,9 +63,10 @@ fn open(fed: &mut Federation, server_id: &str) -> Option<SessionId> {
 /// `0 len(2) payload` a text frame from `fuzz` (not UTF-8: closed 1007, as the reactor
 /// does) · `1 len(1) payload` a text frame from `peer` · `2` `peer` answers every delivery
 /// it holds · `3 n` the clock moves n × 100 ms and due timers fire · `4` `fuzz` reads
-/// everything owed · `5 k` a connection event: `fuzz` reconnects (k % 4 = 0), `peer`
-/// connects (1) or goes away (2), a commit (3). Returns `None` only when the harness itself
-/// could not be set up.
+/// everything owed · `5 k` an event: `fuzz` reconnects (k % 5 = 0), `peer` connects (1) or
+/// goes away (2), a commit (3), the next commit fails (4). The core is durable, on an
+/// in-memory disk committed after every op (as the reactor commits every turn). Returns
+/// `None` only when the harness itself could not be set up.
 pub fn play_session(script: &[u8]) -> Option<Played> {
     let mut cfg = Config::default_for_tests();
     cfg.max_message_bytes = 4096;
@@ -85,6 +86,8 @@ pub fn play_session(script: &[u8]) -> Option<Played> {
         start,
     );
     fed.seed_ids(7);
+    // Durable, with an in-memory disk: answers that promise durability wait for commits.
+    fed.batch = Some(crate::store::state::Batch::default());
     // Another server, offline for now, so sends can queue.
     let _ = fed.find_or_insert("peer");
     let fuzz = open(&mut fed, "fuzz")?;
@@ -93,6 +96,8 @@ pub fn play_session(script: &[u8]) -> Option<Played> {
         fuzz: Some(fuzz),
         peer: None,
         peer_inbox: Vec::new(),
+        disk: Vec::new(),
+        fail_next_commit: false,
     };
     h.take();
     let mut i = 0;
@@ -110,6 +115,10 @@ struct Harness {
     peer: Option<SessionId>,
     /// Ids of deliveries `peer` holds unanswered.
     peer_inbox: Vec<String>,
+    /// The records the core committed (its "disk").
+    disk: Vec<u8>,
+    /// The next commit fails, as on a full disk.
+    fail_next_commit: bool,
 }
 
 impl Harness {
@@ -203,7 +212,7 @@ impl Harness {
                         self.fed.session_drained(s, 0);
                     }
                 }
-                _ => match take(i, 1)?[0] % 4 {
+                _ => match take(i, 1)?[0] % 5 {
                     0 => {
                         if let Some(s) = self.fuzz.take() {
                             self.fed.session_lost(s, "harness: reconnect");
@@ -217,15 +226,30 @@ impl Harness {
                             self.peer_inbox.clear();
                         }
                     }
-                    _ => self.fed.commit(),
+                    3 => self.commit(),
+                    _ => self.fail_next_commit = true,
                 },
             }
             self.take();
-            self.fed.commit();
+            self.commit();
             self.take();
             self.check();
         }
         Some(())
+    }
+
+    /// The turn's commit, as the reactor makes it (to the in-memory disk, or failing).
+    fn commit(&mut self) {
+        let Some(bytes) = self.fed.to_commit() else {
+            return;
+        };
+        let r = if std::mem::take(&mut self.fail_next_commit) {
+            Err("harness: the disk is full".to_string())
+        } else {
+            self.disk.extend_from_slice(bytes);
+            Ok(())
+        };
+        self.fed.committed(r);
     }
 
     /// Invariants: what the proxy owes one peer and holds for one recipient stay bounded.

@@ -194,9 +194,9 @@ fn serve() -> ExitCode {
     };
     let mut proxy = Proxy::new(cfg, secret, audit, fedmcp::clock::Now::read());
     proxy.fed.resources = blobs.1;
-    proxy.fed.blobs = Some(blobs.0);
+    proxy.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {
-        proxy.fed.store = Some(store);
+        proxy.attach_store(store);
         proxy.fed.restore(replay);
         proxy.apply();
     }

@@ -70,6 +70,10 @@ pub struct Stats {
     pub queued: usize,
     pub crashes: usize,
     pub removals: usize,
+    /// Commits the disk refused.
+    pub failed_commits: usize,
+    /// Sends answered `storage_failed` (a refused commit they waited on).
+    pub storage_failed: usize,
     /// FNV-1a of every byte the proxy wrote to the members, in order: two runs of a seed
     /// are the same run exactly when their digests are equal.
     pub digest: u64,
@@ -83,6 +87,8 @@ impl std::ops::AddAssign for Stats {
         self.queued += o.queued;
         self.crashes += o.crashes;
         self.removals += o.removals;
+        self.failed_commits += o.failed_commits;
+        self.storage_failed += o.storage_failed;
         self.digest ^= o.digest;
     }
 }
@@ -192,11 +198,18 @@ impl Member {
     }
 }
 
+/// A core and its state log, as a boot leaves them.
+type Booted = (Federation, Option<crate::store::state::Store>);
+
 /// One whole simulation.
 pub struct Sim {
     seed: u64,
     rng: Rng,
     p: Federation,
+    /// The state log the core's batches go to (the reactor's part; `None`: memory only).
+    store: Option<crate::store::state::Store>,
+    /// The next turn's commit fails (a full disk).
+    disk_full: bool,
     cfg: Config,
     dir: Option<PathBuf>,
     members: Vec<Member>,
@@ -254,11 +267,13 @@ impl Sim {
             at: std::time::Instant::now(),
             wall_ms: 1_767_225_600_000,
         };
-        let p = Self::boot(&cfg, dir.as_ref(), start, seed)?;
+        let (p, store) = Self::boot(&cfg, dir.as_ref(), start, seed)?;
         Ok(Sim {
             seed,
             rng: Rng::new(seed),
             p,
+            store,
+            disk_full: false,
             cfg,
             dir,
             members: (0..MEMBERS).map(|i| Member::new(format!("m{i}"))).collect(),
@@ -282,7 +297,7 @@ impl Sim {
 
     /// A core on the state dir (if any); `ids` seeds its random ids (a new one per boot, as
     /// a real restart gets new ones).
-    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now, ids: u64) -> Result<Federation, String> {
+    fn boot(cfg: &Config, dir: Option<&PathBuf>, now: Now, ids: u64) -> Result<Booted, String> {
         let audit = Audit::open(None).map_err(|e| e.to_string())?;
         let mut p = Federation::new(cfg.clone(), SECRET.to_vec(), audit, now);
         // Ids from the seed too: a replay is the same run byte for byte.
@@ -290,10 +305,11 @@ impl Sim {
         if let Some(d) = dir {
             let (store, replay) =
                 crate::store::state::Store::open(d).map_err(|e| format!("store: {e}"))?;
-            p.store = Some(store);
+            p.batch = Some(crate::store::state::Batch::default());
             p.restore(replay);
+            return Ok((p, Some(store)));
         }
-        Ok(p)
+        Ok((p, None))
     }
 
     fn fail(&self, what: impl Into<String>) -> Failure {
@@ -355,6 +371,11 @@ impl Sim {
             }
             89 => self.remove(m)?,
             90 if self.dir.is_some() => self.crash()?,
+            91 if self.dir.is_some() => {
+                // The disk refuses this turn's commit: nothing waiting on it is acknowledged
+                // (`storage_failed`, the copy taken back out), the rest is written next turn.
+                self.disk_full = true;
+            }
             _ => {
                 // Keep-alive: a member asks for the server list (any frame counts as activity).
                 self.request(m, "federation/servers", json!({}), Asked::Servers);
@@ -388,7 +409,10 @@ impl Sim {
                 Action::Close { session, code, .. } => (session, Frame::Close(code)),
                 // The connection just ends: like a close nobody reads.
                 Action::Drop { session, .. } => (session, Frame::Close(1006)),
-                Action::Ping { .. } | Action::Dial(_) | Action::StopDial { .. } => continue,
+                Action::Ping { .. }
+                | Action::Dial(_)
+                | Action::StopDial { .. }
+                | Action::RemoveResources { .. } => continue,
                 Action::Respond { req, resp } => {
                     answers.push((req, resp));
                     continue;
@@ -618,7 +642,7 @@ impl Sim {
         let req = RequestId(self.step as u64);
         let r = self.p.remove_server(&id, PEER);
         let now = self.p.durable_answer(req, r);
-        self.p.commit();
+        self.commit();
         let later = self
             .carry_out()
             .into_iter()
@@ -649,8 +673,25 @@ impl Sim {
         let dir = self.dir.clone();
         self.stats.crashes += 1;
         let ids = self.seed ^ ((self.stats.crashes as u64) << 40);
-        self.p = Self::boot(&cfg, dir.as_ref(), now, ids).map_err(|e| self.fail(e))?;
+        // The old log is closed before the new core opens it, as after a real crash.
+        self.store = None;
+        let (p, store) = Self::boot(&cfg, dir.as_ref(), now, ids).map_err(|e| self.fail(e))?;
+        self.p = p;
+        self.store = store;
         Ok(())
+    }
+
+    /// The turn's group commit, as the reactor makes it: the core's batch to the log, then
+    /// the core releases what waited on it.
+    fn commit(&mut self) {
+        let Some(bytes) = self.p.to_commit() else {
+            return;
+        };
+        let r = match self.store.as_mut() {
+            Some(s) => s.write(bytes).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        self.p.committed(r);
     }
 
     /// Virtual time moves on; due timers fire.
@@ -666,7 +707,16 @@ impl Sim {
 
     /// The end of a loop turn: the commit, then every reading member takes its output.
     fn end_turn(&mut self) -> Result<(), Failure> {
-        self.p.commit();
+        // The disk refuses the next turn that has something to commit.
+        if self.disk_full && self.p.to_commit().is_some() {
+            self.disk_full = false;
+            if self.trace {
+                eprintln!("  the commit fails");
+            }
+            self.p.committed(Err("sim: the disk is full".into()));
+            self.stats.failed_commits += 1;
+        }
+        self.commit();
         self.carry_out();
         for m in 0..MEMBERS {
             if self.members[m].reads {
@@ -678,7 +728,7 @@ impl Sim {
                 self.members[m].gone();
             }
         }
-        self.p.commit();
+        self.commit();
         self.carry_out();
         self.check_bounds()
     }
@@ -845,8 +895,12 @@ impl Sim {
         let key = (me.to_string(), n);
         if let Some(err) = v.get("error") {
             let code = err["code"].as_i64().unwrap_or(0);
-            if ![-32001, -32002, -32003, -32004, -32005, -32602].contains(&code) {
+            // -32603 storage_failed: the disk refused the commit its `queued` waited for.
+            if ![-32001, -32002, -32003, -32004, -32005, -32602, -32603].contains(&code) {
                 return Err(self.fail(format!("{me}: unexpected error for #{n}: {v}")));
+            }
+            if code == -32603 {
+                self.stats.storage_failed += 1;
             }
             return Ok(());
         }

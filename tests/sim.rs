@@ -53,16 +53,19 @@ fn seeds() {
         }
     }
     println!(
-        "sim: {n} seeds from {first} in {:.1} s: {} steps, {} sends, {} deliveries, {} queued, {} crashes, {} removals",
+        "sim: {n} seeds from {first} in {:.1} s: {} steps, {} sends, {} deliveries, {} queued, {} crashes, {} removals, {} failed commits ({} sends answered storage_failed)",
         t0.elapsed().as_secs_f64(),
         total.steps,
         total.sends,
         total.deliveries,
         total.queued,
         total.crashes,
-        total.removals
+        total.removals,
+        total.failed_commits,
+        total.storage_failed
     );
     assert!(total.deliveries > 0 && total.queued > 0 && total.crashes > 0 && total.removals > 0);
+    assert!(total.failed_commits > 0 && total.storage_failed > 0);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! The resource index's side of the data channel (contract §3): the listing, and the removal
 //! of a removed server's resources.
 //!
-//! Owns `GET /v1/resources` (only what the caller may read) and deleting every resource of
-//! an owner (files first, then the index). The streaming of bodies is the reactor's
+//! Owns `GET /v1/resources` (only what the caller may read) and forgetting every resource of
+//! an owner (the index here; the files are the reactor's to delete). The streaming of bodies is the reactor's
 //! (`io::data`); the index and quotas are `federation::resources`'.
 
 use crate::federation::Federation;
+use crate::federation::action::Action;
 use crate::federation::resources::resource_json;
 
 impl Federation {
@@ -27,16 +28,19 @@ impl Federation {
         )
     }
 
-    /// Deletes every resource of a removed server (files first, then the index).
-    pub fn remove_owned_resources(&mut self, owner: &str) -> std::io::Result<()> {
+    /// Forgets every resource of a removed server and asks the reactor to delete their
+    /// files ([`Action::RemoveResources`], carried out in the same turn, before the removal's
+    /// answer is written).
+    pub fn remove_owned_resources(&mut self, owner: &str) {
         let names = self.resources.names_of(owner);
-        let r = match self.blobs.as_mut() {
-            Some(b) => b.remove_owner(owner, &names),
-            None => Ok(()),
-        };
         for n in &names {
             self.resources.remove(owner, n);
         }
-        r
+        if !names.is_empty() {
+            self.act(Action::RemoveResources {
+                owner: owner.to_string(),
+                names,
+            });
+        }
     }
 }

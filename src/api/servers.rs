@@ -302,11 +302,9 @@ impl Federation {
         let at = self.now.secs();
         let mut record = None;
         if let Some(e) = self.registry.remove(slot, at) {
-            // Its resources go with it (§3); their files are removed before the removal is
-            // acknowledged.
-            if let Err(e) = self.remove_owned_resources(&e.server_id) {
-                log::error!("resources of a removed server could not all be deleted: {e}");
-            }
+            // Its resources go with it (§3); their files are removed in this turn, before the
+            // removal is acknowledged.
+            self.remove_owned_resources(&e.server_id);
             record = self.persist(crate::store::state::Op::Remove {
                 id: e.server_id.clone(),
                 at,

@@ -58,6 +58,9 @@ pub enum Action {
     Dial(crate::federation::action::DialRequest),
     /// Stop a dialling attempt's connection.
     StopDial { link: LinkId, why: String },
+    /// Delete the files of these resources of `owner` (a removed server's; the core has
+    /// already forgotten them).
+    RemoveResources { owner: String, names: Vec<String> },
 }
 
 /// An answer for an HTTP request.

@@ -1,9 +1,11 @@
 //! Keeping acknowledged promises (contract §7): what the proxy writes to the state log, the
 //! once-a-turn commit that releases answers, and the restore at start.
 //!
-//! Owns the policy, not the format (`store::state` owns that): a registration (`201`/`200`),
-//! a removal (`204`) and a `queued` answer are *deferred* until the turn's records are
-//! fsynced ([`Federation::commit`], called by the reactor once per loop turn, before flushing).
+//! Owns the policy, not the format (`store::state` owns that) and not the file (the reactor
+//! writes it): a change is encoded into the turn's [`crate::store::state::Batch`]; a
+//! registration (`201`/`200`), a removal (`204`) and a `queued` answer are *deferred* until
+//! the turn's records are fsynced (the reactor takes [`Federation::to_commit`] once per loop
+//! turn, before flushing, writes it, and reports with [`Federation::committed`]).
 //! If the write or fsync fails, nothing deferred is acknowledged: the sender gets
 //! `storage_failed`, the queued copy is taken back out of memory, `readyz` reports the
 //! degradation until a commit succeeds again, and the failure is logged and counted.
@@ -95,7 +97,7 @@ impl Federation {
 
     /// True when changes are written to a state dir (answers must wait for the fsync).
     pub fn durable(&self) -> bool {
-        self.store.is_some()
+        self.batch.is_some()
     }
 
     /// True while a `queued` answer for this copy still waits for the fsync.
@@ -108,7 +110,7 @@ impl Federation {
     /// Adds a change to this turn's batch; returns where its record sits, for a caller that
     /// defers an answer on it.
     pub fn persist(&mut self, op: Op) -> Record {
-        self.store.as_mut().and_then(|s| s.append(&op))
+        self.batch.as_mut().and_then(|b| b.append(&op))
     }
 
     /// The `Enqueue` record of a queued copy.
@@ -130,18 +132,25 @@ impl Federation {
         self.persist(op)
     }
 
-    /// Writes the turn's changes with one fsync, then releases (or fails) what waited on it.
-    pub fn commit(&mut self) {
-        let Some(store) = self.store.as_mut() else {
-            return;
-        };
-        if !store.has_batch() && self.deferred.is_empty() {
-            return;
-        }
-        let result = store.commit();
+    /// What the turn's commit is to write: the records of the turn's changes (possibly none,
+    /// when only answers wait), or `None` when there is nothing to commit (memory only, or
+    /// no change and no answer waiting). The caller writes it with one fsync and reports
+    /// with [`Federation::committed`].
+    pub fn to_commit(&self) -> Option<&[u8]> {
+        let b = self.batch.as_ref()?;
+        (!b.is_empty() || !self.deferred.is_empty()).then(|| b.bytes())
+    }
+
+    /// The turn's batch is on disk (`Ok`), or could not be written (`Err`, the reason): what
+    /// waited on it is released, or fails `storage_failed` and is taken back out of memory
+    /// (its records leave the batch; the rest of the batch is retried by the next commit).
+    pub fn committed(&mut self, result: Result<(), String>) {
         let deferred = std::mem::take(&mut self.deferred);
         match result {
             Ok(()) => {
+                if let Some(b) = self.batch.as_mut() {
+                    b.clear();
+                }
                 if self.degraded.take().is_some() {
                     log::info!("state dir writable again");
                 }
@@ -154,14 +163,11 @@ impl Federation {
                         }),
                     }
                 }
-                self.maybe_compact();
             }
             Err(e) => {
                 log::error!("state dir write failed: {e}; nothing of this turn is acknowledged");
                 self.metrics.storage_failures_total += 1;
-                self.degraded = Some(e.to_string());
-                // What was promised is not acknowledged: its records leave the batch (a copy
-                // also leaves memory); the rest of the batch is retried by the next commit.
+                self.degraded = Some(e);
                 let undone: Vec<Range<usize>> = deferred
                     .iter()
                     .filter_map(|d| match d {
@@ -170,8 +176,8 @@ impl Federation {
                         }
                     })
                     .collect();
-                if let Some(s) = self.store.as_mut() {
-                    s.strip(undone);
+                if let Some(b) = self.batch.as_mut() {
+                    b.strip(undone);
                 }
                 for d in deferred {
                     match d {
@@ -197,7 +203,7 @@ impl Federation {
     }
 
     /// The whole current state as ops (for a snapshot).
-    fn state_ops(&self) -> Vec<Op> {
+    pub fn state_ops(&self) -> Vec<Op> {
         let mut ops: Vec<Op> = self
             .registry
             .removals()
@@ -245,23 +251,6 @@ impl Federation {
             }
         }
         ops
-    }
-
-    fn maybe_compact(&mut self) {
-        if !self.store.as_ref().is_some_and(|s| s.wants_compaction()) {
-            return;
-        }
-        let ops = self.state_ops();
-        if let Some(s) = self.store.as_mut() {
-            let before = s.log_bytes();
-            match s.compact(&ops) {
-                Ok(()) => log::info!(
-                    "state log compacted: {before} bytes into a snapshot of {} records",
-                    ops.len()
-                ),
-                Err(e) => log::error!("state log compaction failed (the log is kept): {e}"),
-            }
-        }
     }
 
     /// Sets an entry's signing-key epoch (and key) when it is later than the one it has.

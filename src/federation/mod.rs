@@ -129,12 +129,11 @@ pub struct Federation {
     pub audit: Audit,
     /// Set on SIGTERM/SIGINT: the instant the grace time ends.
     pub draining: Option<Instant>,
-    /// The state log (`None`: memory only).
-    pub store: Option<crate::store::state::Store>,
+    /// The turn's changes not yet on disk (`None`: memory only, nothing is written).
+    pub batch: Option<crate::store::state::Batch>,
     /// Answers waiting for this turn's fsync.
     pub deferred: Vec<crate::federation::pending::Deferred>,
-    /// Resource files (`None` only if they could not be opened) and their index.
-    pub blobs: Option<crate::store::blobs::Blobs>,
+    /// The resources' index (their files are the reactor's).
     pub resources: crate::federation::resources::Index,
     /// Revoked token ids (`DELETE /v1/tokens/{jti}`).
     pub revocations: crate::federation::revocations::Revocations,
@@ -175,9 +174,8 @@ impl Federation {
             metrics: Metrics::default(),
             audit,
             draining: None,
-            store: None,
+            batch: None,
             deferred: Vec::new(),
-            blobs: None,
             resources: crate::federation::resources::Index::default(),
             revocations,
             overflow_bucket: None,

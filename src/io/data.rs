@@ -110,7 +110,7 @@ impl Proxy {
         if let Err(e) = self.fed.resources.reserve(&owner, &name, reserve, limits) {
             return refuse(self, quota_resp(e));
         }
-        let up = match self.fed.blobs.as_mut().map(|b| b.begin()) {
+        let up = match self.blobs.as_mut().map(|b| b.begin()) {
             Some(Ok(up)) => up,
             Some(Err(e)) => {
                 log::error!("resource upload cannot start: {e}");
@@ -266,7 +266,7 @@ impl Proxy {
             self.answer_upload(id, quota_resp(e), u.keep_alive);
             return true;
         }
-        let Some(blobs) = self.fed.blobs.as_mut() else {
+        let Some(blobs) = self.blobs.as_mut() else {
             return true;
         };
         match blobs.finish(u.up, &u.owner, &u.name, u.readers) {
@@ -326,7 +326,7 @@ impl Proxy {
                         "only the owner or an admin may delete a resource",
                     ));
                 }
-                let removed = self.fed.blobs.as_mut().map(|b| b.remove(&owner, &name));
+                let removed = self.blobs.as_mut().map(|b| b.remove(&owner, &name));
                 match removed {
                     Some(Ok(())) => {
                         self.fed.resources.remove(&owner, &name);
@@ -383,7 +383,6 @@ impl Proxy {
             }
         };
         let file = match self
-            .fed
             .blobs
             .as_ref()
             .map(|b| std::fs::File::open(b.path(owner, name)))

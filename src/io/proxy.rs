@@ -57,6 +57,10 @@ pub struct Proxy {
     links: Vec<Option<(SessionId, ConnId)>>,
     /// The actions being carried out (kept to reuse its capacity).
     spare: Vec<Action>,
+    /// The state log the core's batches are written to (`None`: memory only).
+    pub store: Option<crate::store::state::Store>,
+    /// Resource files (`None` only if they could not be opened).
+    pub blobs: Option<crate::store::blobs::Blobs>,
 }
 
 impl Proxy {
@@ -76,6 +80,8 @@ impl Proxy {
             dial_requests: Vec::new(),
             links: Vec::new(),
             spare: Vec::new(),
+            store: None,
+            blobs: None,
         }
     }
 
@@ -269,6 +275,11 @@ impl Proxy {
             }
             Action::Dial(req) => self.dial_requests.push(req),
             Action::StopDial { link, why } => self.drop_conn(Self::conn_of_token(link.0), &why),
+            Action::RemoveResources { owner, names } => {
+                if let Some(Err(e)) = self.blobs.as_mut().map(|b| b.remove_owner(&owner, &names)) {
+                    log::error!("resources of a removed server could not all be deleted: {e}");
+                }
+            }
         }
     }
 
@@ -531,6 +542,42 @@ impl Proxy {
         }
         self.fed.fire_due(now);
         self.apply();
+    }
+
+    /// Opens the state dir's log for the core's changes; `replay` is what it held.
+    pub fn attach_store(&mut self, store: crate::store::state::Store) {
+        self.store = Some(store);
+        self.fed.batch = Some(crate::store::state::Batch::default());
+    }
+
+    /// The turn's group commit: the core's batch is written and fsynced once, then the core
+    /// releases (or fails) the answers that waited on it; a log grown large is compacted
+    /// into a snapshot of the core's state.
+    pub fn commit(&mut self) {
+        let Some(bytes) = self.fed.to_commit() else {
+            return;
+        };
+        let r = match self.store.as_mut() {
+            Some(s) => s.write(bytes).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        let ok = r.is_ok();
+        self.fed.committed(r);
+        self.apply();
+        if ok
+            && let Some(s) = self.store.as_mut()
+            && s.wants_compaction()
+        {
+            let ops = self.fed.state_ops();
+            let before = s.log_bytes();
+            match s.compact(&ops) {
+                Ok(()) => log::info!(
+                    "state log compacted: {before} bytes into a snapshot of {} records",
+                    ops.len()
+                ),
+                Err(e) => log::error!("state log compaction failed (the log is kept): {e}"),
+            }
+        }
     }
 
     /// SIGHUP: reload the certificate and key from the configured paths; a bad pair keeps

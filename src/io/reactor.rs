@@ -163,8 +163,7 @@ impl Reactor {
             self.dialer.run(proxy, self.poll.registry());
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
-            proxy.fed.commit();
-            proxy.apply();
+            proxy.commit();
             self.flush(proxy);
             proxy.fed.audit.flush();
             if let Some(end) = proxy.fed.draining {

@@ -2,13 +2,14 @@
 //!
 //! Owns `<state dir>/state.log` (append-only records, see `log`) and `<state dir>/state.snap`
 //! (a compacted copy of the same records). Changes are [`Op`]s appended to an in-memory
-//! batch during a loop turn; [`Store::commit`] writes the batch and fsyncs once (group
-//! commit); only then does the proxy release the answers that promised durability.
+//! [`Batch`] during a loop turn (by the core, which holds no file); [`Store::write`] writes
+//! the batch and fsyncs once (group commit, by the reactor); only then does the core release
+//! the answers that promised durability.
 //! Replay applies the snapshot, then the log; every op is idempotent (upsert / remove-if-
 //! present), so a crash between writing a snapshot and truncating the log replays to the
 //! same state. A torn or corrupt tail is detected, logged, and cut off.
 //!
-//! It never blocks on anything but the local disk, and writes only during `commit` (once a
+//! It never blocks on anything but the local disk, and writes only during `write` (once a
 //! turn) and `compact`.
 
 use super::log::{self, Next};
@@ -84,7 +85,53 @@ pub struct Store {
     log: File,
     log_bytes: u64,
     snap_bytes: u64,
-    batch: Vec<u8>,
+}
+
+/// A loop turn's changes, encoded as log records and not yet on disk: filled by the core
+/// (pure: no file), written by [`Store::write`] once a turn.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    /// Adds a change; returns where its record sits, so a failed commit can take it out.
+    pub fn append(&mut self, op: &Op) -> Option<std::ops::Range<usize>> {
+        let start = self.bytes.len();
+        match serde_json::to_vec(op) {
+            Ok(p) => log::encode(&p, &mut self.bytes),
+            Err(e) => {
+                ::log::error!("state record not encodable: {e}");
+                return None;
+            }
+        }
+        Some(start..self.bytes.len())
+    }
+
+    /// After a failed commit: removes the records of changes that were not acknowledged
+    /// and were undone (their ranges, from `append`); the rest is retried.
+    pub fn strip(&mut self, mut ranges: Vec<std::ops::Range<usize>>) {
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.start));
+        for r in ranges {
+            if r.end <= self.bytes.len() {
+                self.bytes.drain(r);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The records, in order.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The batch is on disk.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+    }
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -166,57 +213,23 @@ impl Store {
                 log: file,
                 log_bytes: good,
                 snap_bytes,
-                batch: Vec::new(),
             },
             replay,
         ))
     }
 
-    /// Adds a change to this turn's batch (not yet on disk); returns where its record sits
-    /// in the batch, so a failed commit can take it out again.
-    pub fn append(&mut self, op: &Op) -> Option<std::ops::Range<usize>> {
-        let start = self.batch.len();
-        match serde_json::to_vec(op) {
-            Ok(p) => log::encode(&p, &mut self.batch),
-            Err(e) => {
-                ::log::error!("state record not encodable: {e}");
-                return None;
-            }
-        }
-        Some(start..self.batch.len())
-    }
-
-    /// After a failed commit: removes the records of changes that were not acknowledged
-    /// and were undone (their ranges, from `append`); the rest is retried.
-    pub fn strip(&mut self, mut ranges: Vec<std::ops::Range<usize>>) {
-        ranges.sort_by_key(|r| std::cmp::Reverse(r.start));
-        for r in ranges {
-            if r.end <= self.batch.len() {
-                self.batch.drain(r);
-            }
-        }
-    }
-
-    pub fn has_batch(&self) -> bool {
-        !self.batch.is_empty()
-    }
-
-    /// Writes this turn's batch and fsyncs it: one fsync for every change of the turn. On an
-    /// error the log is cut back to its last good length and the batch is kept: the caller
-    /// strips the records it undid, and the rest (changes memory still holds) is written by
-    /// the next commit, so disk and memory agree after a restart.
-    pub fn commit(&mut self) -> io::Result<()> {
-        if self.batch.is_empty() {
+    /// Writes a turn's batch and fsyncs it: one fsync for every change of the turn. On an
+    /// error the log is cut back to its last good length: the caller keeps the batch,
+    /// strips the records it undid, and writes the rest with the next commit, so disk and
+    /// memory agree after a restart.
+    pub fn write(&mut self, batch: &[u8]) -> io::Result<()> {
+        if batch.is_empty() {
             return Ok(());
         }
-        let r = self
-            .log
-            .write_all(&self.batch)
-            .and_then(|_| self.log.sync_data());
+        let r = self.log.write_all(batch).and_then(|_| self.log.sync_data());
         match r {
             Ok(()) => {
-                self.log_bytes += self.batch.len() as u64;
-                self.batch.clear();
+                self.log_bytes += batch.len() as u64;
                 Ok(())
             }
             Err(e) => {
@@ -269,6 +282,12 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// What the reactor does once a turn: the batch to disk, then forgotten.
+    fn commit(s: &mut Store, b: &mut Batch) {
+        s.write(b.bytes()).unwrap();
+        b.clear();
+    }
+
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_string()).unwrap()
     }
@@ -296,17 +315,18 @@ mod tests {
     fn commit_then_replay_returns_the_ops_in_order() {
         let d = dir("replay");
         let (mut s, r) = Store::open(&d).unwrap();
+        let mut b = Batch::default();
         assert!(r.ops.is_empty());
-        s.append(&Op::Register {
+        b.append(&Op::Register {
             id: "bob".into(),
             endpoints: raw("{}"),
             capabilities: raw(r#"{"x":1}"#),
             epoch: 1,
         });
-        s.append(&enqueue(1));
-        s.append(&enqueue(2));
-        s.commit().unwrap();
-        s.append(&Op::Dequeue {
+        b.append(&enqueue(1));
+        b.append(&enqueue(2));
+        commit(&mut s, &mut b);
+        b.append(&Op::Dequeue {
             to: "bob".into(),
             seq: 1,
         });
@@ -332,9 +352,10 @@ mod tests {
     fn a_torn_tail_is_cut_and_new_records_follow_the_intact_prefix() {
         let d = dir("torn");
         let (mut s, _) = Store::open(&d).unwrap();
-        s.append(&enqueue(1));
-        s.append(&enqueue(2));
-        s.commit().unwrap();
+        let mut b = Batch::default();
+        b.append(&enqueue(1));
+        b.append(&enqueue(2));
+        commit(&mut s, &mut b);
         drop(s);
         let path = d.join(LOG_FILE);
         let len = fs::metadata(&path).unwrap().len();
@@ -342,10 +363,11 @@ mod tests {
         f.set_len(len - 5).unwrap(); // cut the second record mid-way
         drop(f);
         let (mut s, r) = Store::open(&d).unwrap();
+        let mut b = Batch::default();
         assert_eq!(r.ops.len(), 1);
         assert!(r.torn.is_some());
-        s.append(&enqueue(3));
-        s.commit().unwrap();
+        b.append(&enqueue(3));
+        commit(&mut s, &mut b);
         drop(s);
         let (_, r) = Store::open(&d).unwrap();
         let seqs: Vec<u64> = r
@@ -368,10 +390,11 @@ mod tests {
     fn a_flipped_byte_keeps_every_record_before_it() {
         let d = dir("flip");
         let (mut s, _) = Store::open(&d).unwrap();
+        let mut b = Batch::default();
         for i in 1..=3 {
-            s.append(&enqueue(i));
+            b.append(&enqueue(i));
         }
-        s.commit().unwrap();
+        commit(&mut s, &mut b);
         drop(s);
         let path = d.join(LOG_FILE);
         let mut bytes = fs::read(&path).unwrap();
@@ -388,14 +411,15 @@ mod tests {
     fn compaction_replaces_the_log_with_a_snapshot() {
         let d = dir("compact");
         let (mut s, _) = Store::open(&d).unwrap();
+        let mut b = Batch::default();
         for i in 1..=5 {
-            s.append(&enqueue(i));
+            b.append(&enqueue(i));
         }
-        s.commit().unwrap();
+        commit(&mut s, &mut b);
         s.compact(&[enqueue(4), enqueue(5)]).unwrap();
         assert_eq!(s.log_bytes(), 0);
-        s.append(&enqueue(6));
-        s.commit().unwrap();
+        b.append(&enqueue(6));
+        commit(&mut s, &mut b);
         drop(s);
         let (_, r) = Store::open(&d).unwrap();
         let seqs: Vec<u64> = r
