@@ -12,8 +12,12 @@
 //! back), or a connection that is finishing (`Closing`: `Flushing` its last output, then
 //! `FinSent` until the peer's EOF or the linger ends). The one fact kept across HTTP phases
 //! is whether a request on the connection presented a valid token (`authenticated`, for
-//! the connection slots of contract §1). This module never interprets protocol bytes and
-//! never blocks; the TLS session sits between the socket and these buffers.
+//! the connection slots of contract §1). Moving between the four states is done only by
+//! the transitions here (`carry_session`, `end_session`, `close_after_output`, `fin_sent`,
+//! `take_state`), each of which hands back the state it leaves. A session connection
+//! carries the core's `SessionId`; the session's protocol state is the core's. This module
+//! never interprets protocol bytes and never blocks; the TLS session sits between the
+//! socket and these buffers.
 
 use crate::proto::http::chunked::ChunkedDecoder;
 use crate::proto::http::parse::RequestHead;
@@ -175,6 +179,12 @@ impl Closing {
     }
 }
 
+impl From<Closing> for ConnState {
+    fn from(c: Closing) -> ConnState {
+        ConnState::Closing(c)
+    }
+}
+
 pub enum ConnState {
     Http(HttpConn),
     /// An outbound connection on its way to a session: TCP connect, TLS, upgrade (§5).
@@ -256,6 +266,52 @@ impl Conn {
 
     pub fn unsent(&self) -> usize {
         self.out.len() - self.out_pos
+    }
+
+    // The state's transitions: each consumes the state it leaves (returned to the caller,
+    // which owns what it carried) and is the only way into the state it enters.
+
+    /// A session connection's session is over: `Closing`, flushing what is owed until
+    /// `deadline`. Returns what the session connection carried; `None` (and no change) when
+    /// the connection carries no session.
+    pub fn end_session(&mut self, deadline: Instant) -> Option<Box<WsConn>> {
+        if !matches!(self.state, ConnState::Ws(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut self.state, Closing::Flushing { deadline }.into()) {
+            ConnState::Ws(ws) => Some(ws),
+            _ => None,
+        }
+    }
+
+    /// An upgraded connection (an HTTP request answered `101`, or a dial's answer) carries
+    /// `session` from now on. Returns the state it left.
+    pub fn carry_session(
+        &mut self,
+        ctx: tungstenite::protocol::WebSocketContext,
+        session: crate::federation::action::SessionId,
+    ) -> ConnState {
+        let ws = WsConn {
+            ctx,
+            session,
+            stash: Vec::new(),
+        };
+        std::mem::replace(&mut self.state, ConnState::Ws(Box::new(ws)))
+    }
+
+    /// The connection's last answer is queued: `Closing`, flushing it until `deadline`.
+    pub fn close_after_output(&mut self, deadline: Instant) -> ConnState {
+        std::mem::replace(&mut self.state, Closing::Flushing { deadline }.into())
+    }
+
+    /// Our FIN went out: wait for the peer's EOF until `deadline`.
+    pub fn fin_sent(&mut self, deadline: Instant) -> ConnState {
+        std::mem::replace(&mut self.state, Closing::FinSent { deadline }.into())
+    }
+
+    /// The connection is being dropped (at `now`): whatever it carried is handed back.
+    pub fn take_state(&mut self, now: Instant) -> ConnState {
+        self.fin_sent(now)
     }
 
     /// One non-blocking read of plaintext into `buf` (through TLS when the listener has it).

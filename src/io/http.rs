@@ -12,7 +12,7 @@
 //! module's; this module never touches a socket.
 
 use crate::api::{Resp, Route, bearer, internal_error, rpc_error_resp};
-use crate::io::conn::{Closing, ConnId, ConnState, HttpPhase};
+use crate::io::conn::{ConnId, ConnState, HttpPhase};
 use crate::io::proxy::{CLOSE_LINGER, Proxy};
 use crate::proto::http::chunked::{ChunkedDecoder, Progress};
 use crate::proto::http::parse::{self, BodyKind, Method, RequestHead};
@@ -425,7 +425,7 @@ impl Proxy {
                 response::write_response(&mut conn.out, 408, &headers, &r.body, false, false, date);
                 // Closing: the past deadline cannot fire this answer again.
                 let deadline = now + CLOSE_LINGER;
-                conn.state = ConnState::Closing(Closing::Flushing { deadline });
+                conn.close_after_output(deadline);
                 self.dirty.push(id);
             }
         }

@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::config::Config;
 use crate::federation::Federation;
 use crate::federation::action::{Action, Answer, LinkId, RequestId, SessionId};
-use crate::io::conn::{Closing, Conn, ConnId, ConnState, WsConn};
+use crate::io::conn::{Conn, ConnId, ConnState};
 use crate::proto::ws::{Incoming, WsIo};
 use crate::timer::Timers;
 use slab::Slab;
@@ -215,11 +215,7 @@ impl Proxy {
             self.timers.cancel(t);
         }
         if let Some(conn) = self.conn_mut(id) {
-            conn.state = ConnState::Ws(Box::new(WsConn {
-                ctx,
-                session,
-                stash: Vec::new(),
-            }));
+            conn.carry_session(ctx, session);
         }
         self.link(session, id);
     }
@@ -309,12 +305,7 @@ impl Proxy {
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let old = std::mem::replace(
-            &mut conn.state,
-            ConnState::Closing(Closing::Flushing { deadline }),
-        );
-        let ConnState::Ws(mut ws) = old else {
-            conn.state = old;
+        let Some(mut ws) = conn.end_session(deadline) else {
             return;
         };
         let mut io = WsIo {
@@ -419,12 +410,7 @@ impl Proxy {
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
         };
-        let old = std::mem::replace(
-            &mut conn.state,
-            ConnState::Closing(Closing::Flushing { deadline }),
-        );
-        let ConnState::Ws(ws) = old else {
-            conn.state = old;
+        let Some(ws) = conn.end_session(deadline) else {
             return;
         };
         let owed = conn.unsent() > 0;
@@ -449,13 +435,7 @@ impl Proxy {
             self.timers.cancel(t);
         }
         log::debug!("conn {} from {}: closed ({why})", id.idx, conn.peer);
-        let state = std::mem::replace(
-            &mut conn.state,
-            ConnState::Closing(Closing::FinSent {
-                deadline: self.fed.now.at,
-            }),
-        );
-        match state {
+        match conn.take_state(self.fed.now.at) {
             ConnState::Ws(ws) => {
                 self.unlink(ws.session);
                 self.fed.session_lost(ws.session, why);

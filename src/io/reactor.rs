@@ -382,9 +382,7 @@ impl Reactor {
                         proxy.drop_conn(id, "answered");
                         continue;
                     }
-                    conn.state = ConnState::Closing(Closing::FinSent {
-                        deadline: now + CLOSE_LINGER,
-                    });
+                    conn.fin_sent(now + CLOSE_LINGER);
                     proxy.rearm(id);
                 }
                 ConnState::Closing(c) => {
