@@ -3,10 +3,10 @@
 //! Owns [`Now`], the pair of clocks every decision uses: the monotonic instant (deadlines,
 //! timers, rate buckets) and the wall clock in milliseconds since the epoch (token times,
 //! `expiresAt`, `sentAt`, audit `ts`). The reactor takes one reading per turn
-//! ([`Now::read`]) and hands it to the protocol code in `Proxy::now`; nothing else reads a
-//! clock, so the protocol code sees one consistent time per turn and can be driven with any
-//! time a test or a fuzz target chooses. `main` and the test harness read it directly
-//! outside the loop.
+//! ([`Now::read`]) and hands it to the core in `Federation::now`; nothing else reads a
+//! clock, so the core sees one consistent time per turn and can be driven with any time a
+//! simulation or a fuzz target chooses. `main` reads it at start (and [`now_secs`] for a
+//! token minted on the command line), outside the loop.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

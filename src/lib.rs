@@ -7,24 +7,23 @@
 //!
 //! # Layers
 //!
-//! - [`reactor`]: the `mio` loop. Accept, readiness, per-connection read budgets, the single
-//!   deadline structure ([`timer`]), one flush per connection per turn, signals, the clock;
-//!   [`dial`]: its side of outbound sessions (resolver thread, sockets).
-//! - [`conn`]: a connection's socket, readiness, output buffer and state enum
-//!   (`Http` → `Ws` on upgrade → `Closing`).
-//! - Protocol, all sans-io (bytes in, bytes out, time passed in):
-//!   [`http`] (request heads, chunked bodies, responses), [`ws`] (tungstenite over our
-//!   buffers), [`jsonrpc`] (envelopes and the error table), [`jwt`] (HS256).
-//! - Semantics, as `impl Proxy` blocks over the shared state in [`proxy`]:
-//!   [`api`] (the route table, HTTP framing, one module per group of endpoints),
-//!   [`data`] (resources), [`control`] (control sessions), [`router`] (send, deliver,
-//!   answer, queue, broadcast), [`outbound`] (dialling decisions), [`durable`] (what is
-//!   persisted, the group commit, restore).
-//! - State: [`registry`] (fixed-capacity server table), [`session`], [`revocations`],
-//!   [`metrics`], [`audit`], [`store`] (the state dir), [`config`] (every variable,
-//!   validated once). [`clock`]: the turn's one reading of the clocks, taken by the reactor.
-//! - Test drivers: [`sim`] (a seeded simulation of a federation), [`harness`] (one fuzzed
-//!   session).
+//! - [`federation`]: the core. Registry, control sessions' protocol state (by `SessionId`),
+//!   routing, pending deliveries, queues, the durability policy, dialling decisions, tokens.
+//!   It holds no socket, no file and no clock: it is called with what happened (a frame, a
+//!   session opened or lost, a request, a commit's outcome) and the turn's time, and answers
+//!   with [`federation::action::Action`]s.
+//! - [`api`]: the route table (decided on the request head) and the core's HTTP handlers.
+//! - [`io`]: the reactor's side. The `mio` loop, the connection slab, TLS, HTTP framing on a
+//!   connection, the WebSocket framing in front of a session, resource streaming, dialling
+//!   sockets and the resolver thread; it reads the clock once per turn and carries out the
+//!   core's actions.
+//! - [`proto`]: codecs over byte buffers: HTTP, WebSocket, JSON-RPC, JWT, the client upgrade.
+//! - [`store`]: the state dir: the secret, the state log's records and file, resource files.
+//! - [`clock`] (the turn's one reading of both clocks), [`random`] (ids), [`timer`] (a
+//!   deadline map), [`metrics`], [`audit`], [`config`] (every variable, validated once),
+//!   [`logging`].
+//! - Test drivers of the core without sockets: [`sim`] (a seeded simulation of a
+//!   federation), [`harness`] (a fuzzed session).
 //!
 //! # Invariants
 //!

@@ -1,10 +1,11 @@
-//! The single deadline structure of the event loop.
+//! A deadline map: the reactor keeps one for its connections (HTTP head and idle, dialling
+//! handshake, close linger), the core one for its own (sessions' welcome, heartbeat and
+//! expiry, delivery timeouts, TTLs, dial backoff); the loop waits once, for the nearer.
 //!
-//! Owns every timer the proxy arms: connection deadlines (handshake, idle, heartbeat, token
-//! expiry), delivery timeouts and queued-message TTLs. It is an ordered map keyed by
-//! `(deadline, sequence)`, so the loop can ask for the nearest deadline (its `poll` timeout)
-//! and pop what is due. Cancelling is an exact removal, so the map holds only live timers and
-//! its size is bounded by what it times (connections, in-flight deliveries, queued messages).
+//! It is an ordered map keyed by `(deadline, sequence)`, so its owner can ask for the nearest
+//! deadline (the `poll` timeout) and pop what is due. Cancelling is an exact removal, so the map holds only live timers and
+//! its size is bounded by what it times (connections, sessions, in-flight deliveries, queued
+//! messages).
 //!
 //! It never reads the clock: `now` is always passed in, which keeps every user testable.
 

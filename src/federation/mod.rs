@@ -15,7 +15,7 @@
 //! with [`Federation::take_actions`] and carries out in order (write a frame, close a
 //! session, answer a request, dial). The seams for other front ends and transports are
 //! [`SessionId`] (a local session today; anything that carries frames tomorrow) and
-//! [`RequestId`] (an HTTP request today).
+//! [`RequestId`](action::RequestId) (an HTTP request today).
 //!
 //! Invariants: the core never holds a socket, a `mio` handle or a clock; ids it hands out
 //! (`SessionId`, registry `Slot`) carry a generation, so a stale one never reaches a newer

@@ -34,7 +34,7 @@ pub enum ReplyTo {
         id: String,
         batch: Option<u64>,
     },
-    /// `POST /v1/messages`, answered with [`Action::Respond`].
+    /// `POST /v1/messages`, answered with `Action::Respond`.
     Http { req: RequestId },
 }
 

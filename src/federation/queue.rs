@@ -4,11 +4,11 @@
 //! Owns the queue of each registry entry: putting a copy in, in send order (its durable
 //! record first, when there is a state dir), the bound on what is held for one recipient
 //! (`FEDMCP_QUEUE_MAX_MESSAGES` queued, `FEDMCP_QUEUE_MAX_BYTES` for the queue plus the
-//! copies of direct deliveries awaiting an answer: [`Federation::hold`]), delivering queued copies
+//! copies of direct deliveries awaiting an answer: `Federation::hold`), delivering queued copies
 //! to an online recipient as it has room ([`Federation::pump`]), TTL expiry, and taking copies
 //! out (answered, expired, delivered as a notification, restored state, a removed server).
 //! Routing a send and answering its sender are `router`'s; this module never touches a
-//! socket.
+//! socket or a file (its records go into the turn's batch).
 
 use crate::federation::Federation;
 use crate::federation::action::CoreTimer;

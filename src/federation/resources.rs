@@ -3,8 +3,9 @@
 //! Owns what can be decided without touching a file or a socket: whether a resource name is
 //! acceptable (checked before any path is built from it), how a `Range` header applies to a
 //! resource of a given size, and the index of stored resources with the quota accounting
-//! (`FEDMCP_RESOURCE_MAX_BYTES` per resource, `FEDMCP_RESOURCE_QUOTA_BYTES` in all). The
-//! streaming to and from disk is built on these (issue 5).
+//! (`FEDMCP_RESOURCE_MAX_BYTES` per resource, `FEDMCP_RESOURCE_QUOTA_BYTES` in all and
+//! `FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES` per owner), and who may read one (`?readers=`).
+//! The streaming to and from disk (`io::data`, `store::blobs`) is built on these.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -7,9 +7,11 @@
 //! signatures, and settling a recipient's deliveries when it goes away. A recipient's queue
 //! (store-and-forward, TTLs, the bytes held for it) is `queue`'s.
 //!
-//! Invariants: every `Pending` entry has exactly one owner of its answer (`ReplyTo`); a
-//! recipient's deliveries are written to its one output buffer in the order sent, so order
-//! per sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
+//! Invariants: every `Pending` entry has exactly one owner of its answer (`ReplyTo`: a
+//! session's request, or an HTTP request answered with `Action::Respond`); a recipient's
+//! deliveries are asked for on its one session in the order sent, so order per
+//! sender→recipient pair holds; the `message` bytes are forwarded exactly as they arrived.
+//! Part of the core: no socket, no clock.
 //! Bounds: unsent bytes per session ([`Federation::unsent_bound`]), deliveries awaiting one
 //! recipient ([`MAX_INFLIGHT_PER_RECIPIENT`]), and (through `queue`) the bytes held for one
 //! recipient, so no copy is ever outside a bound.

@@ -7,10 +7,11 @@
 //! decoded once and validated before any path is built; sizes and the quotas (in all and per
 //! owner) are checked before and while bytes arrive (`413`, `507 quota_exceeded`); a cut-off
 //! or refused upload leaves nothing behind. The token is checked on the head, before any
-//! byte of a body is read (`api`), and `Expect: 100-continue` is answered only once the
+//! byte of a body is read (`io::http`), and `Expect: 100-continue` is answered only once the
 //! upload is accepted. Who may read a resource (`?readers=`) is decided here: a listing
 //! shows, and a `GET`/`HEAD` serves, only what the caller may read; others get `404`.
-//! Files are the `store::blobs` module's; the index and quota are `resources`'.
+//! Files are the `store::blobs` module's (opened by the reactor's side); the index and
+//! quotas are the core's (`federation::resources`).
 
 use crate::api::Resp;
 use crate::federation::resources::{

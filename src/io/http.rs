@@ -8,8 +8,10 @@
 //!
 //! Bounds: a head is at most `MAX_HEAD_BYTES` (`431`), a JSON body at most
 //! `FEDMCP_MAX_MESSAGE_BYTES` (`413`); no further request is read while an answer is owed
-//! (pipelined requests wait in the socket, not in memory). Parsing is the sans-io `http`
-//! module's; this module never touches a socket.
+//! (pipelined requests wait in the socket, not in memory). Parsing is `proto::http`'s; what
+//! a request means is the core's (`Federation::handle`), except `GET /v1/control`
+//! (`upgrade`), resources' bodies (`data`) and `/metrics` (whose gauges count connections).
+//! It works on the connection's buffers; the reactor moves them to and from the socket.
 
 use crate::api::{Resp, Route, bearer, internal_error, rpc_error_resp};
 use crate::io::conn::{ConnId, ConnState, HttpPhase};

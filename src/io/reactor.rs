@@ -1,16 +1,18 @@
-//! The event loop: one thread, one `mio::Poll`, sockets in a slab, one deadline structure.
+//! The event loop: one thread, one `mio::Poll`, sockets in a slab, one wait per turn.
 //!
 //! Owns readiness and nothing else: it accepts (refusing at `FEDMCP_MAX_CONNECTIONS`), tracks
 //! each socket's readable/writable state (cleared only on `WouldBlock`, because mio is
 //! edge-triggered), reads into one scratch buffer with a per-connection budget per wake-up
 //! (a busy peer cannot starve the others; what is left is read on the next turn), hands the
-//! bytes to the connection's protocol state, fires due timers, and flushes every connection
-//! that has output once per turn. Signals arrive as readiness (signal-hook-mio): SIGTERM and
+//! bytes to the connection's protocol state (and through it to the core), fires due
+//! deadlines (the connections' and the core's), has the turn's records committed, and
+//! flushes every connection that has output once per turn. Signals arrive as readiness (signal-hook-mio): SIGTERM and
 //! SIGINT start the drain, SIGHUP asks for a certificate reload.
 //!
 //! It never interprets protocol bytes and never sleeps: the poll timeout is the nearest
 //! deadline, so an idle proxy makes no wake-ups at all. It is the only reader of the clock:
-//! one reading per turn (`Proxy::now`) is the time every handler of that turn works with.
+//! one reading per turn (`Federation::now`) is the time every handler of that turn works
+//! with.
 
 use crate::clock::Now;
 use crate::io::conn::{Closing, Conn, ConnId, ConnState, HttpConn, HttpPhase, ReadOutcome};

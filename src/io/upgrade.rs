@@ -3,7 +3,8 @@
 //!
 //! Owns the upgrade's checks (`Upgrade`/`Connection` tokens, version 13, the key), the `101`
 //! with the selected subprotocol, and handing the connection and any bytes after the head to
-//! the session the core opens (`Federation::open_session`). The token was checked on the head (`http`).
+//! the session the core opens (`Federation::open_session`). The token was checked on the
+//! head (`http`).
 
 use super::http::Outcome;
 use crate::api::Resp;
