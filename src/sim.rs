@@ -649,7 +649,7 @@ impl Sim {
             .find(|(r, _)| *r == req)
             .and_then(|(_, a)| match a {
                 Answer::Http(r) => Some(r),
-                Answer::Rpc(_) => None,
+                Answer::Rpc(_) | Answer::Mcp(_) => None,
             });
         let status = now.or(later).map(|r| r.status);
         if status != Some(204) {

@@ -57,6 +57,8 @@ pub enum Route<'a> {
     IssueToken,
     PostMessage,
     Control,
+    /// `/mcp` (§9), any method: the MCP facade over Streamable HTTP.
+    Mcp,
     ListResources,
     /// `PUT /v1/resources/{name}`: streamed to disk (`data`).
     Upload(&'a str),
@@ -85,6 +87,7 @@ impl<'a> Route<'a> {
             "/v1/token" => NotAllowed("POST"),
             "/v1/messages" if m == Method::Post => PostMessage,
             "/v1/messages" => NotAllowed("POST"),
+            "/mcp" => Mcp,
             "/v1/control" if m == Method::Get => Control,
             "/v1/control" => NotAllowed("GET"),
             "/v1/resources" if get => ListResources,
@@ -125,7 +128,7 @@ impl<'a> Route<'a> {
             Register | ListServers | GetServer(_) | RemoveServer(_) | RotateKey(_)
             | RevokeToken(_) => Some(Want::Admin),
             IssueToken | PostMessage | Control | Upload(_) => Some(Want::Federation),
-            ListResources | Resource(_) => Some(Want::Either),
+            ListResources | Resource(_) | Mcp => Some(Want::Either),
         }
     }
 }

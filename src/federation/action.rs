@@ -70,6 +70,8 @@ pub enum Answer {
     Rpc(Result<String, crate::proto::jsonrpc::RpcError>),
     /// A finished HTTP answer (a registration or a removal after its fsync).
     Http(crate::proto::http::response::Resp),
+    /// The JSON-RPC answer to an MCP request (§9), as its text.
+    Mcp(String),
 }
 
 /// What a timer in the core's deadline structure stands for.

@@ -25,6 +25,7 @@
 pub mod action;
 pub mod control;
 pub mod durable;
+pub mod mcp;
 pub mod outbound;
 pub mod pending;
 pub mod queue;
@@ -141,6 +142,8 @@ pub struct Federation {
     pub overflow_bucket: Option<crate::federation::rate::Bucket>,
     /// Set while the state dir cannot be written (readyz 503), with the error.
     pub degraded: Option<String>,
+    /// MCP sessions of the facade (§9).
+    pub mcp: mcp::McpSessions,
     /// Name lookups in flight: lookup id → the server being dialled.
     pub lookups: HashMap<u64, Slot>,
     seq: u64,
@@ -180,6 +183,7 @@ impl Federation {
             revocations,
             overflow_bucket: None,
             degraded: None,
+            mcp: mcp::McpSessions::default(),
             lookups: HashMap::new(),
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),

@@ -36,6 +36,9 @@ pub enum ReplyTo {
     },
     /// `POST /v1/messages`, answered with `Action::Respond`.
     Http { req: RequestId },
+    /// An MCP `tools/call` (§9) over Streamable HTTP: the JSON-RPC answer with request id
+    /// `id` (its JSON text), answered with `Action::Respond`.
+    Mcp { req: RequestId, id: String },
 }
 
 /// What the sender gets now.

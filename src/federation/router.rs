@@ -234,6 +234,18 @@ impl Federation {
         }
     }
 
+    /// The session of the member in `slot` when it can take an MCP call now (§9: offline
+    /// `-32002`, over its bounds `-32004`).
+    pub(crate) fn mcp_recipient(&self, slot: Slot) -> Result<SessionId, RpcError> {
+        self.recipient_ready(slot, true).map_err(|online| {
+            if online {
+                RpcError::RecipientOverloaded
+            } else {
+                RpcError::ServerOffline
+            }
+        })
+    }
+
     /// The recipient's session when it can take a delivery now; else whether it is online
     /// (overloaded) or not.
     fn recipient_ready(&self, slot: Slot, awaits_answer: bool) -> Result<SessionId, bool> {
@@ -387,6 +399,17 @@ impl Federation {
         });
         let outcome = outcome.map(|r| r.get()).map_err(|e| e.get());
         match p.kind {
+            PendingKind::Direct {
+                reply_to: ReplyTo::Mcp { req, id },
+                ..
+            } => {
+                // An MCP call's answer is the member's, unchanged (§9).
+                let text = crate::federation::mcp::call_answer(&id, outcome);
+                self.act(Action::Respond {
+                    req,
+                    resp: Answer::Mcp(text),
+                });
+            }
             PendingKind::Direct {
                 reply_to, msg_id, ..
             } => {
@@ -549,6 +572,16 @@ impl Federation {
                 req,
                 resp: Answer::Rpc(r),
             }),
+            ReplyTo::Mcp { req, id } => {
+                let text = match r {
+                    Ok(res) => jsonrpc::result(&id, &res),
+                    Err(e) => jsonrpc::error(&id, &e),
+                };
+                self.act(Action::Respond {
+                    req,
+                    resp: Answer::Mcp(text),
+                });
+            }
         }
     }
 }

@@ -200,7 +200,7 @@ impl Proxy {
             None => None,
             Some(want) => {
                 let query_token = match route {
-                    Route::Control => head.query_param("token"),
+                    Route::Control | Route::Mcp => head.query_param("token"),
                     _ => None,
                 };
                 let token = bearer(&head).or(query_token.as_deref());
@@ -480,6 +480,7 @@ impl Proxy {
                 })
             }
             (Route::Control, Some(c)) => self.upgrade(id, head, c),
+            (Route::Mcp, Some(c)) => self.mcp_request(id, head, body, c),
             (Route::Resource(rest), Some(c)) => match self.resource_route(id, head, rest, c) {
                 Some(r) => Outcome::Respond(r),
                 None => Outcome::Streaming,
@@ -528,5 +529,69 @@ impl Proxy {
             }
         }
         g
+    }
+}
+
+impl Proxy {
+    /// `/mcp` over Streamable HTTP (§9): `POST` one JSON-RPC message, `DELETE` a session,
+    /// `GET` refused `405` (no server-initiated stream is offered). What a message means is
+    /// the core's (`Federation::mcp_http`); this is the transport's status codes and headers.
+    fn mcp_request(
+        &mut self,
+        id: ConnId,
+        head: &RequestHead,
+        body: &[u8],
+        claims: &jwt::Claims,
+    ) -> Outcome {
+        use crate::federation::mcp::{McpRefusal, McpReply, REVISIONS, SESSION_HEADER};
+        let session = head.header(SESSION_HEADER);
+        match head.method {
+            Method::Post => {}
+            Method::Delete => {
+                let r = match session {
+                    None => Resp::error(400, "bad_request", "an Mcp-Session-Id is required"),
+                    Some(s) if self.fed.mcp.end(s, &claims.server_id) => Resp::no_content(),
+                    Some(_) => Resp::error(404, "unknown_session", "no such MCP session"),
+                };
+                return Outcome::Respond(r);
+            }
+            _ => return Outcome::Respond(Resp::method_not_allowed("POST, DELETE")),
+        }
+        if let Some(v) = head.header("mcp-protocol-version")
+            && !REVISIONS.contains(&v)
+        {
+            return Outcome::Respond(Resp::error(
+                400,
+                "unsupported_protocol_version",
+                "this MCP protocol revision is not served",
+            ));
+        }
+        let Ok(text) = std::str::from_utf8(body) else {
+            return Outcome::Respond(Resp::error(400, "parse_error", "the body is not UTF-8"));
+        };
+        let req = Proxy::request_id(id);
+        match self.fed.mcp_http(req, &claims.server_id, session, text) {
+            Ok(McpReply::Now { text, session }) => {
+                let mut r = Resp::json(200, text.into_bytes());
+                if let Some(s) = session {
+                    r.headers.push(("Mcp-Session-Id", s));
+                }
+                Outcome::Respond(r)
+            }
+            Ok(McpReply::Accepted) => Outcome::Respond(Resp {
+                status: 202,
+                headers: Vec::new(),
+                body: Vec::new(),
+            }),
+            Ok(McpReply::Later) => Outcome::Later,
+            Err(McpRefusal::BadRequest(why)) => {
+                Outcome::Respond(Resp::error(400, "bad_request", why))
+            }
+            Err(McpRefusal::UnknownSession) => Outcome::Respond(Resp::error(
+                404,
+                "unknown_session",
+                "no such MCP session (it ended, or was never issued)",
+            )),
+        }
     }
 }

@@ -267,6 +267,9 @@ impl Proxy {
                 match resp {
                     Answer::Rpc(r) => self.http_async_answer(id, r),
                     Answer::Http(r) => self.http_finish(id, r),
+                    Answer::Mcp(text) => {
+                        self.http_finish(id, crate::api::Resp::json(200, text.into_bytes()))
+                    }
                 }
             }
             Action::Dial(req) => self.dial_requests.push(req),
