@@ -26,6 +26,8 @@ pub enum Event {
     RateLimited,
     TokenRevoked,
     SigningKeyRotated,
+    McpSessionOpened,
+    McpSessionClosed,
 }
 
 impl Event {
@@ -40,6 +42,8 @@ impl Event {
             Event::RateLimited => "rate_limited",
             Event::TokenRevoked => "token_revoked",
             Event::SigningKeyRotated => "signing_key_rotated",
+            Event::McpSessionOpened => "mcp_session_opened",
+            Event::McpSessionClosed => "mcp_session_closed",
         }
     }
 }

@@ -68,6 +68,10 @@ impl MsgResult {
     }
 }
 
+/// The MCP methods counted in `fedmcp_mcp_requests_total{method=...}` (§9); every other
+/// method is `other`.
+pub const MCP_METHODS: [&str; 5] = ["initialize", "ping", "tools/list", "tools/call", "other"];
+
 /// The reasons counted in `fedmcp_auth_failures_total{reason=...}`: the contract's token codes.
 pub const AUTH_REASONS: [&str; 9] = [
     "missing_token",
@@ -104,6 +108,8 @@ pub struct Gauges {
 pub struct Metrics {
     messages: [u64; MsgResult::ALL.len()],
     auth_failures: [u64; AUTH_REASONS.len()],
+    /// MCP requests answered, by method and by result (ok, error).
+    mcp_requests: [[u64; 2]; MCP_METHODS.len()],
     delivery_counts: [u64; DELIVERY_BUCKETS.len()],
     delivery_sum: f64,
     delivery_count: u64,
@@ -125,6 +131,15 @@ impl Metrics {
 
     pub fn messages_of(&self, r: MsgResult) -> u64 {
         self.messages[r as usize]
+    }
+
+    /// Counts an MCP request answered (`ok`: a result, else a JSON-RPC error).
+    pub fn mcp_request(&mut self, method: &str, ok: bool) {
+        let i = MCP_METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or(MCP_METHODS.len() - 1);
+        self.mcp_requests[i][usize::from(!ok)] += 1;
     }
 
     /// Counts an authentication failure; an unknown reason is counted as `malformed_token`.
@@ -193,6 +208,19 @@ impl Metrics {
             resident_memory_bytes(),
         );
 
+        let _ = writeln!(
+            s,
+            "# HELP fedmcp_mcp_requests_total MCP requests answered, by method and result."
+        );
+        let _ = writeln!(s, "# TYPE fedmcp_mcp_requests_total counter");
+        for (m, counts) in MCP_METHODS.iter().zip(self.mcp_requests.iter()) {
+            for (result, v) in ["ok", "error"].iter().zip(counts.iter()) {
+                let _ = writeln!(
+                    s,
+                    "fedmcp_mcp_requests_total{{method=\"{m}\",result=\"{result}\"}} {v}"
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "# HELP fedmcp_messages_total Messages handled, by result."

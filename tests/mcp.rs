@@ -227,6 +227,19 @@ fn sessions_revisions_and_status_codes() {
     );
     assert_eq!(mcp(&p, "DELETE", &t, Some(&sid), None, None).status, 404);
     assert_eq!(mcp(&p, "DELETE", &t, None, None, None).status, 400);
+    // Counted by method and result; sessions opened and closed are audited.
+    let m = p.http("GET", "/metrics", None, None).text();
+    for line in [
+        "fedmcp_mcp_requests_total{method=\"initialize\",result=\"ok\"} 2",
+        "fedmcp_mcp_requests_total{method=\"ping\",result=\"ok\"} 1",
+        "fedmcp_mcp_requests_total{method=\"other\",result=\"error\"} 1",
+    ] {
+        assert!(m.contains(line), "{line} not in:\n{m}");
+    }
+    let log = p.stderr_text();
+    assert!(log.contains("\"event\":\"mcp_session_opened\""), "{log}");
+    assert!(log.contains("\"event\":\"mcp_session_closed\""), "{log}");
+    assert!(!log.contains(&t), "no token in the log");
 }
 
 #[test]
@@ -356,6 +369,13 @@ fn tools_call_is_delivered_with_the_exact_message_and_answered_unchanged() {
     a.send(&json!({"jsonrpc": "2.0", "id": "sync", "method": "federation/servers"}));
     let next = a.recv();
     assert_eq!(next["id"], "sync", "nothing was delivered: {next}");
+    let m = p.http("GET", "/metrics", None, None).text();
+    for line in [
+        "fedmcp_mcp_requests_total{method=\"tools/call\",result=\"ok\"} 1",
+        "fedmcp_mcp_requests_total{method=\"tools/call\",result=\"error\"} 5",
+    ] {
+        assert!(m.contains(line), "{line} not in:\n{m}");
+    }
 }
 
 #[test]

@@ -15,6 +15,7 @@
 //! most [`TOOLS_PAGE`] tools; a call is bounded like any delivery (the member's inflight
 //! bound, its output bound, the delivery timeout) and counts against the caller's rate.
 
+use crate::audit::Event;
 use crate::federation::Federation;
 use crate::federation::action::{RequestId, Slot};
 use crate::federation::pending::{PendingKind, ReplyTo};
@@ -23,6 +24,7 @@ use base64::Engine;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 /// Tools per `tools/list` page (§9).
 pub const TOOLS_PAGE: usize = 100;
@@ -79,7 +81,9 @@ impl McpSessions {
         Some(s)
     }
 
-    fn insert(&mut self, id: String, s: McpSession, cap: usize) {
+    /// Adds a session; at `cap`, the least recently used one is forgotten and returned.
+    fn insert(&mut self, id: String, s: McpSession, cap: usize) -> Option<McpSession> {
+        let mut evicted = None;
         if self.map.len() >= cap.max(1)
             && let Some(oldest) = self
                 .map
@@ -87,9 +91,10 @@ impl McpSessions {
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(k, _)| k.clone())
         {
-            self.map.remove(&oldest);
+            evicted = self.map.remove(&oldest);
         }
         self.map.insert(id, s);
+        evicted
     }
 
     /// Ends session `id` of `caller`; false when there was none.
@@ -297,6 +302,7 @@ impl Federation {
         &mut self,
         req: RequestId,
         caller: &str,
+        peer: Option<SocketAddr>,
         session: Option<&str>,
         text: &str,
     ) -> Result<McpReply, McpRefusal> {
@@ -320,7 +326,8 @@ impl Federation {
             let Some(id) = id else {
                 return Ok(McpReply::Accepted);
             };
-            return Ok(self.mcp_initialize(caller, id.get(), params));
+            self.metrics.mcp_request("initialize", true);
+            return Ok(self.mcp_initialize(caller, peer, id.get(), params));
         }
         let Some(sid) = session else {
             return Err(McpRefusal::BadRequest(
@@ -339,24 +346,36 @@ impl Federation {
             text,
             session: None,
         };
-        Ok(match method.as_ref() {
-            "ping" => now(jsonrpc::result(id, "{}")),
-            "tools/list" => now(self.mcp_tools_list(id, params)),
+        let (reply, ok) = match method.as_ref() {
+            "ping" => (now(jsonrpc::result(id, "{}")), true),
+            "tools/list" => match self.mcp_tools_list(id, params) {
+                Ok(t) => (now(t), true),
+                Err(t) => (now(t), false),
+            },
             "tools/call" => {
                 let reply_to = ReplyTo::Mcp {
                     req,
                     id: id.to_string(),
                 };
                 match self.mcp_call(caller, params, reply_to) {
-                    Ok(()) => McpReply::Later,
-                    Err(text) => now(text),
+                    // Counted when its answer comes.
+                    Ok(()) => return Ok(McpReply::Later),
+                    Err(text) => (now(text), false),
                 }
             }
-            _ => now(jsonrpc::error(id, &RpcError::MethodNotFound)),
-        })
+            _ => (now(jsonrpc::error(id, &RpcError::MethodNotFound)), false),
+        };
+        self.metrics.mcp_request(&method, ok);
+        Ok(reply)
     }
 
-    fn mcp_initialize(&mut self, caller: &str, id: &str, params: Option<&RawValue>) -> McpReply {
+    fn mcp_initialize(
+        &mut self,
+        caller: &str,
+        peer: Option<SocketAddr>,
+        id: &str,
+        params: Option<&RawValue>,
+    ) -> McpReply {
         let asked: Option<String> = params_of::<InitializeParams>(params)
             .ok()
             .and_then(|p| p.protocol_version.map(|v| v.into_owned()));
@@ -373,7 +392,15 @@ impl Federation {
             last_used: self.mcp.uses,
         };
         let cap = self.mcp_sessions_cap();
-        self.mcp.insert(session.clone(), s, cap);
+        if let Some(old) = self.mcp.insert(session.clone(), s, cap) {
+            self.audit(
+                Event::McpSessionClosed,
+                Some(&old.caller),
+                None,
+                Some("evicted"),
+            );
+        }
+        self.audit(Event::McpSessionOpened, Some(caller), peer, None);
         let result = format!(
             "{{\"protocolVersion\":\"{revision}\",\"serverInfo\":{{\"name\":\"fedmcp\",\"version\":\"{}\"}},\"capabilities\":{{\"tools\":{{\"listChanged\":true}}}}}}",
             env!("CARGO_PKG_VERSION")
@@ -384,23 +411,42 @@ impl Federation {
         }
     }
 
-    fn mcp_tools_list(&self, id: &str, params: Option<&RawValue>) -> String {
+    /// `tools/list`'s answer: `Ok` a page, `Err` an error answer.
+    fn mcp_tools_list(&self, id: &str, params: Option<&RawValue>) -> Result<String, String> {
         let p: ListParams = match params_of(params) {
             Ok(p) => p,
-            Err(e) => return error_with(id, INVALID_PARAMS, &format!("invalid params: {e}")),
+            Err(e) => {
+                return Err(error_with(
+                    id,
+                    INVALID_PARAMS,
+                    &format!("invalid params: {e}"),
+                ));
+            }
         };
         let after = match p.cursor.as_deref() {
             None => None,
             Some(c) => match cursor_position(c) {
                 Some(a) => Some(a),
-                None => return error_with(id, INVALID_PARAMS, "invalid cursor"),
+                None => return Err(error_with(id, INVALID_PARAMS, "invalid cursor")),
             },
         };
         let tools = self.mcp_tools();
         let (page, next) = page(&tools, after.as_deref());
         let items: Vec<String> = page.iter().map(|t| t.object.to_string()).collect();
         let next = next.map_or(String::new(), |c| format!(",\"nextCursor\":\"{c}\""));
-        jsonrpc::result(id, &format!("{{\"tools\":[{}]{next}}}", items.join(",")))
+        Ok(jsonrpc::result(
+            id,
+            &format!("{{\"tools\":[{}]{next}}}", items.join(",")),
+        ))
+    }
+
+    /// `DELETE /mcp`: ends session `id` of `caller`; false when there was none.
+    pub fn mcp_end(&mut self, id: &str, caller: &str, peer: Option<SocketAddr>) -> bool {
+        let ended = self.mcp.end(id, caller);
+        if ended {
+            self.audit(Event::McpSessionClosed, Some(caller), peer, Some("deleted"));
+        }
+        ended
     }
 
     /// `tools/call`: delivered to the tool's member, or answered now with an error.
@@ -622,7 +668,7 @@ mod tests {
                 revision: REVISIONS[3],
                 last_used: t.uses,
             };
-            t.insert(format!("s{i}"), s, 3);
+            assert!(t.insert(format!("s{i}"), s, 3).is_none());
         }
         assert!(
             t.touch("s0", "c").is_some(),
@@ -638,7 +684,8 @@ mod tests {
             revision: REVISIONS[3],
             last_used: t.uses,
         };
-        t.insert("s3".into(), s, 3);
+        let evicted = t.insert("s3".into(), s, 3).expect("one forgotten");
+        assert_eq!(evicted.last_used, 2, "the least recently used");
         assert_eq!(t.len(), 3);
         assert!(t.touch("s1", "c").is_none());
         assert!(t.touch("s0", "c").is_some());

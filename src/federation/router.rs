@@ -404,6 +404,7 @@ impl Federation {
                 ..
             } => {
                 // An MCP call's answer is the member's, unchanged (§9).
+                self.metrics.mcp_request("tools/call", outcome.is_ok());
                 let text = crate::federation::mcp::call_answer(&id, outcome);
                 self.act(Action::Respond {
                     req,
@@ -573,6 +574,7 @@ impl Federation {
                 resp: Answer::Rpc(r),
             }),
             ReplyTo::Mcp { req, id } => {
+                self.metrics.mcp_request("tools/call", r.is_ok());
                 let text = match r {
                     Ok(res) => jsonrpc::result(&id, &res),
                     Err(e) => jsonrpc::error(&id, &e),

@@ -545,12 +545,13 @@ impl Proxy {
     ) -> Outcome {
         use crate::federation::mcp::{McpRefusal, McpReply, REVISIONS, SESSION_HEADER};
         let session = head.header(SESSION_HEADER);
+        let peer = self.conn(id).map(|c| c.peer);
         match head.method {
             Method::Post => {}
             Method::Delete => {
                 let r = match session {
                     None => Resp::error(400, "bad_request", "an Mcp-Session-Id is required"),
-                    Some(s) if self.fed.mcp.end(s, &claims.server_id) => Resp::no_content(),
+                    Some(s) if self.fed.mcp_end(s, &claims.server_id, peer) => Resp::no_content(),
                     Some(_) => Resp::error(404, "unknown_session", "no such MCP session"),
                 };
                 return Outcome::Respond(r);
@@ -570,7 +571,10 @@ impl Proxy {
             return Outcome::Respond(Resp::error(400, "parse_error", "the body is not UTF-8"));
         };
         let req = Proxy::request_id(id);
-        match self.fed.mcp_http(req, &claims.server_id, session, text) {
+        match self
+            .fed
+            .mcp_http(req, &claims.server_id, peer, session, text)
+        {
             Ok(McpReply::Now { text, session }) => {
                 let mut r = Resp::json(200, text.into_bytes());
                 if let Some(s) = session {
