@@ -412,7 +412,8 @@ impl Sim {
                 Action::Ping { .. }
                 | Action::Dial(_)
                 | Action::StopDial { .. }
-                | Action::RemoveResources { .. } => continue,
+                | Action::RemoveResources { .. }
+                | Action::McpSend { .. } => continue,
                 Action::Respond { req, resp } => {
                     answers.push((req, resp));
                     continue;

@@ -438,3 +438,96 @@ fn send_raw(addr: std::net::SocketAddr, req: &str) -> Resp {
     let _ = s.read_to_end(&mut out);
     Resp::parse(&out).unwrap_or_else(|| panic!("unparseable: {:?}", String::from_utf8_lossy(&out)))
 }
+
+/// An MCP client over WebSocket as the official SDK 1.x `websocket_client` connects: the
+/// token in `?token=`, the subprotocol `mcp`, no other header.
+fn mcp_ws(p: &Proxy, token: &str) -> Result<Ws, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{}/mcp?token={token}", p.addr);
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tungstenite::http::HeaderValue::from_static("mcp"),
+    );
+    let stream = TcpStream::connect(p.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (ws, resp) = tungstenite::client::client(req, stream).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+    })?;
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("mcp"),
+        "the subprotocol is selected"
+    );
+    Ok(Ws { ws })
+}
+
+#[test]
+fn the_websocket_transport_lists_calls_and_tells_of_changes() {
+    let p = Proxy::start(&[]);
+    let mut a = member(&p, "alpha", json!([{"name": "echo"}]));
+    let t = p.federation_token("client");
+    // A bad token is refused before the upgrade.
+    match mcp_ws(&p, "garbage") {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    let mut c = mcp_ws(&p, &t).expect("upgrade");
+    c.send(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}));
+    let r = c.recv_id(&json!(1));
+    assert_eq!(r["result"]["protocolVersion"], "2025-03-26");
+    c.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    c.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let r = c.recv_id(&json!(2));
+    assert_eq!(
+        names(r["result"]["tools"].as_array().unwrap()),
+        ["alpha__echo"]
+    );
+    // A call goes to the member and its answer comes back on the socket.
+    c.send(&json!({"jsonrpc": "2.0", "id": "k", "method": "tools/call",
+        "params": {"name": "alpha__echo", "arguments": {"s": "hi"}}}));
+    let d = a.recv_method("federation/deliver");
+    assert_eq!(d["params"]["message"]["params"]["arguments"]["s"], "hi");
+    a.answer(&d, json!({"content": [{"type": "text", "text": "hi"}]}));
+    let r = c.recv_id(&json!("k"));
+    assert_eq!(r["result"]["content"][0]["text"], "hi");
+    // A member joins: list_changed within a second, and the next list shows its tools.
+    let t0 = std::time::Instant::now();
+    let b = member(&p, "beta", json!([{"name": "sum"}]));
+    let n = c.recv_method("notifications/tools/list_changed");
+    assert!(n.get("id").is_none());
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    c.send(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}));
+    let r = c.recv_id(&json!(3));
+    assert_eq!(
+        names(r["result"]["tools"].as_array().unwrap()),
+        ["alpha__echo", "beta__sum"]
+    );
+    // A member leaves: list_changed again, and its tools are gone.
+    drop(b);
+    c.recv_method("notifications/tools/list_changed");
+    c.send(&json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list"}));
+    let r = c.recv_id(&json!(4));
+    assert_eq!(
+        names(r["result"]["tools"].as_array().unwrap()),
+        ["alpha__echo"]
+    );
+    // A member that comes online with no tools changes nothing: no notification.
+    let _quiet = member(&p, "quiet", json!([]));
+    c.send(&json!({"jsonrpc": "2.0", "id": 5, "method": "ping"}));
+    let r = c.recv();
+    assert_eq!(
+        r["id"], 5,
+        "no list_changed when the tools did not change: {r}"
+    );
+    // Binary frames are refused like on the control channel.
+    c.ws.send(tungstenite::Message::Binary(vec![1u8, 2].into()))
+        .unwrap();
+    assert_eq!(c.recv_close(), Some(1003));
+}

@@ -127,6 +127,8 @@ impl Federation {
                 };
                 let was_registered = e.registered;
                 apply_registration(e, &b);
+                // An online server's capabilities may have changed its tools (§9).
+                self.mcp_tools_may_change();
                 if was_registered { 200 } else { 201 }
             }
             None => {
@@ -298,6 +300,7 @@ impl Federation {
             self.settle_deliveries(session, crate::federation::pending::Gone::Removed);
             self.close_session(session, 4001, "server removed");
         }
+        self.mcp_tools_may_change();
         self.drop_queue(slot);
         let at = self.now.secs();
         let mut record = None;

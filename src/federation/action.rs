@@ -58,6 +58,8 @@ pub enum Action {
     Dial(crate::federation::action::DialRequest),
     /// Stop a dialling attempt's connection.
     StopDial { link: LinkId, why: String },
+    /// Write a text frame to an MCP client's WebSocket session (§9).
+    McpSend { link: LinkId, text: String },
     /// Delete the files of these resources of `owner` (a removed server's; the core has
     /// already forgotten them).
     RemoveResources { owner: String, names: Vec<String> },

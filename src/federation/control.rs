@@ -123,6 +123,7 @@ impl Federation {
         {
             e.presence = Presence::Offline;
             e.capabilities = e.reg_capabilities.clone();
+            self.mcp_tools_may_change();
         }
         self.settle_deliveries(id, crate::federation::pending::Gone::Offline);
         if sess.outbound {
@@ -455,6 +456,7 @@ impl Federation {
                         e.capabilities = c;
                     }
                 }
+                self.mcp_tools_may_change();
                 self.pump(slot);
             }
             _ => self.on_delivery_answer(id, n, outcome),

@@ -17,7 +17,7 @@
 
 use crate::audit::Event;
 use crate::federation::Federation;
-use crate::federation::action::{RequestId, Slot};
+use crate::federation::action::{Action, LinkId, RequestId, Slot};
 use crate::federation::pending::{PendingKind, ReplyTo};
 use crate::proto::jsonrpc::{self, Msg, RpcError};
 use base64::Engine;
@@ -55,11 +55,24 @@ pub struct McpSession {
     last_used: u64,
 }
 
-/// The MCP sessions, by id.
+/// An MCP client's WebSocket session (one per connection).
+#[derive(Debug)]
+pub struct McpWs {
+    pub caller: String,
+    pub peer: Option<SocketAddr>,
+}
+
+/// The MCP sessions: Streamable HTTP ones by id, WebSocket ones by connection.
 #[derive(Debug, Default)]
 pub struct McpSessions {
     map: HashMap<String, McpSession>,
     uses: u64,
+    /// WebSocket sessions (bounded by the connections that carry them).
+    pub ws: HashMap<LinkId, McpWs>,
+    /// The digest of the tools the WebSocket sessions were last told of.
+    tools_digest: u64,
+    /// Presence or capabilities changed this turn: compare the tools at the turn's end.
+    tools_maybe_changed: bool,
 }
 
 impl McpSessions {
@@ -249,6 +262,39 @@ pub fn call_answer(id: &str, outcome: Result<&str, &str>) -> String {
     }
 }
 
+/// The revision an `initialize` is answered with: the one asked for when served, else the
+/// latest (§9).
+fn revision_for(params: Option<&RawValue>) -> &'static str {
+    let asked: Option<String> = params_of::<InitializeParams>(params)
+        .ok()
+        .and_then(|p| p.protocol_version.map(|v| v.into_owned()));
+    asked
+        .as_deref()
+        .and_then(|a| REVISIONS.iter().find(|r| **r == a))
+        .copied()
+        .unwrap_or(REVISIONS[REVISIONS.len() - 1])
+}
+
+/// `initialize`'s result (§9).
+fn initialize_result(params: Option<&RawValue>) -> String {
+    format!(
+        "{{\"protocolVersion\":\"{}\",\"serverInfo\":{{\"name\":\"fedmcp\",\"version\":\"{}\"}},\"capabilities\":{{\"tools\":{{\"listChanged\":true}}}}}}",
+        revision_for(params),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// A digest of the tools a client would list (names and declarations), to tell a change.
+fn tools_digest(tools: &[Tool]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in tools {
+        t.name.hash(&mut h);
+        t.object.to_string().hash(&mut h);
+    }
+    h.finish()
+}
+
 #[derive(serde::Deserialize)]
 struct InitializeParams<'a> {
     #[serde(default, rename = "protocolVersion", borrow)]
@@ -342,31 +388,142 @@ impl Federation {
             return Ok(McpReply::Accepted);
         };
         let id = id.get();
-        let now = |text: String| McpReply::Now {
-            text,
-            session: None,
+        let reply_to = ReplyTo::Mcp {
+            req,
+            id: id.to_string(),
         };
-        let (reply, ok) = match method.as_ref() {
-            "ping" => (now(jsonrpc::result(id, "{}")), true),
-            "tools/list" => match self.mcp_tools_list(id, params) {
-                Ok(t) => (now(t), true),
-                Err(t) => (now(t), false),
+        Ok(
+            match self.mcp_method(caller, id, &method, params, reply_to) {
+                Some(text) => McpReply::Now {
+                    text,
+                    session: None,
+                },
+                None => McpReply::Later,
             },
-            "tools/call" => {
-                let reply_to = ReplyTo::Mcp {
-                    req,
-                    id: id.to_string(),
-                };
-                match self.mcp_call(caller, params, reply_to) {
-                    // Counted when its answer comes.
-                    Ok(()) => return Ok(McpReply::Later),
-                    Err(text) => (now(text), false),
+        )
+    }
+
+    /// A request other than `initialize`: its answer now, or `None` when a call went to a
+    /// member (the answer goes to `reply_to` when it comes). Counted in the metrics.
+    fn mcp_method(
+        &mut self,
+        caller: &str,
+        id: &str,
+        method: &str,
+        params: Option<&RawValue>,
+        reply_to: ReplyTo,
+    ) -> Option<String> {
+        let (text, ok) = match method {
+            "ping" => (jsonrpc::result(id, "{}"), true),
+            "tools/list" => match self.mcp_tools_list(id, params) {
+                Ok(t) => (t, true),
+                Err(t) => (t, false),
+            },
+            "tools/call" => match self.mcp_call(caller, params, reply_to) {
+                // Counted when its answer comes.
+                Ok(()) => return None,
+                Err(text) => (text, false),
+            },
+            _ => (jsonrpc::error(id, &RpcError::MethodNotFound), false),
+        };
+        self.metrics.mcp_request(method, ok);
+        Some(text)
+    }
+
+    // ---- the WebSocket transport: one MCP session per connection -------------------------
+
+    /// An MCP client's WebSocket (`GET /mcp`, subprotocol `mcp`) was accepted for `caller`;
+    /// the connection is `link`. The session is the connection's: `initialize` answers on it
+    /// and issues no id.
+    pub fn mcp_ws_open(&mut self, link: LinkId, caller: &str, peer: Option<SocketAddr>) {
+        if !self.mcp.tools_maybe_changed {
+            // What this client will list is what every session was last told of.
+            self.mcp.tools_digest = tools_digest(&self.mcp_tools());
+        }
+        self.mcp.ws.insert(
+            link,
+            McpWs {
+                caller: caller.to_string(),
+                peer,
+            },
+        );
+        self.audit(
+            Event::McpSessionOpened,
+            Some(caller),
+            peer,
+            Some("websocket"),
+        );
+    }
+
+    /// The MCP client's WebSocket ended (closed, lost, or closed by the proxy).
+    pub fn mcp_ws_closed(&mut self, link: LinkId) {
+        if let Some(w) = self.mcp.ws.remove(&link) {
+            self.audit(
+                Event::McpSessionClosed,
+                Some(&w.caller),
+                w.peer,
+                Some("websocket"),
+            );
+        }
+    }
+
+    /// One text frame from an MCP client's WebSocket: its answer goes out on the same
+    /// connection (`Action::McpSend`), now or when a member answers.
+    pub fn mcp_ws_text(&mut self, link: LinkId, text: &str) {
+        let Some(caller) = self.mcp.ws.get(&link).map(|w| w.caller.clone()) else {
+            return;
+        };
+        let answer = match jsonrpc::parse_msg(text) {
+            Err(inv) => Some(jsonrpc::error(
+                inv.id.map_or("null", |i| i.get()),
+                &inv.error,
+            )),
+            Ok(Msg::Response { .. } | Msg::Notification { .. }) => None,
+            Ok(Msg::Request { id, method, params }) => {
+                let id = id.get();
+                if method == "initialize" {
+                    self.metrics.mcp_request("initialize", true);
+                    Some(jsonrpc::result(id, &initialize_result(params)))
+                } else {
+                    let reply_to = ReplyTo::McpWs {
+                        link,
+                        id: id.to_string(),
+                    };
+                    self.mcp_method(&caller, id, &method, params, reply_to)
                 }
             }
-            _ => (now(jsonrpc::error(id, &RpcError::MethodNotFound)), false),
         };
-        self.metrics.mcp_request(&method, ok);
-        Ok(reply)
+        if let Some(text) = answer {
+            self.act(Action::McpSend { link, text });
+        }
+    }
+
+    /// Once a turn: when the tools a client would list have changed since it was last told,
+    /// every MCP WebSocket session gets `notifications/tools/list_changed` (§9: within a
+    /// second). Only looked at after a change of presence or capabilities.
+    pub fn mcp_end_turn(&mut self) {
+        if !std::mem::take(&mut self.mcp.tools_maybe_changed) || self.mcp.ws.is_empty() {
+            return;
+        }
+        let digest = tools_digest(&self.mcp_tools());
+        if digest == self.mcp.tools_digest {
+            return;
+        }
+        self.mcp.tools_digest = digest;
+        let mut links: Vec<LinkId> = self.mcp.ws.keys().copied().collect();
+        links.sort_by_key(|l| l.0);
+        for link in links {
+            let text = "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}";
+            self.act(Action::McpSend {
+                link,
+                text: text.to_string(),
+            });
+        }
+    }
+
+    /// A member's presence or capabilities changed: the tools may have.
+    pub(crate) fn mcp_tools_may_change(&mut self) {
+        self.mcp.tools_maybe_changed = true;
     }
 
     fn mcp_initialize(
@@ -376,14 +533,7 @@ impl Federation {
         id: &str,
         params: Option<&RawValue>,
     ) -> McpReply {
-        let asked: Option<String> = params_of::<InitializeParams>(params)
-            .ok()
-            .and_then(|p| p.protocol_version.map(|v| v.into_owned()));
-        let revision = asked
-            .as_deref()
-            .and_then(|a| REVISIONS.iter().find(|r| **r == a))
-            .copied()
-            .unwrap_or(REVISIONS[REVISIONS.len() - 1]);
+        let revision = revision_for(params);
         let session = crate::random::hex(&self.entropy.bytes::<16>());
         self.mcp.uses += 1;
         let s = McpSession {
@@ -401,12 +551,8 @@ impl Federation {
             );
         }
         self.audit(Event::McpSessionOpened, Some(caller), peer, None);
-        let result = format!(
-            "{{\"protocolVersion\":\"{revision}\",\"serverInfo\":{{\"name\":\"fedmcp\",\"version\":\"{}\"}},\"capabilities\":{{\"tools\":{{\"listChanged\":true}}}}}}",
-            env!("CARGO_PKG_VERSION")
-        );
         McpReply::Now {
-            text: jsonrpc::result(id, &result),
+            text: jsonrpc::result(id, &initialize_result(params)),
             session: Some(session),
         }
     }
@@ -457,7 +603,7 @@ impl Federation {
         reply_to: ReplyTo,
     ) -> Result<(), String> {
         let id = match &reply_to {
-            ReplyTo::Mcp { id, .. } => id.clone(),
+            ReplyTo::Mcp { id, .. } | ReplyTo::McpWs { id, .. } => id.clone(),
             _ => "null".to_string(),
         };
         let p: CallParams = match params_of(params) {

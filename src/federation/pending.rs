@@ -7,7 +7,7 @@
 //! `queue`, `durable` and `control` share them without importing one another.
 
 use crate::federation::action::Slot;
-use crate::federation::action::{RequestId, SessionId};
+use crate::federation::action::{LinkId, RequestId, SessionId};
 use crate::federation::registry::Queued;
 use crate::proto::http::response::Resp;
 use crate::proto::jsonrpc::RpcError;
@@ -39,6 +39,9 @@ pub enum ReplyTo {
     /// An MCP `tools/call` (§9) over Streamable HTTP: the JSON-RPC answer with request id
     /// `id` (its JSON text), answered with `Action::Respond`.
     Mcp { req: RequestId, id: String },
+    /// An MCP `tools/call` over an MCP client's WebSocket (§9): answered with
+    /// `Action::McpSend` on its connection.
+    McpWs { link: LinkId, id: String },
 }
 
 /// What the sender gets now.

@@ -412,6 +412,14 @@ impl Federation {
                 });
             }
             PendingKind::Direct {
+                reply_to: ReplyTo::McpWs { link, id },
+                ..
+            } => {
+                self.metrics.mcp_request("tools/call", outcome.is_ok());
+                let text = crate::federation::mcp::call_answer(&id, outcome);
+                self.act(Action::McpSend { link, text });
+            }
+            PendingKind::Direct {
                 reply_to, msg_id, ..
             } => {
                 let body = outcome_json(&msg_id, outcome);
@@ -573,6 +581,14 @@ impl Federation {
                 req,
                 resp: Answer::Rpc(r),
             }),
+            ReplyTo::McpWs { link, id } => {
+                self.metrics.mcp_request("tools/call", r.is_ok());
+                let text = match r {
+                    Ok(res) => jsonrpc::result(&id, &res),
+                    Err(e) => jsonrpc::error(&id, &e),
+                };
+                self.act(Action::McpSend { link, text });
+            }
             ReplyTo::Mcp { req, id } => {
                 self.metrics.mcp_request("tools/call", r.is_ok());
                 let text = match r {

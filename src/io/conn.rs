@@ -144,10 +144,19 @@ impl HttpConn {
     }
 }
 
+/// What a WebSocket connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    /// A member's control session (§4), the core's `SessionId`.
+    Control(crate::federation::action::SessionId),
+    /// An MCP client's session (§9), named to the core by this connection's link id.
+    Mcp(crate::federation::action::LinkId),
+}
+
 pub struct WsConn {
     pub ctx: tungstenite::protocol::WebSocketContext,
-    /// The core's session this connection carries.
-    pub session: crate::federation::action::SessionId,
+    /// The session this connection carries.
+    pub carries: Carries,
     /// Input read from the socket but not yet processed, because the session's output went
     /// over its bound mid-read (at most one read chunk: nothing more is read until it is
     /// processed).
@@ -285,15 +294,15 @@ impl Conn {
     }
 
     /// An upgraded connection (an HTTP request answered `101`, or a dial's answer) carries
-    /// `session` from now on. Returns the state it left.
+    /// `carries` from now on. Returns the state it left.
     pub fn carry_session(
         &mut self,
         ctx: tungstenite::protocol::WebSocketContext,
-        session: crate::federation::action::SessionId,
+        carries: Carries,
     ) -> ConnState {
         let ws = WsConn {
             ctx,
-            session,
+            carries,
             stash: Vec::new(),
         };
         std::mem::replace(&mut self.state, ConnState::Ws(Box::new(ws)))

@@ -508,7 +508,13 @@ impl Proxy {
         for (_, c) in self.conns.iter() {
             match &c.state {
                 crate::io::conn::ConnState::Ws(ws) => {
-                    if self.fed.session(ws.session).is_some_and(|s| s.is_online()) {
+                    let online = match ws.carries {
+                        crate::io::conn::Carries::Control(s) => {
+                            self.fed.session(s).is_some_and(|s| s.is_online())
+                        }
+                        crate::io::conn::Carries::Mcp(_) => true,
+                    };
+                    if online {
                         g.conns_online += 1;
                     } else {
                         g.conns_connecting += 1;
@@ -555,6 +561,9 @@ impl Proxy {
                     Some(_) => Resp::error(404, "unknown_session", "no such MCP session"),
                 };
                 return Outcome::Respond(r);
+            }
+            Method::Get if head.has_token("upgrade", "websocket") => {
+                return self.mcp_upgrade(id, head, claims);
             }
             _ => return Outcome::Respond(Resp::method_not_allowed("POST, DELETE")),
         }

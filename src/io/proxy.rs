@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::config::Config;
 use crate::federation::Federation;
 use crate::federation::action::{Action, Answer, LinkId, RequestId, SessionId};
-use crate::io::conn::{Conn, ConnId, ConnState};
+use crate::io::conn::{Carries, Conn, ConnId, ConnState};
 use crate::proto::ws::{Incoming, WsIo};
 use crate::timer::Timers;
 use slab::Slab;
@@ -198,7 +198,18 @@ impl Proxy {
     /// The session on a connection.
     pub fn session_of(&self, id: ConnId) -> Option<SessionId> {
         match &self.conn(id)?.state {
-            ConnState::Ws(ws) => Some(ws.session),
+            ConnState::Ws(ws) => match ws.carries {
+                Carries::Control(s) => Some(s),
+                Carries::Mcp(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// What a WebSocket connection carries.
+    fn carries(&self, id: ConnId) -> Option<Carries> {
+        match &self.conn(id)?.state {
+            ConnState::Ws(ws) => Some(ws.carries),
             _ => None,
         }
     }
@@ -215,9 +226,24 @@ impl Proxy {
             self.timers.cancel(t);
         }
         if let Some(conn) = self.conn_mut(id) {
-            conn.carry_session(ctx, session);
+            conn.carry_session(ctx, Carries::Control(session));
         }
         self.link(session, id);
+    }
+
+    /// Turns an upgraded `GET /mcp` into an MCP client's session (§9), named to the core by
+    /// the connection's link id.
+    pub fn attach_mcp(&mut self, id: ConnId) -> LinkId {
+        let max = self.fed.cfg.max_message_bytes;
+        let link = Self::link_id(id);
+        if let Some(t) = self.conn_mut(id).and_then(|c| c.timer.take()) {
+            self.timers.cancel(t);
+        }
+        let ctx = crate::proto::ws::context(tungstenite::protocol::Role::Server, max);
+        if let Some(conn) = self.conn_mut(id) {
+            conn.carry_session(ctx, Carries::Mcp(link));
+        }
+        link
     }
 
     /// Carries out what the core asked for, in order, until it asks nothing more.
@@ -274,6 +300,19 @@ impl Proxy {
             }
             Action::Dial(req) => self.dial_requests.push(req),
             Action::StopDial { link, why } => self.drop_conn(Self::conn_of_token(link.0), &why),
+            Action::McpSend { link, text } => {
+                let id = Self::conn_of_token(link.0);
+                let hard = self.fed.hard_output_bound();
+                let over = self
+                    .conn(id)
+                    .is_some_and(|c| c.unsent().saturating_add(text.len()) > hard);
+                if over {
+                    // An MCP client that does not read its answers (§9 bounds as §4's).
+                    self.mcp_close(id, 1008, "output over its bound: the peer does not read");
+                } else {
+                    self.ws_write(id, Message::text(text));
+                }
+            }
             Action::RemoveResources { owner, names } => {
                 if let Some(Err(e)) = self.blobs.as_mut().map(|b| b.remove_owner(&owner, &names)) {
                     log::error!("resources of a removed server could not all be deleted: {e}");
@@ -299,6 +338,26 @@ impl Proxy {
             return;
         }
         self.dirty.push(id);
+    }
+
+    /// A WebSocket connection's session ended from the connection's side: the core forgets it.
+    fn session_gone(&mut self, carries: Carries, why: &str) {
+        match carries {
+            Carries::Control(session) => {
+                self.unlink(session);
+                self.fed.session_lost(session, why);
+            }
+            Carries::Mcp(link) => self.fed.mcp_ws_closed(link),
+        }
+    }
+
+    /// Closes an MCP client's WebSocket with `code` (a framing error, its close, a peer that
+    /// does not read): the close frame, the core forgets the session.
+    fn mcp_close(&mut self, id: ConnId, code: u16, why: &str) {
+        if let Some(Carries::Mcp(link)) = self.carries(id) {
+            self.fed.mcp_ws_closed(link);
+            self.ws_close_conn(id, code, why);
+        }
     }
 
     /// Writes a close frame on a session connection whose session is over, and lets the
@@ -327,14 +386,19 @@ impl Proxy {
     /// Bytes from the socket for the session on `id`: every complete message goes to the
     /// core; framing errors close the session with the contract's code.
     pub fn ws_input(&mut self, id: ConnId, mut input: &[u8]) {
-        let Some(session) = self.session_of(id) else {
+        let Some(carries) = self.carries(id) else {
             return;
         };
-        self.fed.session_heard(session);
+        if let Carries::Control(session) = carries {
+            self.fed.session_heard(session);
+        }
         let bound = self.fed.unsent_bound();
-        let fail = |p: &mut Proxy, code: u16, why: &str| {
-            p.fed.close_session(session, code, why);
-            p.apply();
+        let fail = |p: &mut Proxy, code: u16, why: &str| match carries {
+            Carries::Control(session) => {
+                p.fed.close_session(session, code, why);
+                p.apply();
+            }
+            Carries::Mcp(_) => p.mcp_close(id, code, why),
         };
         loop {
             let r = {
@@ -360,7 +424,10 @@ impl Proxy {
             };
             match r {
                 Incoming::Text(t) => {
-                    self.fed.on_text(session, t.as_str());
+                    match carries {
+                        Carries::Control(session) => self.fed.on_text(session, t.as_str()),
+                        Carries::Mcp(link) => self.fed.mcp_ws_text(link, t.as_str()),
+                    }
                     self.apply();
                 }
                 Incoming::Control => {}
@@ -396,14 +463,16 @@ impl Proxy {
         let ConnState::Ws(ws) = &mut conn.state else {
             return;
         };
-        let session = ws.session;
+        let carries = ws.carries;
         let stash = std::mem::take(&mut ws.stash);
         if !stash.is_empty() {
             self.ws_input(id, &stash);
         }
-        let unsent = self.conn(id).map_or(0, Conn::unsent);
-        self.fed.session_drained(session, unsent);
-        self.apply();
+        if let Carries::Control(session) = carries {
+            let unsent = self.conn(id).map_or(0, Conn::unsent);
+            self.fed.session_drained(session, unsent);
+            self.apply();
+        }
     }
 
     /// The peer of a control session went away (EOF without a close frame): the session
@@ -417,8 +486,7 @@ impl Proxy {
             return;
         };
         let owed = conn.unsent() > 0;
-        self.unlink(ws.session);
-        self.fed.session_lost(ws.session, "connection lost");
+        self.session_gone(ws.carries, "connection lost");
         if owed {
             self.dirty.push(id);
             self.rearm(id);
@@ -439,10 +507,7 @@ impl Proxy {
         }
         log::debug!("conn {} from {}: closed ({why})", id.idx, conn.peer);
         match conn.take_state(self.fed.now.at) {
-            ConnState::Ws(ws) => {
-                self.unlink(ws.session);
-                self.fed.session_lost(ws.session, why);
-            }
+            ConnState::Ws(ws) => self.session_gone(ws.carries, why),
             ConnState::Dialing(d) => self.fed.dial_failed(
                 d.plan.slot,
                 crate::federation::registry::OutPhase::Dialing(Self::link_id(id)),

@@ -165,6 +165,9 @@ impl Reactor {
             self.dialer.run(proxy, self.poll.registry());
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
+            // Tools that changed this turn reach MCP WebSocket clients (§9).
+            proxy.fed.mcp_end_turn();
+            proxy.apply();
             proxy.commit();
             self.flush(proxy);
             proxy.fed.audit.flush();
@@ -369,8 +372,10 @@ impl Reactor {
             };
             if !done {
                 // A session's output only partly written: the core learns what is left.
-                if let ConnState::Ws(ws) = &conn.state {
-                    let (session, unsent) = (ws.session, conn.unsent());
+                if let ConnState::Ws(ws) = &conn.state
+                    && let crate::io::conn::Carries::Control(session) = ws.carries
+                {
+                    let unsent = conn.unsent();
                     proxy.fed.set_unsent(session, unsent);
                 }
                 continue;
