@@ -1,7 +1,8 @@
 //! The `fedmcp` binary: configuration → proxy → loop. Nothing else lives here.
 //!
 //! `fedmcp` (or `fedmcp serve`) runs the proxy; `fedmcp token --server-id ID [--admin]
-//! [--ttl SECS]` prints a token signed with the configured secret. A bad configuration ends
+//! [--ttl SECS]` prints a token signed with the configured secret; `fedmcp mcp-stdio` is the
+//! MCP stdio bridge (`bridge`). A bad configuration ends
 //! the process with exit code 2 and one line on stderr.
 
 use fedmcp::audit::Audit;
@@ -13,13 +14,16 @@ use fedmcp::proto::jwt::{self, Claims, TokenType};
 use std::io::Write;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fedmcp [serve]\n       fedmcp token --server-id ID [--admin] [--ttl SECS]\n\nConfiguration comes from FEDMCP_* environment variables (see docs/CONFIGURATION.md).";
+const USAGE: &str = "usage: fedmcp [serve]\n       fedmcp token --server-id ID [--admin] [--ttl SECS]\n       fedmcp mcp-stdio [--url URL] [--token TOKEN]\n\nConfiguration comes from FEDMCP_* environment variables (see docs/CONFIGURATION.md).";
+
+const MCP_STDIO_USAGE: &str = "usage: fedmcp mcp-stdio [--url URL] [--token TOKEN]\n\nRelays MCP (newline-delimited JSON-RPC) between stdin/stdout and the proxy's /mcp over\nWebSocket, so an MCP host can start the federation as a command. URL is the proxy's\n(http://, https://, ws:// or wss://; default path /mcp), TOKEN a federation or admin token.\nDefaults: FEDMCP_URL, FEDMCP_TOKEN. Exit codes: 0 when stdin ends, 2 for a bad URL or a\ntoken the proxy refuses.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         None | Some("serve") => serve(),
         Some("token") => token(&args[1..]),
+        Some("mcp-stdio") => mcp_stdio(&args[1..]),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -220,6 +224,33 @@ fn serve() -> ExitCode {
         Err(e) => {
             log::error!("event loop failed: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn mcp_stdio(args: &[String]) -> ExitCode {
+    let mut url = std::env::var("FEDMCP_URL").ok();
+    let mut token = std::env::var("FEDMCP_TOKEN").ok();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--url" => url = it.next().cloned(),
+            "--token" => token = it.next().cloned(),
+            "--help" | "-h" => {
+                println!("{MCP_STDIO_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("fedmcp mcp-stdio: unknown argument {other:?}\n{MCP_STDIO_USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match fedmcp::bridge::target(url, token) {
+        Ok(t) => ExitCode::from(fedmcp::bridge::run(t)),
+        Err(fedmcp::bridge::Usage(why)) => {
+            eprintln!("{why}");
+            ExitCode::from(2)
         }
     }
 }

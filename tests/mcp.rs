@@ -531,3 +531,140 @@ fn the_websocket_transport_lists_calls_and_tells_of_changes() {
         .unwrap();
     assert_eq!(c.recv_close(), Some(1003));
 }
+
+/// `fedmcp mcp-stdio` with its stdin and stdout as pipes, as an MCP host starts it.
+struct Bridge {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Bridge {
+    fn start(url: &str, token: &str) -> Bridge {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(common::bin())
+            .args(["mcp-stdio", "--url", url, "--token", token])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fedmcp mcp-stdio");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Bridge {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, v: &Value) {
+        let s = self.stdin.as_mut().unwrap();
+        writeln!(s, "{v}").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// The next line with this id (notifications in between are skipped).
+    fn recv_id(&self, id: &Value) -> Value {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("an answer on stdout");
+            let v: Value = serde_json::from_str(&l).expect("a JSON line");
+            if v.get("id") == Some(id) {
+                return v;
+            }
+        }
+    }
+
+    /// Closes stdin and waits (bounded) for the exit code.
+    fn finish(mut self) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        for _ in 0..100 {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let mut err = String::new();
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                return (st.code(), err);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("mcp-stdio did not exit when stdin ended");
+    }
+}
+
+#[test]
+fn the_stdio_bridge_relays_lists_and_calls() {
+    let p = Proxy::start(&[]);
+    let mut a = member(&p, "alpha", json!([{"name": "echo"}]));
+    let url = format!("http://{}", p.addr);
+    let mut b = Bridge::start(&url, &p.federation_token("host"));
+    b.send(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "h", "version": "1"}}}));
+    assert_eq!(
+        b.recv_id(&json!(1))["result"]["serverInfo"]["name"],
+        "fedmcp"
+    );
+    b.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    b.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let r = b.recv_id(&json!(2));
+    assert_eq!(
+        names(r["result"]["tools"].as_array().unwrap()),
+        ["alpha__echo"]
+    );
+    b.send(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "alpha__echo", "arguments": {"s": "x"}}}));
+    let d = a.recv_method("federation/deliver");
+    a.answer(&d, json!({"content": [{"type": "text", "text": "x"}]}));
+    assert_eq!(b.recv_id(&json!(3))["result"]["content"][0]["text"], "x");
+    // The proxy dies (kill -9) with a call in flight: the host gets an error for it from the
+    // bridge, not silence. (A proxy that drains answers it itself: -32002.)
+    b.send(&json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+        "params": {"name": "alpha__echo", "arguments": {}}}));
+    let _ = a.recv_method("federation/deliver");
+    common::unsafe_kill(p.pid(), "KILL");
+    let r = b.recv_id(&json!(4));
+    assert_eq!(r["error"]["code"], -32603, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("lost"),
+        "{r}"
+    );
+    // stdin ends: the bridge exits 0 (even while it waits to reconnect).
+    let (code, _) = b.finish();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn the_stdio_bridge_refuses_a_bad_url_or_token_with_exit_2() {
+    let p = Proxy::start(&[]);
+    let url = format!("http://{}", p.addr);
+    for (u, t, want) in [
+        ("ftp://nowhere", "a.b.c", "FEDMCP_URL:"),
+        (url.as_str(), "not-a-token", "FEDMCP_TOKEN:"),
+        // JWT-shaped, but the proxy refuses it: found out at connect time.
+        (
+            url.as_str(),
+            "eyJh.eyJz.c2ln",
+            "FEDMCP_TOKEN: the proxy refused the token",
+        ),
+    ] {
+        let b = Bridge::start(u, t);
+        let (code, err) = b.finish();
+        assert_eq!(code, Some(2), "{u} {t}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.starts_with(want), "{err:?}");
+    }
+}
