@@ -2,13 +2,14 @@
 #
 #   make run        build, print an operator admin token, start the proxy on 127.0.0.1:8443
 #   make test       cargo test, then the interop suite, then the smoke targets
-#   make interop    Python clients (websockets, PyJWT, curl) against the real binary
+#   make interop    Python clients (websockets, PyJWT, curl, the official MCP SDK 2.x and 1.x)
+#                   against the real binary
 #   make lint       rustfmt check and clippy with warnings as errors
 #   make bench      the load generator and memory bench (figures: docs/PERFORMANCE.md)
 #   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
 #   make sim        a million seeds of the deterministic simulation (make test runs 4000)
-#   make clean      remove .venv and fedmcp-data (make clean-all also removes target/)
+#   make clean      remove .venv, .venv-mcp1 and fedmcp-data (make clean-all also removes target/)
 #
 # Needs only Rust, Python 3.11 and network access to crates.io and PyPI.
 # FEDMCP_BIN=/path/to/fedmcp make interop  tests that binary instead of building one.
@@ -27,6 +28,12 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 INTEROP_REQS := tests/interop/requirements.txt
 INTEROP_STAMP := $(VENV)/.interop-requirements
+# A second venv for the MCP SDK 1.x (its websocket_client and streamablehttp_client): it
+# cannot share .venv with the SDK 2.x. The interop suite runs its script with this python.
+VENV_MCP1 := .venv-mcp1
+VENV_MCP1_PY := $(VENV_MCP1)/bin/python
+MCP1_REQS := tests/interop/requirements-mcp1.txt
+MCP1_STAMP := $(VENV_MCP1)/.interop-requirements
 # Extra arguments for the interop runner, e.g. INTEROP_ARGS="-v -k queue".
 INTEROP_ARGS ?=
 # Upper bound for the whole interop run, in seconds (each wait inside is bounded too).
@@ -82,14 +89,19 @@ $(INTEROP_STAMP): $(INTEROP_REQS)
 	'$(VENV_PY)' -m pip install --disable-pip-version-check --quiet -r '$(INTEROP_REQS)'
 	@touch '$@'
 
-interop: $(INTEROP_STAMP) test-tools
+$(MCP1_STAMP): $(MCP1_REQS)
+	@if [ ! -x '$(VENV_MCP1_PY)' ]; then echo "creating $(VENV_MCP1)"; $(PYTHON) -m venv '$(VENV_MCP1)'; fi
+	'$(VENV_MCP1_PY)' -m pip install --disable-pip-version-check --quiet -r '$(MCP1_REQS)'
+	@touch '$@'
+
+interop: $(INTEROP_STAMP) $(MCP1_STAMP) test-tools
 	@bin='$(FEDMCP_BIN)'; \
 	if [ -z "$$bin" ]; then \
 	  $(CARGO) build --bin fedmcp; \
 	  bin='$(DEV_BIN)'; \
 	fi; \
 	echo "interop: testing $$bin"; \
-	FEDMCP_BIN="$$bin" timeout --foreground -k 10 '$(INTEROP_TIMEOUT)' '$(VENV_PY)' tests/interop/run.py $(INTEROP_ARGS)
+	FEDMCP_BIN="$$bin" FEDMCP_MCP1_PYTHON='$(abspath $(VENV_MCP1_PY))' timeout --foreground -k 10 '$(INTEROP_TIMEOUT)' '$(VENV_PY)' tests/interop/run.py $(INTEROP_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -175,7 +187,7 @@ static:
 	@echo "static: $(STATIC_BIN)"
 
 clean:
-	rm -rf '$(VENV)' fedmcp-data tests/interop/__pycache__
+	rm -rf '$(VENV)' '$(VENV_MCP1)' fedmcp-data tests/interop/__pycache__
 
 clean-all: clean
 	$(CARGO) clean

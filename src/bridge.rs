@@ -12,21 +12,18 @@
 //! a line of stdin is at most [`MAX_LINE_BYTES`]; at most [`MAX_WAITING_LINES`] lines wait
 //! while disconnected (past it, requests are answered with an error at once).
 
+use crate::client::{ConnectError, connect};
 use crate::proto::upgrade::ControlUrl;
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, BufRead, Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::time::Duration;
 use tungstenite::Message;
 
 /// The longest line taken from stdin (a message; the proxy's own limit applies after).
 pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 /// Lines kept while the proxy cannot be reached.
 pub const MAX_WAITING_LINES: usize = 1024;
-/// The handshake (connect, TLS, upgrade) must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SOCKET: mio::Token = mio::Token(0);
 const STDIN: mio::Token = mio::Token(1);
@@ -46,7 +43,7 @@ pub struct Usage(pub String);
 /// proxy's (`http://`, `https://`, `ws://` or `wss://`, the path defaulting to `/mcp`).
 pub fn target(url: Option<String>, token: Option<String>) -> Result<Target, Usage> {
     let url = url.ok_or_else(|| {
-        Usage("FEDMCP_URL: the proxy's URL is required (--url or FEDMCP_URL), e.g. http://127.0.0.1:8080".into())
+        Usage("FEDMCP_URL: the proxy's URL is required (--url or FEDMCP_URL), e.g. http://127.0.0.1:8443".into())
     })?;
     let token = token.ok_or_else(|| {
         Usage("FEDMCP_TOKEN: a token is required (--token or FEDMCP_TOKEN)".into())
@@ -77,138 +74,6 @@ pub fn target(url: Option<String>, token: Option<String>) -> Result<Target, Usag
         ));
     }
     Ok(Target { url: parsed, token })
-}
-
-/// The socket, plain or TLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => &s.sock,
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-type Ws = tungstenite::WebSocket<Stream>;
-
-/// Why a connection could not be made.
-enum ConnectError {
-    /// The proxy refused the token: retrying will not help.
-    Refused(String),
-    /// Anything else (unreachable, TLS, a drain): retried after the backoff.
-    Retry(String),
-}
-
-fn connect(t: &Target, tls: &mut Option<Arc<rustls::ClientConfig>>) -> Result<Ws, ConnectError> {
-    use tungstenite::client::IntoClientRequest;
-    let retry = |e: String| ConnectError::Retry(e);
-    let addrs: Vec<_> =
-        std::net::ToSocketAddrs::to_socket_addrs(&(t.url.host.as_str(), t.url.port))
-            .map_err(|e| retry(format!("cannot resolve {}: {e}", t.url.host)))?
-            .collect();
-    let mut last = String::from("no address");
-    let mut sock = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
-            Ok(s) => {
-                sock = Some(s);
-                break;
-            }
-            Err(e) => last = format!("connect to {a}: {e}"),
-        }
-    }
-    let sock = sock.ok_or_else(|| retry(last))?;
-    let _ = sock.set_nodelay(true);
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .and_then(|_| sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
-        .map_err(|e| retry(e.to_string()))?;
-    let stream = if t.url.tls {
-        if tls.is_none() {
-            let ca = std::env::var_os("FEDMCP_TRUSTED_CA_FILE").map(std::path::PathBuf::from);
-            *tls =
-                Some(crate::io::tls::client_config(ca.as_deref()).map_err(ConnectError::Refused)?);
-        }
-        let cfg = tls
-            .clone()
-            .ok_or_else(|| retry("no TLS configuration".into()))?;
-        let name = rustls::pki_types::ServerName::try_from(t.url.host.clone())
-            .map_err(|e| ConnectError::Refused(format!("bad TLS server name: {e}")))?;
-        let conn =
-            rustls::ClientConnection::new(cfg, name).map_err(|e| retry(format!("TLS: {e}")))?;
-        Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock)))
-    } else {
-        Stream::Plain(sock)
-    };
-    let url = format!(
-        "{}://{}{}",
-        if t.url.tls { "wss" } else { "ws" },
-        t.url.host_header(),
-        t.url.path
-    );
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| ConnectError::Refused(format!("FEDMCP_URL: {e}")))?;
-    let headers = req.headers_mut();
-    let bearer = format!("Bearer {}", t.token);
-    let auth = tungstenite::http::HeaderValue::from_str(&bearer)
-        .map_err(|_| ConnectError::Refused("FEDMCP_TOKEN: not a token".into()))?;
-    headers.insert("Authorization", auth);
-    headers.insert(
-        "Sec-WebSocket-Protocol",
-        tungstenite::http::HeaderValue::from_static("mcp"),
-    );
-    let config = crate::proto::ws::config(MAX_LINE_BYTES);
-    match tungstenite::client::client_with_config(req, stream, Some(config)) {
-        Ok((ws, _)) => {
-            let tcp = ws.get_ref().tcp();
-            tcp.set_read_timeout(None)
-                .and_then(|_| tcp.set_write_timeout(None))
-                .and_then(|_| tcp.set_nonblocking(true))
-                .map_err(|e| retry(e.to_string()))?;
-            Ok(ws)
-        }
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)))
-            if matches!(r.status().as_u16(), 401 | 403) =>
-        {
-            Err(ConnectError::Refused(format!(
-                "FEDMCP_TOKEN: the proxy refused the token ({})",
-                r.status()
-            )))
-        }
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => Err(retry(
-            format!("the proxy answered the upgrade {}", r.status()),
-        )),
-        Err(e) => Err(retry(format!("upgrade: {e}"))),
-    }
 }
 
 /// A line from stdin, or its end.
@@ -305,7 +170,7 @@ pub fn run(t: Target) -> u8 {
     loop {
         // Connect (again), answering what arrives meanwhile.
         let mut ws = loop {
-            match connect(&t, &mut tls) {
+            match connect(&t.url, &t.url.path, "mcp", &t.token, &mut tls) {
                 Ok(ws) => break ws,
                 Err(ConnectError::Refused(why)) => {
                     eprintln!("{why}");

@@ -22,7 +22,8 @@
 //! - [`clock`] (the turn's one reading of both clocks), [`random`] (ids), [`timer`] (a
 //!   deadline map), [`metrics`], [`audit`], [`config`] (every variable, validated once),
 //!   [`logging`].
-//! - [`bridge`]: `fedmcp mcp-stdio`, the MCP facade as a command an MCP host starts (stdio
+//! - [`client`]: a blocking client of the proxy (a WebSocket session, an HTTP call) for the
+//!   proxy's tools and the examples; [`bridge`]: `fedmcp mcp-stdio`, the MCP facade as a command an MCP host starts (stdio
 //!   ↔ `/mcp` over WebSocket); a client in its own process.
 //! - Test drivers of the core without sockets: [`sim`] (a seeded simulation of a
 //!   federation), [`harness`] (a fuzzed session).
@@ -35,6 +36,7 @@
 pub mod api;
 pub mod audit;
 pub mod bridge;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod federation;
