@@ -435,6 +435,16 @@ pub struct Session {
 impl Session {
     /// Upgrades `GET /v1/control` with `token`; does not read the welcome.
     pub fn connect(addr: SocketAddr, token: &str, rng_seed: u64) -> io::Result<Session> {
+        Session::connect_path(addr, "/v1/control", token, rng_seed)
+    }
+
+    /// Upgrades `GET path` with `token` (e.g. `/mcp` for the MCP facade's WebSocket).
+    pub fn connect_path(
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        rng_seed: u64,
+    ) -> io::Result<Session> {
         let sock = TcpStream::connect(addr)?;
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(SETUP_WAIT))?;
@@ -445,7 +455,7 @@ impl Session {
         }
         let key = base64::engine::general_purpose::STANDARD.encode(key);
         let req = format!(
-            "GET /v1/control HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
         );
         let mut s = Session {
             sock,
