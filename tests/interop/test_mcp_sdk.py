@@ -33,9 +33,9 @@ from fedmcp_harness import REPO, WAIT, Client as ControlClient, ConnectionClosed
 try:
     from importlib.metadata import version as _dist_version
 
-    import httpx2
     from mcp import Client as McpClient
     from mcp.client.streamable_http import streamable_http_client
+    import httpx2  # the SDK's HTTP client (a dependency of mcp 2.x)
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
     SDK2_VERSION = _dist_version("mcp")

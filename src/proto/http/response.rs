@@ -74,6 +74,7 @@ pub fn reason(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         201 => "Created",
+        202 => "Accepted",
         204 => "No Content",
         206 => "Partial Content",
         400 => "Bad Request",
@@ -397,8 +398,8 @@ mod tests {
     #[test]
     fn reasons() {
         let known = [
-            100, 101, 200, 201, 204, 206, 400, 401, 403, 404, 405, 408, 409, 411, 413, 416, 417,
-            426, 429, 431, 500, 501, 503, 505, 507,
+            100, 101, 200, 201, 202, 204, 206, 400, 401, 403, 404, 405, 408, 409, 411, 413, 416,
+            417, 426, 429, 431, 500, 501, 503, 505, 507,
         ];
         for status in known {
             assert_ne!(reason(status), "Unknown", "{status}");
