@@ -2,14 +2,16 @@
 
 Two federation members, played here with `websockets` on /v1/control, declare tools in their
 welcome answer and answer the `federation/deliver` requests the facade turns `tools/call`s
-into. Four clients of the SDK use them, each through the same steps: initialize, list the
+into. Five clients of the SDK use them, each through the same steps: initialize, list the
 two members' tools, call one tool on each, see a member's JSON-RPC error as the SDK's MCP
 error and a member's `isError` result as a result, then see the tools of a member that left
 vanish from the next `tools/list` (a call to one of them is an error, not delivered).
 
 - SDK 2.3.0 (this venv): its high-level `Client` over Streamable HTTP in its default mode
   (`server/discover` first, then `initialize` on our 400; token as `?token=`), and in
-  `mode="legacy"` (straight to `initialize`; admin token as `Authorization: Bearer`).
+  `mode="legacy"` (straight to `initialize`; admin token as `Authorization: Bearer`); and its
+  `stdio_client` starting `fedmcp mcp-stdio` as an MCP host would (the bridge to /mcp over
+  WebSocket; the discover probe gets `-32601` there and the client falls back).
 - SDK 1.30.0 (.venv-mcp1, `$FEDMCP_MCP1_PYTHON`): `mcp1_client.py` in that interpreter, with
   its `websocket_client` (`?token=`, subprotocol `mcp`; must also get
   `notifications/tools/list_changed` within a second of the member leaving) and its
@@ -28,13 +30,14 @@ import os
 import sys
 from typing import Any
 
-from fedmcp_harness import REPO, WAIT, Client as ControlClient, ConnectionClosed, Proxy, ProxyTestCase, clean_env
+from fedmcp_harness import REPO, WAIT, Client as ControlClient, ConnectionClosed, Proxy, ProxyTestCase, binary, clean_env
 
 try:
     from importlib.metadata import version as _dist_version
 
     from mcp import Client as McpClient
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
     import httpx2  # the SDK's HTTP client (a dependency of mcp 2.x)
     from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
@@ -370,6 +373,29 @@ class McpSdkCase(ProxyTestCase):
         self.assertEqual([e["status"] for e in exchanges if e["verb"] == "DELETE"], [204], ctx)
         # An admin token's caller is its serverId, "operator".
         self.check_report(rep, "operator", alpha, beta, "mcp.shared.exceptions.MCPError")
+
+    async def test_sdk2_stdio_client_through_the_bridge(self):
+        """`fedmcp mcp-stdio` started by the SDK's `stdio_client`, as an MCP host starts it:
+        the same steps, through the bridge (stdio ↔ /mcp over WebSocket)."""
+        self.require_sdk2()
+        p, alpha, beta = await self.federation()
+        params = StdioServerParameters(
+            command=binary(), args=["mcp-stdio"],
+            env={"FEDMCP_URL": p.base, "FEDMCP_TOKEN": p.token("sdk2-stdio")},
+        )
+        errlog_path = os.path.join(p.tmp, "mcp-stdio.stderr")
+
+        async def scenario() -> dict:
+            with open(errlog_path, "w") as errlog:
+                async with McpClient(stdio_client(params, errlog=errlog), read_timeout_seconds=WAIT) as client:
+                    return await self.sdk2_steps(client, beta)
+
+        try:
+            rep = await asyncio.wait_for(scenario(), 4 * WAIT)
+        except BaseException as e:
+            with open(errlog_path) as f:
+                raise AssertionError(f"through the bridge: {e!r}; its stderr:\n{f.read()[-4000:]}") from e
+        self.check_report(rep, "sdk2-stdio", alpha, beta, "mcp.shared.exceptions.MCPError")
 
     # ---- SDK 1.x (.venv-mcp1, a separate process) --------------------------------------
 
