@@ -111,7 +111,7 @@ lint:
 # Seeds are checked in under fuzz/corpus/<target>; what the fuzzer finds goes to a scratch
 # corpus under fuzz/target, so a run never dirties the work tree. Crashes land in
 # fuzz/artifacts/<target>/.
-FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session outbound_answer access ws_frames
+FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session outbound_answer access ws_frames mcp
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_TOOLCHAIN ?= +nightly

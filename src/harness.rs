@@ -268,6 +268,119 @@ impl Harness {
     }
 }
 
+/// Plays `script` against the MCP facade (§9) of a core with one member online (`alpha`,
+/// declaring two tools) that answers every delivery: the script is a list of messages, each
+/// `len(2) bytes`, sent in turn over Streamable HTTP (in the session an `initialize` opened
+/// first) and over a WebSocket session; the member answers each call with a result or, when
+/// the message's last byte is odd, an error. Returns `None` only when the harness itself
+/// could not be set up. Asserts that every answer is one JSON-RPC message.
+pub fn play_mcp(script: &[u8]) -> Option<()> {
+    use crate::federation::action::{Answer, LinkId, RequestId};
+    use crate::federation::mcp::McpReply;
+    let mut cfg = Config::default_for_tests();
+    cfg.max_message_bytes = 4096;
+    let audit = Audit::open(None).ok()?;
+    let start = Now {
+        at: std::time::Instant::now(),
+        wall_ms: 1_767_225_600_000,
+    };
+    let mut fed = Federation::new(
+        cfg,
+        b"harness-secret-0123456789-abcdefghij".to_vec(),
+        audit,
+        start,
+    );
+    fed.seed_ids(11);
+    let alpha = open(&mut fed, "alpha")?;
+    let mut welcome_id = None;
+    for a in fed.take_actions() {
+        if let Action::Send { text, .. } = a
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            welcome_id = v.get("id").cloned();
+        }
+    }
+    let caps =
+        r#"{"tools":[{"name":"echo","inputSchema":{"type":"object"}},{"name":"two__parts"}]}"#;
+    fed.on_text(
+        alpha,
+        &format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{},\"result\":{{\"capabilities\":{caps}}}}}",
+            welcome_id?
+        ),
+    );
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#;
+    let session = match fed.mcp_http(RequestId(1), "client", None, None, init) {
+        Ok(McpReply::Now { session, .. }) => session,
+        _ => None,
+    };
+    let link = LinkId(7);
+    fed.mcp_ws_open(link, "client", None);
+    let check = |text: &str| {
+        let v: Value = serde_json::from_str(text).expect("an answer is JSON");
+        assert!(v.is_object(), "one message, not a batch: {text}");
+        assert_eq!(v["jsonrpc"], "2.0", "{text}");
+    };
+    let mut i = 0;
+    let mut n = 2u64;
+    while i + 2 <= script.len() {
+        let len = u16::from_be_bytes([script[i], script[i + 1]]) as usize % 4096;
+        i += 2;
+        let msg = &script[i..(i + len).min(script.len())];
+        i += msg.len();
+        let Ok(text) = std::str::from_utf8(msg) else {
+            continue;
+        };
+        n += 1;
+        if n.is_multiple_of(2) {
+            if let Ok(McpReply::Now { text, .. }) =
+                fed.mcp_http(RequestId(n), "client", None, session.as_deref(), text)
+            {
+                check(&text);
+            }
+        } else {
+            fed.mcp_ws_text(link, text);
+        }
+        fed.mcp_end_turn();
+        // The member answers what it was delivered; the answers that come back are checked.
+        let fail = msg.last().is_some_and(|b| b % 2 == 1);
+        for _ in 0..2 {
+            for a in fed.take_actions() {
+                match a {
+                    Action::Send { session, text } if session == alpha => {
+                        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                            continue;
+                        };
+                        let Some(id) = v.get("id") else { continue };
+                        let answer = if fail {
+                            format!(
+                                "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"error\":{{\"code\":-1,\"message\":\"no\"}}}}"
+                            )
+                        } else {
+                            format!(
+                                "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[]}}}}"
+                            )
+                        };
+                        fed.on_text(alpha, &answer);
+                    }
+                    Action::McpSend { text, .. } => check(&text),
+                    Action::Respond {
+                        resp: Answer::Mcp(text),
+                        ..
+                    } => check(&text),
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            fed.pending.len() <= 64,
+            "deliveries pile up: {}",
+            fed.pending.len()
+        );
+    }
+    Some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +422,31 @@ mod tests {
         let mut s3 = s.clone();
         frame(&mut s3, &[0xff, 0xfe]);
         assert!(!play_session(&s3).expect("harness").fuzz_open());
+    }
+
+    fn msgs(ms: &[&str]) -> Vec<u8> {
+        let mut s = Vec::new();
+        for m in ms {
+            s.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            s.extend_from_slice(m.as_bytes());
+        }
+        s
+    }
+
+    #[test]
+    fn the_mcp_script_reaches_calls_lists_and_errors() {
+        let s = msgs(&[
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"alpha__echo","arguments":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"alpha__two__parts"}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/list","params":{"cursor":"x"}}"#,
+            r#"[1,2]"#,
+            "not json",
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        ]);
+        assert!(play_mcp(&s).is_some());
+        assert!(play_mcp(&[]).is_some());
+        assert!(play_mcp(&[0xff, 0xff, 0, 1, 2]).is_some());
     }
 
     #[test]
