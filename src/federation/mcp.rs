@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
 /// Tools per `tools/list` page (§9).
 pub const TOOLS_PAGE: usize = 100;
@@ -73,6 +74,9 @@ pub struct McpSessions {
     tools_digest: u64,
     /// Presence or capabilities changed this turn: compare the tools at the turn's end.
     tools_maybe_changed: bool,
+    /// The union of tools, kept until presence or capabilities change (a `tools/list` is
+    /// not counted against any rate, so it must not cost a parse of every member's tools).
+    tools: Option<Rc<Vec<Tool>>>,
 }
 
 impl McpSessions {
@@ -322,8 +326,12 @@ fn params_of<'a, T: serde::Deserialize<'a>>(p: Option<&'a RawValue>) -> Result<T
 }
 
 impl Federation {
-    /// The union of the tools online members declared, sorted by public name.
-    pub fn mcp_tools(&self) -> Vec<Tool> {
+    /// The union of the tools online members declared, sorted by public name (computed
+    /// once per change of presence or capabilities).
+    pub fn mcp_tools(&mut self) -> Rc<Vec<Tool>> {
+        if let Some(t) = &self.mcp.tools {
+            return t.clone();
+        }
         let mut all: Vec<Tool> = self
             .registry
             .entries()
@@ -331,6 +339,8 @@ impl Federation {
             .flat_map(|e| member_tools(&e.server_id, &e.capabilities))
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
+        let all = Rc::new(all);
+        self.mcp.tools = Some(all.clone());
         all
     }
 
@@ -524,6 +534,7 @@ impl Federation {
     /// A member's presence or capabilities changed: the tools may have.
     pub(crate) fn mcp_tools_may_change(&mut self) {
         self.mcp.tools_maybe_changed = true;
+        self.mcp.tools = None;
     }
 
     fn mcp_initialize(
@@ -558,7 +569,7 @@ impl Federation {
     }
 
     /// `tools/list`'s answer: `Ok` a page, `Err` an error answer.
-    fn mcp_tools_list(&self, id: &str, params: Option<&RawValue>) -> Result<String, String> {
+    fn mcp_tools_list(&mut self, id: &str, params: Option<&RawValue>) -> Result<String, String> {
         let p: ListParams = match params_of(params) {
             Ok(p) => p,
             Err(e) => {
