@@ -59,6 +59,21 @@ fn open(fed: &mut Federation, server_id: &str) -> Option<SessionId> {
     fed.open_session(o).ok()
 }
 
+/// A core on a virtual clock that starts at 2026-01-01T00:00:00Z whatever the real clock
+/// says, with ids from `seed` and messages of at most 4096 bytes.
+fn core(mut cfg: Config, seed: u64) -> Option<Federation> {
+    cfg.max_message_bytes = 4096;
+    let audit = Audit::open(None).ok()?;
+    let start = Now {
+        at: std::time::Instant::now(),
+        wall_ms: 1_767_225_600_000,
+    };
+    let secret = b"harness-secret-0123456789-abcdefghij".to_vec();
+    let mut fed = Federation::new(cfg, secret, audit, start);
+    fed.seed_ids(seed);
+    Some(fed)
+}
+
 /// Plays `script` (ops of one byte each, then operands; the op is the byte modulo 6):
 /// `0 len(2) payload` a text frame from `fuzz` (not UTF-8: closed 1007, as the reactor
 /// does) · `1 len(1) payload` a text frame from `peer` · `2` `peer` answers every delivery
@@ -69,23 +84,10 @@ fn open(fed: &mut Federation, server_id: &str) -> Option<SessionId> {
 /// `None` only when the harness itself could not be set up.
 pub fn play_session(script: &[u8]) -> Option<Played> {
     let mut cfg = Config::default_for_tests();
-    cfg.max_message_bytes = 4096;
     cfg.heartbeat = Duration::from_millis(1000);
     cfg.queue_max_messages = 8;
     cfg.queue_max_bytes = 8192;
-    let audit = Audit::open(None).ok()?;
-    // 2026-01-01T00:00:00Z, whatever the real clock says.
-    let start = Now {
-        at: std::time::Instant::now(),
-        wall_ms: 1_767_225_600_000,
-    };
-    let mut fed = Federation::new(
-        cfg,
-        b"harness-secret-0123456789-abcdefghij".to_vec(),
-        audit,
-        start,
-    );
-    fed.seed_ids(7);
+    let mut fed = core(cfg, 7)?;
     // Durable, with an in-memory disk: answers that promise durability wait for commits.
     fed.batch = Some(crate::store::state::Batch::default());
     // Another server, offline for now, so sends can queue.
@@ -277,20 +279,7 @@ impl Harness {
 pub fn play_mcp(script: &[u8]) -> Option<()> {
     use crate::federation::action::{Answer, LinkId, RequestId};
     use crate::federation::mcp::McpReply;
-    let mut cfg = Config::default_for_tests();
-    cfg.max_message_bytes = 4096;
-    let audit = Audit::open(None).ok()?;
-    let start = Now {
-        at: std::time::Instant::now(),
-        wall_ms: 1_767_225_600_000,
-    };
-    let mut fed = Federation::new(
-        cfg,
-        b"harness-secret-0123456789-abcdefghij".to_vec(),
-        audit,
-        start,
-    );
-    fed.seed_ids(11);
+    let mut fed = core(Config::default_for_tests(), 11)?;
     let alpha = open(&mut fed, "alpha")?;
     let mut welcome_id = None;
     for a in fed.take_actions() {
