@@ -101,6 +101,132 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `FEDMCP_REQUIRE_SIGNED` (PROTOCOL.md §6).
     pub require_signed: bool,
+    /// Cluster mode (PROTOCOL.md §10): `Some` exactly when `FEDMCP_NATS_URL` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The cluster's settings (§10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `FEDMCP_NATS_URL`, in order (never logged whole: it may hold a credential).
+    pub urls: Vec<NatsUrl>,
+    /// `FEDMCP_CLUSTER`: prefixes every subject, stream and bucket.
+    pub name: String,
+    /// `FEDMCP_NODE_ID`; `None`: made at first start and kept in the state dir.
+    pub node_id: Option<String>,
+    /// `FEDMCP_NATS_REPLICAS`.
+    pub replicas: u32,
+}
+
+/// One NATS server address of `FEDMCP_NATS_URL`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl {
+    /// `tls://`: verified against `FEDMCP_TRUSTED_CA_FILE` or the bundled roots.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// `user:password@`.
+    pub user: Option<(String, String)>,
+    /// `token@`.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for NatsUrl {
+    /// Never shows a credential.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for NatsUrl {
+    /// The URL without its credential (for logs).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "tls" } else { "nats" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The NATS client port when a URL names none.
+pub const NATS_DEFAULT_PORT: u16 = 4222;
+
+/// Parses one URL of `FEDMCP_NATS_URL` (also a server's `connect_urls` entry, which has no
+/// scheme: `host:port`, taking `tls` from the list it came from).
+pub fn parse_nats_url(s: &str) -> Result<NatsUrl, String> {
+    let s = s.trim();
+    let (tls, rest) = if let Some(r) = s.strip_prefix("nats://") {
+        (false, r)
+    } else if let Some(r) = s.strip_prefix("tls://") {
+        (true, r)
+    } else {
+        return Err(format!(
+            "{} does not start with nats:// or tls://",
+            quote(s)
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (userinfo, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let (host, port) = split_host_port(hostport).ok_or_else(|| {
+        "a NATS URL needs a host and an optional port from 1 to 65535".to_string()
+    })?;
+    let (mut user, mut token) = (None, None);
+    match userinfo {
+        None => {}
+        Some("") => return Err("the credential before @ is empty".to_string()),
+        Some(u) => match u.split_once(':') {
+            Some((name, pass)) => user = Some((name.to_string(), pass.to_string())),
+            None => token = Some(u.to_string()),
+        },
+    }
+    Ok(NatsUrl {
+        tls,
+        host,
+        port,
+        user,
+        token,
+    })
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`; the host a name or an address without
+/// spaces, `/`, `?` or `#`.
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(r) = s.strip_prefix('[') {
+        let (h, after) = r.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (h.to_string(), port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => NATS_DEFAULT_PORT,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0)?,
+    };
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    ok.then_some((host, port))
+}
+
+/// A cluster or node name: it becomes a subject token and part of stream names.
+fn valid_cluster_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// One bad variable. `Display` is the single stderr line of PROTOCOL.md §1.
@@ -313,6 +439,30 @@ const REQUIRE_SIGNED: Var = Var {
     expected: "0 or 1 (true or false also accepted)",
 };
 
+const NATS_URL: Var = Var {
+    name: "FEDMCP_NATS_URL",
+    expected: "comma-separated nats://[user:password@|token@]host[:port] or tls://... URLs",
+};
+const CLUSTER: Var = Var {
+    name: "FEDMCP_CLUSTER",
+    expected: "1 to 32 of A-Z a-z 0-9 - _",
+};
+const NODE_ID: Var = Var {
+    name: "FEDMCP_NODE_ID",
+    expected: "1 to 32 of A-Z a-z 0-9 - _",
+};
+const NATS_REPLICAS: IntVar = IntVar {
+    name: "FEDMCP_NATS_REPLICAS",
+    default: 1,
+    min: 1,
+    max: 5,
+    expected: "a decimal integer from 1 to 5 (JetStream's limit)",
+};
+/// The most URLs `FEDMCP_NATS_URL` may list.
+const NATS_MAX_URLS: usize = 32;
+/// The cluster name when `FEDMCP_CLUSTER` is unset.
+pub const DEFAULT_CLUSTER: &str = "fedmcp";
+
 const DAY_MS: u64 = 86_400_000;
 const TIB: u64 = 1 << 40;
 const PIB: u64 = 1 << 50;
@@ -359,7 +509,13 @@ const VARIABLES: [&Var; 27] = [
 ];
 
 /// `FEDMCP_REQUIRE_SIGNED` is looked up too; kept apart so the table above matches §1.
-const EXTRA_VARIABLES: [&Var; 1] = [&REQUIRE_SIGNED];
+const EXTRA_VARIABLES: [&Var; 5] = [
+    &REQUIRE_SIGNED,
+    &NATS_URL,
+    &CLUSTER,
+    &NODE_ID,
+    &NATS_REPLICAS.var(),
+];
 
 impl Config {
     /// Reads the process environment (`std::env::var_os`). A value that is not UTF-8 is an
@@ -505,6 +661,7 @@ impl Config {
         };
         let shutdown_grace = millis(&SHUTDOWN_GRACE_MS, get(&SHUTDOWN_GRACE_MS.var()))?;
         let require_signed = bool_var(&REQUIRE_SIGNED, get(&REQUIRE_SIGNED))?;
+        let cluster = cluster_config(&get)?;
 
         Ok(Config {
             listen,
@@ -535,6 +692,7 @@ impl Config {
             audit_log,
             shutdown_grace,
             require_signed,
+            cluster,
         })
     }
 
@@ -570,6 +728,7 @@ impl Config {
             audit_log: None,
             shutdown_grace: Duration::from_millis(SHUTDOWN_GRACE_MS.default),
             require_signed: false,
+            cluster: None,
         }
     }
 
@@ -623,6 +782,7 @@ impl fmt::Debug for Config {
             .field("audit_log", &self.audit_log)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("require_signed", &self.require_signed)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -633,6 +793,48 @@ fn err(var: &Var, problem: String) -> ConfigError {
         problem,
         expected: var.expected,
     }
+}
+
+/// `FEDMCP_NATS_URL` and the variables that only mean something with it (§10).
+fn cluster_config(
+    get: &impl Fn(&Var) -> Option<String>,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let name = match get(&CLUSTER) {
+        None => DEFAULT_CLUSTER.to_string(),
+        Some(v) if valid_cluster_name(&v) => v,
+        Some(v) => return Err(err(&CLUSTER, format!("{} is not a valid name", quote(&v)))),
+    };
+    let node_id = match get(&NODE_ID) {
+        None => None,
+        Some(v) if valid_cluster_name(&v) => Some(v),
+        Some(v) => return Err(err(&NODE_ID, format!("{} is not a valid name", quote(&v)))),
+    };
+    let replicas = int_var(&NATS_REPLICAS, get(&NATS_REPLICAS.var()))? as u32;
+    let Some(list) = get(&NATS_URL) else {
+        return Ok(None);
+    };
+    let mut urls = Vec::new();
+    for part in list.split(',') {
+        // The problem never quotes the value: it may hold a password or a token.
+        let u = parse_nats_url(part).map_err(|p| {
+            let p = if p.contains("does not start") {
+                "a URL does not start with nats:// or tls://".to_string()
+            } else {
+                p
+            };
+            err(&NATS_URL, p)
+        })?;
+        urls.push(u);
+    }
+    if urls.len() > NATS_MAX_URLS {
+        return Err(err(&NATS_URL, format!("more than {NATS_MAX_URLS} URLs")));
+    }
+    Ok(Some(ClusterConfig {
+        urls,
+        name,
+        node_id,
+        replicas,
+    }))
 }
 
 /// The value for an error message: escaped (so it stays on one line), quoted, cut short.
@@ -1527,6 +1729,83 @@ mod tests {
             if !v.is_empty() {
                 assert!(e.problem.contains(&format!("{v:?}")), "{e}");
             }
+        }
+    }
+
+    // --- cluster mode (§10) ---
+
+    #[test]
+    fn cluster_variables() {
+        assert!(ok(&[]).cluster.is_none());
+        assert!(ok(&[("FEDMCP_CLUSTER", "x")]).cluster.is_none());
+        let c = ok(&[(
+            "FEDMCP_NATS_URL",
+            "nats://127.0.0.1:4222, tls://u:p@nats.example:7422,nats://tok@[::1],nats://h",
+        )])
+        .cluster
+        .unwrap();
+        assert_eq!(c.name, "fedmcp");
+        assert_eq!(c.replicas, 1);
+        assert_eq!(c.node_id, None);
+        assert_eq!(c.urls.len(), 4);
+        assert_eq!(
+            (c.urls[0].host.as_str(), c.urls[0].port, c.urls[0].tls),
+            ("127.0.0.1", 4222, false)
+        );
+        assert_eq!(c.urls[1].user, Some(("u".to_string(), "p".to_string())));
+        assert!(c.urls[1].tls);
+        assert_eq!(c.urls[2].token.as_deref(), Some("tok"));
+        assert_eq!(c.urls[2].host, "::1");
+        assert_eq!(c.urls[3].port, 4222);
+        // Shown without the credential.
+        assert_eq!(c.urls[1].to_string(), "tls://nats.example:7422");
+        assert!(!format!("{:?}", c).contains(":p@"));
+        let c = ok(&[
+            ("FEDMCP_NATS_URL", "nats://a:1"),
+            ("FEDMCP_CLUSTER", "prod_1"),
+            ("FEDMCP_NODE_ID", "edge-7"),
+            ("FEDMCP_NATS_REPLICAS", "3"),
+        ])
+        .cluster
+        .unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.node_id.as_deref(), c.replicas),
+            ("prod_1", Some("edge-7"), 3)
+        );
+        for v in [
+            "",
+            "http://a",
+            "nats://",
+            "nats://a:0",
+            "nats://a:99999",
+            "nats://@a",
+            "nats://a b",
+        ] {
+            bad(&[("FEDMCP_NATS_URL", v)], "FEDMCP_NATS_URL");
+        }
+        // A credential in a bad URL is never quoted back.
+        let e = bad(
+            &[("FEDMCP_NATS_URL", "nats://secretpw@a:0")],
+            "FEDMCP_NATS_URL",
+        );
+        assert!(!e.to_string().contains("secretpw"), "{e}");
+        let e = bad(
+            &[("FEDMCP_NATS_URL", "ftp://user:secretpw@a")],
+            "FEDMCP_NATS_URL",
+        );
+        assert!(!e.to_string().contains("secretpw"), "{e}");
+        for v in ["", "a.b", "a b", &"x".repeat(33)] {
+            bad(
+                &[("FEDMCP_NATS_URL", "nats://a"), ("FEDMCP_CLUSTER", v)],
+                "FEDMCP_CLUSTER",
+            );
+            bad(
+                &[("FEDMCP_NATS_URL", "nats://a"), ("FEDMCP_NODE_ID", v)],
+                "FEDMCP_NODE_ID",
+            );
+        }
+        for v in ["0", "6", "x"] {
+            bad(&[("FEDMCP_NATS_REPLICAS", v)], "FEDMCP_NATS_REPLICAS");
         }
     }
 

@@ -196,7 +196,64 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Cluster mode (§10): this proxy's name, the core's cluster state and the NATS link.
+    let cluster = match cfg.cluster.as_ref() {
+        None => None,
+        Some(cc) => {
+            let node = match (&cc.node_id, cfg.state_dir.as_deref()) {
+                (Some(n), _) => n.clone(),
+                (None, Some(dir)) => match fedmcp::store::load_or_create_node_id(dir) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!(
+                            "FEDMCP_NODE_ID: not set, and no node id could be kept in {}: {e}; expected 1 to 32 of A-Z a-z 0-9 - _",
+                            dir.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => format!(
+                    "n{}",
+                    fedmcp::random::hex(&fedmcp::random::random_bytes::<4>())
+                ),
+            };
+            if cfg.jwt_secret.is_none() {
+                log::warn!(
+                    "cluster mode with a generated secret: proxies of a cluster must share FEDMCP_JWT_SECRET, or tokens of one are refused by the others"
+                );
+            }
+            Some((cc.clone(), node))
+        }
+    };
+    let trusted_ca = cfg.trusted_ca_file.clone();
+    let max_message_bytes = cfg.max_message_bytes;
     let mut proxy = Proxy::new(cfg, secret, audit, fedmcp::clock::Now::read());
+    if let Some((cc, node)) = cluster {
+        log::info!(
+            "cluster {} as node {node}: NATS at {}",
+            cc.name,
+            cc.urls
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let now = proxy.fed.now.at;
+        proxy.nats = Some(fedmcp::io::nats::NatsLink::new(
+            &cc,
+            &node,
+            max_message_bytes,
+            trusted_ca,
+            now,
+        ));
+        proxy.fed.cluster = Some(fedmcp::federation::cluster::Cluster::new(
+            cc.name.clone(),
+            node,
+            cc.replicas,
+        ));
+        proxy.fed.metrics.cluster = true;
+        proxy.fed.metrics.cluster_nodes = 1;
+    }
     proxy.fed.resources = blobs.1;
     proxy.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {

@@ -122,7 +122,27 @@ pub struct Metrics {
     pub sessions_opened_total: u64,
     pub rate_limited_total: u64,
     pub storage_failures_total: u64,
+    /// Cluster mode (§10): whether `FEDMCP_NATS_URL` is set (the cluster families are
+    /// rendered only then).
+    pub cluster: bool,
+    /// Messages published on NATS.
+    pub nats_published_total: u64,
+    pub nats_connected: bool,
+    /// Live proxies of the cluster, this one included.
+    pub cluster_nodes: usize,
+    remote_messages: [u64; REMOTE_RESULTS.len()],
 }
+
+/// The results counted in `fedmcp_remote_messages_total{result=...}` (§10): sent to another
+/// node, taken from another node, and the outcomes of those this node sent.
+pub const REMOTE_RESULTS: [&str; 6] = [
+    "forwarded",
+    "received",
+    "delivered",
+    "rejected",
+    "failed",
+    "timeout",
+];
 
 impl Metrics {
     pub fn message(&mut self, r: MsgResult) {
@@ -131,6 +151,13 @@ impl Metrics {
 
     pub fn messages_of(&self, r: MsgResult) -> u64 {
         self.messages[r as usize]
+    }
+
+    /// Counts a cluster message by result (one of [`REMOTE_RESULTS`]).
+    pub fn remote_message(&mut self, result: &str) {
+        if let Some(i) = REMOTE_RESULTS.iter().position(|r| *r == result) {
+            self.remote_messages[i] += 1;
+        }
     }
 
     /// Counts an MCP request answered (`ok`: a result, else a JSON-RPC error).
@@ -208,6 +235,38 @@ impl Metrics {
             resident_memory_bytes(),
         );
 
+        if self.cluster {
+            gauge(
+                &mut s,
+                "fedmcp_cluster_nodes",
+                "Live proxies of the cluster, this one included.",
+                self.cluster_nodes.max(1),
+            );
+            gauge(
+                &mut s,
+                "fedmcp_nats_connected",
+                "1 while the NATS connection is up.",
+                usize::from(self.nats_connected),
+            );
+            let _ = writeln!(
+                s,
+                "# HELP fedmcp_remote_messages_total Messages between proxies of the cluster, by result."
+            );
+            let _ = writeln!(s, "# TYPE fedmcp_remote_messages_total counter");
+            for (r, v) in REMOTE_RESULTS.iter().zip(self.remote_messages.iter()) {
+                let _ = writeln!(s, "fedmcp_remote_messages_total{{result=\"{r}\"}} {v}");
+            }
+            let _ = writeln!(
+                s,
+                "# HELP fedmcp_nats_published_total Messages published on NATS."
+            );
+            let _ = writeln!(s, "# TYPE fedmcp_nats_published_total counter");
+            let _ = writeln!(
+                s,
+                "fedmcp_nats_published_total {}",
+                self.nats_published_total
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP fedmcp_mcp_requests_total MCP requests answered, by method and result."

@@ -413,7 +413,8 @@ impl Sim {
                 | Action::Dial(_)
                 | Action::StopDial { .. }
                 | Action::RemoveResources { .. }
-                | Action::McpSend { .. } => continue,
+                | Action::McpSend { .. }
+                | Action::Nats(_) => continue,
                 Action::Respond { req, resp } => {
                     answers.push((req, resp));
                     continue;

@@ -205,6 +205,12 @@ impl Federation {
                 "degraded",
                 &format!("the state dir cannot be written: {e}"),
             )
+        } else if self.cluster_degraded() && self.draining.is_none() {
+            // Cut off from NATS: serving local sessions only (§10).
+            Resp::json(503, "{\"status\":\"degraded\"}")
+        } else if !self.cluster_ready() && self.draining.is_none() {
+            // Joined, but not yet caught up with the cluster's registry.
+            Resp::json(503, "{\"status\":\"starting\"}")
         } else if self.ready() {
             Resp::json(200, "{\"status\":\"ready\"}")
         } else {

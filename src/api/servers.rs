@@ -219,7 +219,7 @@ impl Federation {
     pub fn entry_json(&self, e: &Entry) -> String {
         use crate::federation::registry::OutPhase;
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |t| t.to_string());
-        let online = e.presence.session().is_some();
+        let online = e.presence.session().is_some() || e.presence.is_online();
         // Without a session, a dialled server is `connecting` while an attempt runs and
         // `backoff` between attempts (§5).
         let state = match (&e.outbound, online) {
@@ -252,8 +252,17 @@ impl Federation {
             };
             dial.push_str(&opt(next));
         }
+        // In a cluster, where its session is (§10).
+        let mut node = String::new();
+        if self.cluster.is_some() {
+            node.push_str(",\"node\":");
+            match self.node_of(e.presence) {
+                Some(n) => crate::audit::push_json_str(&mut node, n),
+                None => node.push_str("null"),
+            }
+        }
         format!(
-            "{{\"serverId\":\"{}\",\"state\":\"{}\",\"direction\":{},\"endpoints\":{},\"capabilities\":{},\"connectedAt\":{},\"lastSeenAt\":{},\"queued\":{},\"stats\":{{\"sent\":{},\"received\":{}}}{dial}}}",
+            "{{\"serverId\":\"{}\"{node},\"state\":\"{}\",\"direction\":{},\"endpoints\":{},\"capabilities\":{},\"connectedAt\":{},\"lastSeenAt\":{},\"queued\":{},\"stats\":{{\"sent\":{},\"received\":{}}}{dial}}}",
             e.server_id,
             state,
             direction,
@@ -293,6 +302,20 @@ impl Federation {
         let Some(slot) = parse::percent_decode(raw).and_then(|id| self.registry.find(&id)) else {
             return no_record(Resp::error(404, "unknown_server", "no server with that id"));
         };
+        let at = self.now.secs();
+        let record = self.remove_entry(slot, at, Some(peer));
+        (Resp::no_content(), record)
+    }
+
+    /// A server's removal (an admin's here, or one followed from the cluster's registry
+    /// with `peer` `None`): its session closes 4001, its deliveries settle, its queue and
+    /// resources go; the removal is recorded (durably).
+    pub fn remove_entry(
+        &mut self,
+        slot: crate::federation::action::Slot,
+        at: i64,
+        peer: Option<SocketAddr>,
+    ) -> Record {
         self.outbound_stop(slot);
         if let Some(session) = self.registry.get(slot).and_then(|e| e.presence.session()) {
             // Its unanswered deliveries fail `unknown_server` now, instead of going back to
@@ -302,20 +325,30 @@ impl Federation {
         }
         self.mcp_tools_may_change();
         self.drop_queue(slot);
-        let at = self.now.secs();
+        if peer.is_some()
+            && let Some(id) = self.registry.get(slot).map(|e| e.server_id.clone())
+        {
+            self.cluster_drop_queue(&id);
+        }
         let mut record = None;
         if let Some(e) = self.registry.remove(slot, at) {
             // Its resources go with it (§3); their files are removed in this turn, before the
             // removal is acknowledged.
             self.remove_owned_resources(&e.server_id);
-            record = self.persist(crate::store::state::Op::Remove {
+            let op = crate::store::state::Op::Remove {
                 id: e.server_id.clone(),
                 at,
                 epoch: e.key_epoch,
-            });
-            self.audit(Event::ServerRemoved, Some(&e.server_id), Some(peer), None);
+            };
+            // A removal followed from the cluster's registry is not published again.
+            record = if peer.is_some() {
+                self.persist(op)
+            } else {
+                self.persist_local(op)
+            };
+            self.audit(Event::ServerRemoved, Some(&e.server_id), peer, None);
         }
-        (Resp::no_content(), record)
+        record
     }
 }
 

@@ -60,9 +60,25 @@ pub enum Action {
     StopDial { link: LinkId, why: String },
     /// Write a text frame to an MCP client's WebSocket session (§9).
     McpSend { link: LinkId, text: String },
+    /// Publish or subscribe on the cluster's NATS connection (§10).
+    Nats(NatsOut),
     /// Delete the files of these resources of `owner` (a removed server's; the core has
     /// already forgotten them).
     RemoveResources { owner: String, names: Vec<String> },
+}
+
+/// What the core asks of the NATS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsOut {
+    Subscribe {
+        sid: u64,
+        subject: String,
+    },
+    Publish {
+        subject: String,
+        reply: Option<String>,
+        payload: Vec<u8>,
+    },
 }
 
 /// An answer for an HTTP request.
@@ -87,6 +103,12 @@ pub enum CoreTimer {
     Ttl(Slot, u64),
     /// The next attempt to dial a server (§5).
     Dial(Slot),
+    /// A cluster request's deadline (its reply id).
+    Cluster(u64),
+    /// The cluster's heartbeat and liveness check.
+    ClusterTick,
+    /// Joining the cluster again after a failed step.
+    ClusterRetry,
 }
 
 /// What an attempt needs to become a session: decided by the core, carried by the

@@ -124,6 +124,7 @@ impl Federation {
             e.presence = Presence::Offline;
             e.capabilities = e.reg_capabilities.clone();
             self.mcp_tools_may_change();
+            self.announce(sess.slot, false);
         }
         self.settle_deliveries(id, crate::federation::pending::Gone::Offline);
         if sess.outbound {
@@ -383,11 +384,7 @@ impl Federation {
     fn online_servers_json(&self) -> String {
         let mut s = String::from("{\"servers\":[");
         let mut first = true;
-        for e in self
-            .registry
-            .entries()
-            .filter(|e| e.presence.online().is_some())
-        {
+        for e in self.registry.entries().filter(|e| e.presence.is_online()) {
             if !first {
                 s.push(',');
             }
@@ -458,6 +455,7 @@ impl Federation {
                 }
                 self.mcp_tools_may_change();
                 self.pump(slot);
+                self.announce(slot, true);
             }
             _ => self.on_delivery_answer(id, n, outcome),
         }

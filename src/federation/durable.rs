@@ -41,7 +41,7 @@ fn safe_msg_id(s: &str) -> bool {
 
 /// Whether a record read from disk is one the proxy could have written: a crafted or
 /// damaged log must not inject ids that break JSON, or numbers that overflow.
-fn sane(op: &Op) -> bool {
+pub(crate) fn sane(op: &Op) -> bool {
     use crate::proto::jwt::valid_server_id as id_ok;
     let object = |v: &RawValue| v.get().starts_with('{');
     match op {
@@ -87,6 +87,8 @@ impl Federation {
         req: RequestId,
         (resp, record): (Resp, Record),
     ) -> Option<Resp> {
+        // In a cluster, JetStream's acknowledgement is the promise (§10).
+        let resp = self.cluster_answer(req, resp)?;
         if record.is_some() && resp.status < 300 {
             self.deferred.push(Deferred::Http { req, resp, record });
             None
@@ -110,6 +112,29 @@ impl Federation {
     /// Adds a change to this turn's batch; returns where its record sits, for a caller that
     /// defers an answer on it.
     pub fn persist(&mut self, op: Op) -> Record {
+        if self.cluster.is_some() {
+            // The cluster's registry gets the entry's whole state (one record a server).
+            let whole = match &op {
+                Op::Rekey { id, .. } => {
+                    self.registry
+                        .by_id(id)
+                        .filter(|e| e.registered)
+                        .map(|e| Op::Register {
+                            id: e.server_id.clone(),
+                            endpoints: raw(&e.endpoints),
+                            capabilities: raw(&e.reg_capabilities),
+                            epoch: e.key_epoch,
+                        })
+                }
+                _ => None,
+            };
+            self.cluster_record(whole.as_ref().unwrap_or(&op));
+        }
+        self.persist_local(op)
+    }
+
+    /// Adds a change to this turn's batch only (not to the cluster's registry).
+    pub fn persist_local(&mut self, op: Op) -> Record {
         self.batch.as_mut().and_then(|b| b.append(&op))
     }
 

@@ -335,7 +335,7 @@ impl Federation {
         let mut all: Vec<Tool> = self
             .registry
             .entries()
-            .filter(|e| e.presence.online().is_some())
+            .filter(|e| e.presence.is_online())
             .flat_map(|e| member_tools(&e.server_id, &e.capabilities))
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -638,7 +638,7 @@ impl Federation {
         else {
             return Err(unknown());
         };
-        if entry.presence.online().is_none() {
+        if !entry.presence.is_online() {
             // A member the proxy knows, not online now: its tools are not listed, but a
             // client that listed them earlier learns why its call cannot go (§9: -32002).
             return Err(jsonrpc::error(&id, &RpcError::ServerOffline));
@@ -677,6 +677,27 @@ impl Federation {
         message: &str,
         reply_to: ReplyTo,
     ) -> Result<(), RpcError> {
+        if let Some((crate::federation::registry::Presence::Remote(n), to)) = self
+            .registry
+            .get(slot)
+            .map(|e| (e.presence, e.server_id.clone()))
+        {
+            // On another node of the cluster (§10).
+            let seq = self.next_seq();
+            let msg_id = self.msg_id(seq);
+            let sent_at = self.now.wall_ms;
+            self.remote_send(
+                n,
+                &to,
+                &msg_id,
+                caller,
+                message,
+                sent_at,
+                false,
+                Some(reply_to),
+            );
+            return Ok(());
+        }
         let session = self.mcp_recipient(slot)?;
         let seq = self.next_seq();
         let msg_id = self.msg_id(seq);

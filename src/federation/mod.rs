@@ -23,6 +23,7 @@
 //! on peer input.
 
 pub mod action;
+pub mod cluster;
 pub mod control;
 pub mod durable;
 pub mod mcp;
@@ -144,6 +145,10 @@ pub struct Federation {
     pub degraded: Option<String>,
     /// MCP sessions of the facade (§9).
     pub mcp: mcp::McpSessions,
+    /// Cluster mode (§10): `None` for a proxy alone.
+    pub cluster: Option<cluster::Cluster>,
+    /// Bytes unsent on the NATS link (set by the reactor after each flush).
+    pub nats_unsent: usize,
     /// Name lookups in flight: lookup id → the server being dialled.
     pub lookups: HashMap<u64, Slot>,
     seq: u64,
@@ -184,6 +189,8 @@ impl Federation {
             overflow_bucket: None,
             degraded: None,
             mcp: mcp::McpSessions::default(),
+            cluster: None,
+            nats_unsent: 0,
             lookups: HashMap::new(),
             seq: 0,
             boot_id: hex(&random_bytes::<4>()),
@@ -411,6 +418,9 @@ impl Federation {
                 CoreTimer::Delivery(seq) => self.on_delivery_timeout(seq),
                 CoreTimer::Ttl(slot, qseq) => self.on_ttl(slot, qseq),
                 CoreTimer::Dial(slot) => self.dial(slot),
+                CoreTimer::Cluster(rid) => self.cluster_deadline(rid),
+                CoreTimer::ClusterTick => self.cluster_tick(),
+                CoreTimer::ClusterRetry => self.cluster_retry(),
             }
         }
     }
@@ -503,7 +513,7 @@ impl Federation {
                 until: c.exp,
             };
             // Not an answer anyone waits on: its record is not needed.
-            let _ = self.persist(op);
+            let _ = self.persist_local(op);
         }
         let r = match r {
             Ok(c)

@@ -42,6 +42,9 @@ pub enum ReplyTo {
     /// An MCP `tools/call` over an MCP client's WebSocket (§9): answered with
     /// `Action::McpSend` on its connection.
     McpWs { link: LinkId, id: String },
+    /// A send from another node of the cluster (§10): the outcome is published to
+    /// `subject` (that node's reply subject).
+    Remote { subject: String },
 }
 
 /// What the sender gets now.
@@ -66,6 +69,14 @@ pub enum PendingKind {
     },
     /// A delivery out of the recipient's queue (identified by its queue sequence number).
     FromQueue { qseq: u64 },
+    /// A delivery out of the cluster's queue stream (§10): acknowledged to JetStream with
+    /// `ack` once answered; the sender gets `federation/delivered` when `notify`.
+    FromStream {
+        ack: String,
+        msg_id: String,
+        from: String,
+        notify: bool,
+    },
 }
 
 #[derive(Debug)]

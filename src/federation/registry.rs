@@ -23,13 +23,15 @@ pub enum Presence {
     Connecting(SessionId),
     /// A session whose welcome was answered: a recipient.
     Online(SessionId),
+    /// Online on another node of the cluster (§10), by its index in the cluster's node table.
+    Remote(u16),
 }
 
 impl Presence {
     /// The session, online or still connecting.
     pub fn session(self) -> Option<SessionId> {
         match self {
-            Presence::Offline => None,
+            Presence::Offline | Presence::Remote(_) => None,
             Presence::Connecting(c) | Presence::Online(c) => Some(c),
         }
     }
@@ -42,11 +44,16 @@ impl Presence {
         }
     }
 
+    /// Online here or on another node: a recipient somewhere in the federation.
+    pub fn is_online(self) -> bool {
+        matches!(self, Presence::Online(_) | Presence::Remote(_))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Presence::Offline => "offline",
             Presence::Connecting(_) => "connecting",
-            Presence::Online(_) => "online",
+            Presence::Online(_) | Presence::Remote(_) => "online",
         }
     }
 }

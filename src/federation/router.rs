@@ -20,7 +20,7 @@ use crate::federation::action::Slot;
 use crate::federation::action::{Action, Answer, CoreTimer, SessionId};
 use crate::federation::pending::Deferred;
 use crate::federation::pending::{Gone, Pending, PendingKind, Reply, ReplyTo};
-use crate::federation::registry::Queued;
+use crate::federation::registry::{Presence, Queued};
 use crate::metrics::MsgResult;
 use crate::proto::jsonrpc::{self, RpcError};
 use crate::proto::jwt;
@@ -68,7 +68,7 @@ fn deliver_params(msg_id: &str, from: &str, message: &str, sent_at: i64, sig: &s
 }
 
 /// `{"msgId", "status", "reply"|"error"}` from the recipient's answer.
-fn outcome_json(msg_id: &str, outcome: Result<&str, &str>) -> String {
+pub(crate) fn outcome_json(msg_id: &str, outcome: Result<&str, &str>) -> String {
     let (status, key, v) = match outcome {
         Ok(r) => ("delivered", "reply", r),
         Err(e) => ("rejected", "error", e),
@@ -158,6 +158,16 @@ impl Federation {
         };
         let queue = p.queue.unwrap_or(false);
         let is_request = reply_to.is_some();
+        if let Some(Presence::Remote(n)) = self.registry.get(slot).map(|e| e.presence) {
+            // Online on another node of the cluster: carried there (§10).
+            self.count_received(slot);
+            self.remote_send(n, &p.to, &msg_id, from, message, sent_at, queue, reply_to);
+            return if is_request {
+                Reply::Later
+            } else {
+                Reply::None
+            };
+        }
         // A TTL past a century means "no expiry" in effect; capping keeps every clock
         // conversion (Instant, ms on disk) in range.
         let expires = p
@@ -208,6 +218,16 @@ impl Federation {
                         RpcError::ServerOffline
                     }));
                 }
+                if self.cluster.is_some() {
+                    // The cluster's queue stream holds it (§10).
+                    let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
+                    let q = make_queued(seq);
+                    return match self.cluster_enqueue(&p.to, &q, reply_to, body) {
+                        Ok(()) if is_request => Reply::Later,
+                        Ok(()) => Reply::None,
+                        Err(e) => Reply::Now(Err(e)),
+                    };
+                }
                 let record = match self.enqueue(slot, make_queued(seq)) {
                     Ok(record) => record,
                     Err(e) => return Reply::Now(Err(e)),
@@ -248,7 +268,11 @@ impl Federation {
 
     /// The recipient's session when it can take a delivery now; else whether it is online
     /// (overloaded) or not.
-    fn recipient_ready(&self, slot: Slot, awaits_answer: bool) -> Result<SessionId, bool> {
+    pub(crate) fn recipient_ready(
+        &self,
+        slot: Slot,
+        awaits_answer: bool,
+    ) -> Result<SessionId, bool> {
         let Some(entry) = self.registry.get(slot) else {
             return Err(false);
         };
@@ -315,7 +339,7 @@ impl Federation {
                 self.now.at + self.cfg.delivery_timeout,
                 CoreTimer::Delivery(seq),
             )),
-            PendingKind::FromQueue { .. } => None,
+            PendingKind::FromQueue { .. } | PendingKind::FromStream { .. } => None,
         };
         self.ws_send(
             conn,
@@ -338,6 +362,18 @@ impl Federation {
     }
 
     fn broadcast(&mut self, from: &str, msg_id: &str, message: &str, sent_at: i64) -> usize {
+        let here = self.local_broadcast(from, msg_id, message, sent_at);
+        here + self.remote_broadcast(from, msg_id, message, sent_at)
+    }
+
+    /// A broadcast to the servers online on this node, but `from`.
+    pub(crate) fn local_broadcast(
+        &mut self,
+        from: &str,
+        msg_id: &str,
+        message: &str,
+        sent_at: i64,
+    ) -> usize {
         let bound = self.unsent_bound();
         let targets: Vec<(Slot, SessionId)> = self
             .registry
@@ -400,31 +436,14 @@ impl Federation {
         let outcome = outcome.map(|r| r.get()).map_err(|e| e.get());
         match p.kind {
             PendingKind::Direct {
-                reply_to: ReplyTo::Mcp { req, id },
-                ..
-            } => {
-                // An MCP call's answer is the member's, unchanged (§9).
-                self.metrics.mcp_request("tools/call", outcome.is_ok());
-                let text = crate::federation::mcp::call_answer(&id, outcome);
-                self.act(Action::Respond {
-                    req,
-                    resp: Answer::Mcp(text),
-                });
-            }
-            PendingKind::Direct {
-                reply_to: ReplyTo::McpWs { link, id },
-                ..
-            } => {
-                self.metrics.mcp_request("tools/call", outcome.is_ok());
-                let text = crate::federation::mcp::call_answer(&id, outcome);
-                self.act(Action::McpSend { link, text });
-            }
-            PendingKind::Direct {
                 reply_to, msg_id, ..
-            } => {
-                let body = outcome_json(&msg_id, outcome);
-                self.reply(reply_to, Ok(body));
-            }
+            } => self.answer_outcome(reply_to, &msg_id, outcome),
+            PendingKind::FromStream {
+                ack,
+                msg_id,
+                from,
+                notify,
+            } => self.stream_answered(p.slot, ack, &msg_id, &from, notify, Some(outcome)),
             PendingKind::FromQueue { qseq } => {
                 if let Some(i) = self.find_queued(p.slot, qseq)
                     && let Some(q) = self.remove_queued(p.slot, i)
@@ -437,13 +456,45 @@ impl Federation {
         }
     }
 
-    /// `federation/delivered` to a sender, if it is online.
+    /// A delivery's outcome to whoever waits: the sender's `{"msgId","status",...}`, an
+    /// MCP call's answer (the member's, unchanged, §9), or another node's wait (§10).
+    pub(crate) fn answer_outcome(
+        &mut self,
+        to: ReplyTo,
+        msg_id: &str,
+        outcome: Result<&str, &str>,
+    ) {
+        match to {
+            ReplyTo::Mcp { req, id } => {
+                self.metrics.mcp_request("tools/call", outcome.is_ok());
+                let text = crate::federation::mcp::call_answer(&id, outcome);
+                self.act(Action::Respond {
+                    req,
+                    resp: Answer::Mcp(text),
+                });
+            }
+            ReplyTo::McpWs { link, id } => {
+                self.metrics.mcp_request("tools/call", outcome.is_ok());
+                let text = crate::federation::mcp::call_answer(&id, outcome);
+                self.act(Action::McpSend { link, text });
+            }
+            ReplyTo::Remote { subject } => self.reply_outcome_remote(subject, outcome),
+            to => {
+                let body = outcome_json(msg_id, outcome);
+                self.reply(to, Ok(body));
+            }
+        }
+    }
+
+    /// `federation/delivered` to a sender, if it is online (here or on another node).
     pub(crate) fn notify_sender(&mut self, sender: &str, params: String) {
-        let Some(conn) = self
-            .registry
-            .by_id(sender)
-            .and_then(|e| e.presence.session())
-        else {
+        let Some(e) = self.registry.by_id(sender) else {
+            return;
+        };
+        if let Presence::Remote(n) = e.presence {
+            return self.remote_notify(n, sender, params);
+        }
+        let Some(conn) = e.presence.session() else {
             return;
         };
         self.ws_send(
@@ -498,6 +549,21 @@ impl Federation {
                     reply_to,
                     msg_id,
                     requeue: Some(q),
+                } if self.cluster.is_some() => {
+                    let body = format!("{{\"msgId\":\"{msg_id}\",\"status\":\"queued\"}}");
+                    let to = self.registry.get(p.slot).map(|e| e.server_id.clone());
+                    let r = match to {
+                        Some(to) => self.cluster_enqueue(&to, &q, Some(reply_to.clone()), body),
+                        None => Err(RpcError::ServerOffline),
+                    };
+                    if let Err(e) = r {
+                        self.reply(reply_to, Err(e));
+                    }
+                }
+                PendingKind::Direct {
+                    reply_to,
+                    msg_id,
+                    requeue: Some(q),
                 } => {
                     let qseq = q.seq;
                     match self.enqueue(p.slot, *q) {
@@ -524,6 +590,12 @@ impl Federation {
                     self.metrics.message(MsgResult::Offline);
                     self.reply(reply_to, Err(RpcError::ServerOffline));
                 }
+                PendingKind::FromStream {
+                    ack,
+                    msg_id,
+                    from,
+                    notify,
+                } => self.stream_answered(p.slot, ack, &msg_id, &from, notify, None),
                 PendingKind::FromQueue { qseq } => {
                     // Undelivered again: its TTL applies again (already past: expires on
                     // the next turn instead of being delivered twice).
@@ -577,6 +649,7 @@ impl Federation {
                     self.finish_batch(conn, b);
                 }
             }
+            ReplyTo::Remote { subject } => self.reply_remote(subject, r),
             ReplyTo::Http { req } => self.act(Action::Respond {
                 req,
                 resp: Answer::Rpc(r),

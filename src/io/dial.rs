@@ -115,6 +115,12 @@ impl Dialer {
         }
     }
 
+    /// Resolves `host` off the loop for another user of the resolver (the NATS link): the
+    /// answer comes back to `on_wake` with this `id`.
+    pub fn resolve(&mut self, id: u64, host: String, port: u16) -> Result<(), String> {
+        self.ask(Lookup { id, host, port })
+    }
+
     fn ask(&mut self, l: Lookup) -> Result<(), String> {
         if self.resolver.is_none() {
             let r =
@@ -131,7 +137,7 @@ impl Dialer {
     }
 
     /// The waker fired: hands the resolver's answers in.
-    pub fn on_wake(&mut self, proxy: &mut Proxy) {
+    pub fn on_wake(&mut self, proxy: &mut Proxy, registry: &mio::Registry) {
         let mut answers = Vec::new();
         if let Some(r) = &self.resolver {
             while let Ok(a) = r.rx.try_recv() {
@@ -139,7 +145,11 @@ impl Dialer {
             }
         }
         for (id, result) in answers {
-            proxy.fed.on_resolved(id, result);
+            if id >= crate::io::nats::LOOKUP_BASE {
+                crate::io::nats::on_resolved(proxy, registry, id, result);
+            } else {
+                proxy.fed.on_resolved(id, result);
+            }
         }
         proxy.apply();
     }

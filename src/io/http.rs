@@ -530,7 +530,7 @@ impl Proxy {
         for e in self.fed.registry.entries() {
             g.servers_registered += 1;
             g.queue_messages += e.queue.len();
-            if e.presence.online().is_some() {
+            if e.presence.is_online() {
                 g.servers_online += 1;
             }
         }

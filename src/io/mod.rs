@@ -15,6 +15,7 @@ pub mod conn;
 pub mod data;
 pub mod dial;
 pub mod http;
+pub mod nats;
 pub mod proxy;
 pub mod reactor;
 pub mod tls;

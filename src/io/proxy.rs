@@ -61,6 +61,8 @@ pub struct Proxy {
     pub store: Option<crate::store::state::Store>,
     /// Resource files (`None` only if they could not be opened).
     pub blobs: Option<crate::store::blobs::Blobs>,
+    /// The cluster's NATS connection (§10; `None` for a proxy alone).
+    pub nats: Option<crate::io::nats::NatsLink>,
 }
 
 impl Proxy {
@@ -82,6 +84,7 @@ impl Proxy {
             spare: Vec::new(),
             store: None,
             blobs: None,
+            nats: None,
         }
     }
 
@@ -311,6 +314,11 @@ impl Proxy {
                     self.mcp_close(id, 1008, "output over its bound: the peer does not read");
                 } else {
                     self.ws_write(id, Message::text(text));
+                }
+            }
+            Action::Nats(out) => {
+                if let Some(l) = self.nats.as_mut() {
+                    l.send(out);
                 }
             }
             Action::RemoveResources { owner, names } => {
@@ -553,10 +561,14 @@ impl Proxy {
 
     /// The nearest deadline, the connections' and the core's.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match (self.timers.next_deadline(), self.fed.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timers.next_deadline(),
+            self.fed.next_deadline(),
+            self.nats.as_ref().and_then(|l| l.next_deadline()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// A connection's deadline fired.

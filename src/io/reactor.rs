@@ -122,7 +122,10 @@ impl Reactor {
                 match token {
                     LISTENER => self.accept(proxy),
                     SIGNALS => self.signals(proxy),
-                    WAKER => self.dialer.on_wake(proxy),
+                    WAKER => self.dialer.on_wake(proxy, self.poll.registry()),
+                    crate::io::nats::NATS => {
+                        crate::io::nats::on_ready(proxy, self.poll.registry(), r);
+                    }
                     t => {
                         let id = ConnId::from_token(t);
                         let Some(conn) = proxy.conn_mut(id) else {
@@ -163,6 +166,9 @@ impl Reactor {
             proxy.fire_due(now);
             // Lookups and connections the turn's dialling asked for.
             self.dialer.run(proxy, self.poll.registry());
+            // The cluster's link: attempts, deadlines, keep-alive (its output is written at
+            // the end of the turn, with the connections').
+            crate::io::nats::turn(proxy, self.poll.registry(), &mut self.dialer);
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
             // Tools that changed this turn reach MCP WebSocket clients (§9).
@@ -170,6 +176,7 @@ impl Reactor {
             proxy.apply();
             proxy.commit();
             self.flush(proxy);
+            crate::io::nats::flush(proxy, self.poll.registry());
             proxy.fed.audit.flush();
             if let Some(end) = proxy.fed.draining {
                 if proxy.conns.iter().all(|(_, c)| idle_http(c)) {
@@ -280,6 +287,8 @@ impl Reactor {
         // Sessions close 1001. HTTP connections stay: a request on them is answered (readyz
         // with 503) with `Connection: close`; idle ones do not hold the exit back.
         proxy.fed.close_all_sessions(1001, "proxy shutting down");
+        // The other nodes forget this one's sessions at once.
+        proxy.fed.cluster_bye();
         proxy.apply();
         // Attempts to dial stop (no new attempt is scheduled while draining).
         let dialing: Vec<ConnId> = proxy

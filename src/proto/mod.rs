@@ -9,5 +9,6 @@
 pub mod http;
 pub mod jsonrpc;
 pub mod jwt;
+pub mod nats;
 pub mod upgrade;
 pub mod ws;

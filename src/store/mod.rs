@@ -23,6 +23,45 @@ use std::path::Path;
 pub const SECRET_FILE: &str = "jwt-secret";
 
 /// Reads the generated secret, creating it (and the directory) on first use.
+/// This proxy's name in a cluster (§10, `FEDMCP_NODE_ID` unset): read from
+/// `<dir>/node-id`, or made (`n` and 8 random hex digits) and kept there (0600).
+pub fn load_or_create_node_id(dir: &Path) -> io::Result<String> {
+    let path = dir.join(NODE_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim_end_matches(['\n', '\r']).to_string();
+            let ok = (1..=32).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not 1 to 32 of A-Z a-z 0-9 - _", path.display()),
+                ));
+            }
+            keep_private(&path)?;
+            return Ok(id);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    create_dir_private(dir)?;
+    let id = format!(
+        "n{}",
+        crate::random::hex(&crate::random::random_bytes::<4>())
+    );
+    let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    write_new_private(&tmp, id.as_bytes())?;
+    fs::rename(&tmp, &path)?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(id)
+}
+
+/// The file that keeps a generated node id.
+pub const NODE_ID_FILE: &str = "node-id";
+
 pub fn load_or_create_secret(dir: &Path) -> io::Result<Vec<u8>> {
     let path = dir.join(SECRET_FILE);
     match fs::read(&path) {
