@@ -65,13 +65,14 @@ test: cargo-test interop test-smoke
 cargo-test: test-tools
 	$(CARGO) test --no-fail-fast
 
-# Command-line tools the tests run: curl (tests/tls_startup.rs and the interop suite) and
-# openssl (the TLS interop checks make certificates with it). A missing one is installed from
-# Debian's packages; the tests fail, never skip, without them.
-TEST_TOOLS := curl openssl
+# Command-line tools the tests run: curl (tests/tls_startup.rs and the interop suite),
+# openssl (the TLS interop checks make certificates with it) and nats-server (the cluster
+# tests run real NATS servers, PROTOCOL.md §10; Debian's package puts it in /usr/sbin). A
+# missing one is installed from Debian's packages; the tests fail, never skip, without them.
+TEST_TOOLS := curl openssl nats-server
 
 test-tools:
-	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TEST_TOOLS); do PATH="$$PATH:/usr/sbin" command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "test-tools: installing$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
@@ -111,7 +112,7 @@ lint:
 # Seeds are checked in under fuzz/corpus/<target>; what the fuzzer finds goes to a scratch
 # corpus under fuzz/target, so a run never dirties the work tree. Crashes land in
 # fuzz/artifacts/<target>/.
-FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session outbound_answer access ws_frames mcp
+FUZZ_TARGETS := jwt_verify http_head chunked jsonrpc state_log config session outbound_answer access ws_frames mcp nats
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_TOOLCHAIN ?= +nightly

@@ -239,7 +239,7 @@ fn serve() -> ExitCode {
                 .join(",")
         );
         let now = proxy.fed.now.at;
-        proxy.nats = Some(fedmcp::io::nats::NatsLink::new(
+        reactor.nats = Some(fedmcp::io::nats::NatsLink::new(
             &cc,
             &node,
             max_message_bytes,

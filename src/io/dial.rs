@@ -27,7 +27,7 @@ struct Lookup {
     port: u16,
 }
 
-type Answer = (u64, Result<Vec<SocketAddr>, String>);
+pub type Answer = (u64, Result<Vec<SocketAddr>, String>);
 
 /// The resolver thread's two ends, as the loop sees them.
 struct Resolver {
@@ -71,13 +71,20 @@ pub struct Dialer {
     /// Started at the first name to resolve (a proxy that dials only IP literals, or
     /// nothing, has no thread).
     resolver: Option<Resolver>,
+    /// Answers to lookups of other users (ids from [`NATS_LOOKUP_BASE`]), for the reactor
+    /// to hand on.
+    pub nats_answers: Vec<Answer>,
 }
+
+/// Lookups for the NATS link carry ids from here (dialling's are below).
+pub const NATS_LOOKUP_BASE: u64 = 1 << 62;
 
 impl Dialer {
     pub fn new(waker: Arc<mio::Waker>) -> Dialer {
         Dialer {
             waker,
             resolver: None,
+            nats_answers: Vec::new(),
         }
     }
 
@@ -137,7 +144,7 @@ impl Dialer {
     }
 
     /// The waker fired: hands the resolver's answers in.
-    pub fn on_wake(&mut self, proxy: &mut Proxy, registry: &mio::Registry) {
+    pub fn on_wake(&mut self, proxy: &mut Proxy) {
         let mut answers = Vec::new();
         if let Some(r) = &self.resolver {
             while let Ok(a) = r.rx.try_recv() {
@@ -145,8 +152,8 @@ impl Dialer {
             }
         }
         for (id, result) in answers {
-            if id >= crate::io::nats::LOOKUP_BASE {
-                crate::io::nats::on_resolved(proxy, registry, id, result);
+            if id >= NATS_LOOKUP_BASE {
+                self.nats_answers.push((id, result));
             } else {
                 proxy.fed.on_resolved(id, result);
             }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 /// The NATS connection's token in the poll.
 pub const NATS: Token = Token(usize::MAX - 3);
 /// Lookups of NATS host names carry ids from here (the dialler's are below).
-pub const LOOKUP_BASE: u64 = 1 << 62;
+pub use crate::io::dial::NATS_LOOKUP_BASE as LOOKUP_BASE;
 
 /// Connect, `INFO`, TLS and the first `PONG` must fit in this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,8 +75,6 @@ struct Open {
 
 pub struct NatsLink {
     urls: Vec<NatsUrl>,
-    /// How many of `urls` came from the configuration (the rest were discovered).
-    configured: usize,
     next: usize,
     attempt: u32,
     phase: Phase,
@@ -85,6 +83,9 @@ pub struct NatsLink {
     trusted_ca: Option<std::path::PathBuf>,
     lookups: u64,
     limits: Limits,
+    /// A name for the reactor to resolve (through the dialler's resolver thread): the
+    /// answer comes back through [`on_resolved`].
+    pub resolve: Option<(u64, String, u16)>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -103,7 +104,6 @@ impl NatsLink {
     ) -> NatsLink {
         NatsLink {
             urls: cfg.urls.clone(),
-            configured: cfg.urls.len(),
             next: 0,
             attempt: 0,
             phase: Phase::Idle { retry_at: now },
@@ -111,6 +111,7 @@ impl NatsLink {
             tls_cfg: None,
             trusted_ca,
             lookups: 0,
+            resolve: None,
             limits: Limits {
                 max_control_line: 4096,
                 // A delivery is at most a message of the contract's size, with its envelope.
@@ -141,9 +142,16 @@ impl NatsLink {
     }
 
     /// Writes what the core asked (only on a live link: otherwise the core knows it is down).
-    pub fn send(&mut self, out: crate::federation::action::NatsOut) {
+    /// Takes what the core asked since the last call (`Proxy::nats_out`).
+    pub fn take(&mut self, proxy: &mut Proxy) {
+        for out in proxy.nats_out.drain(..) {
+            Self::write(&mut self.phase, out);
+        }
+    }
+
+    fn write(phase: &mut Phase, out: crate::federation::action::NatsOut) {
         use crate::federation::action::NatsOut;
-        let Phase::Open(o) = &mut self.phase else {
+        let Phase::Open(o) = phase else {
             return;
         };
         if o.stage != Stage::Live {
@@ -170,24 +178,21 @@ impl NatsLink {
 }
 
 /// The loop's turn for the link: start an attempt when due, check deadlines, write output.
-pub fn turn(proxy: &mut Proxy, registry: &mio::Registry, dialer: &mut crate::io::dial::Dialer) {
+pub fn turn(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry) {
     let now = proxy.fed.now.at;
-    let Some(link) = proxy.nats.as_mut() else {
-        return;
-    };
     match &mut link.phase {
         Phase::Idle { retry_at } if now >= *retry_at && proxy.fed.draining.is_none() => {
-            start(proxy, registry, dialer);
+            start(link, proxy, registry);
         }
         Phase::Resolving { deadline, .. } if now >= *deadline => {
-            fail(proxy, registry, "name resolution timed out");
+            fail(link, proxy, registry, "name resolution timed out");
         }
         Phase::Open(o) if o.stage != Stage::Live && now >= o.deadline => {
-            fail(proxy, registry, "handshake timed out");
+            fail(link, proxy, registry, "handshake timed out");
         }
         Phase::Open(o) if o.stage == Stage::Live && now >= o.next_ping => {
             if o.pings_out >= MAX_PINGS_OUT {
-                fail(proxy, registry, "no PONG to keep-alive pings");
+                fail(link, proxy, registry, "no PONG to keep-alive pings");
             } else {
                 o.pings_out += 1;
                 o.next_ping = now + PING_INTERVAL;
@@ -196,14 +201,11 @@ pub fn turn(proxy: &mut Proxy, registry: &mio::Registry, dialer: &mut crate::io:
         }
         _ => {}
     }
-    flush(proxy, registry);
+    flush(link, proxy, registry);
 }
 
-fn start(proxy: &mut Proxy, registry: &mio::Registry, dialer: &mut crate::io::dial::Dialer) {
+fn start(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry) {
     let now = proxy.fed.now.at;
-    let Some(link) = proxy.nats.as_mut() else {
-        return;
-    };
     if link.urls.is_empty() {
         return;
     }
@@ -215,7 +217,7 @@ fn start(proxy: &mut Proxy, registry: &mio::Registry, dialer: &mut crate::io::di
         url.host.parse::<IpAddr>().ok()
     };
     match ip {
-        Some(ip) => connect(proxy, registry, SocketAddr::new(ip, url.port)),
+        Some(ip) => connect(link, proxy, registry, SocketAddr::new(ip, url.port)),
         None => {
             link.lookups += 1;
             let lookup = LOOKUP_BASE + link.lookups;
@@ -223,45 +225,43 @@ fn start(proxy: &mut Proxy, registry: &mio::Registry, dialer: &mut crate::io::di
                 lookup,
                 deadline: now + HANDSHAKE_TIMEOUT,
             };
-            if let Err(e) = dialer.resolve(lookup, url.host.clone(), url.port) {
-                fail(proxy, registry, &e);
-            }
+            link.resolve = Some((lookup, url.host.clone(), url.port));
         }
     }
 }
 
 /// The resolver answered a NATS lookup.
 pub fn on_resolved(
+    link: &mut NatsLink,
     proxy: &mut Proxy,
     registry: &mio::Registry,
     lookup: u64,
     r: Result<Vec<SocketAddr>, String>,
 ) {
-    let Some(link) = proxy.nats.as_mut() else {
-        return;
-    };
     if !matches!(link.phase, Phase::Resolving { lookup: l, .. } if l == lookup) {
         return;
     }
     match r {
-        Ok(addrs) if !addrs.is_empty() => connect(proxy, registry, addrs[0]),
-        Ok(_) => fail(proxy, registry, "the name has no address"),
-        Err(e) => fail(proxy, registry, &format!("name resolution failed: {e}")),
+        Ok(addrs) if !addrs.is_empty() => connect(link, proxy, registry, addrs[0]),
+        Ok(_) => fail(link, proxy, registry, "the name has no address"),
+        Err(e) => fail(
+            link,
+            proxy,
+            registry,
+            &format!("name resolution failed: {e}"),
+        ),
     }
 }
 
-fn connect(proxy: &mut Proxy, registry: &mio::Registry, addr: SocketAddr) {
+fn connect(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry, addr: SocketAddr) {
     let now = proxy.fed.now.at;
-    let Some(link) = proxy.nats.as_mut() else {
-        return;
-    };
     let url = link.next % link.urls.len().max(1);
     let mut sock = match TcpStream::connect(addr) {
         Ok(s) => s,
-        Err(e) => return fail(proxy, registry, &format!("connect failed: {e}")),
+        Err(e) => return fail(link, proxy, registry, &format!("connect failed: {e}")),
     };
     if let Err(e) = registry.register(&mut sock, NATS, Interest::READABLE | Interest::WRITABLE) {
-        return fail(proxy, registry, &format!("register failed: {e}"));
+        return fail(link, proxy, registry, &format!("register failed: {e}"));
     }
     let _ = sock.set_nodelay(true);
     link.phase = Phase::Open(Box::new(Open {
@@ -278,11 +278,8 @@ fn connect(proxy: &mut Proxy, registry: &mio::Registry, addr: SocketAddr) {
 }
 
 /// The attempt (or the live link) failed: close, tell the core, try the next URL later.
-fn fail(proxy: &mut Proxy, registry: &mio::Registry, why: &str) {
+fn fail(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry, why: &str) {
     let now = proxy.fed.now.at;
-    let Some(link) = proxy.nats.as_mut() else {
-        return;
-    };
     let was_live = link.is_live();
     let shown = link
         .urls
@@ -308,17 +305,17 @@ fn fail(proxy: &mut Proxy, registry: &mio::Registry, why: &str) {
 }
 
 /// The socket is readable or writable.
-pub fn on_ready(proxy: &mut Proxy, registry: &mio::Registry, readable: bool) {
+pub fn on_ready(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry, readable: bool) {
     if readable {
-        read(proxy, registry);
+        read(link, proxy, registry);
     }
-    flush(proxy, registry);
+    flush(link, proxy, registry);
 }
 
-fn read(proxy: &mut Proxy, registry: &mio::Registry) {
+fn read(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        let Some(Phase::Open(o)) = proxy.nats.as_mut().map(|l| &mut l.phase) else {
+        let Some(Phase::Open(o)) = Some(&mut link.phase) else {
             return;
         };
         let got = match o.tls.as_mut() {
@@ -353,10 +350,10 @@ fn read(proxy: &mut Proxy, registry: &mio::Registry) {
             },
         };
         match got {
-            Err(why) => return fail(proxy, registry, &why),
+            Err(why) => return fail(link, proxy, registry, &why),
             Ok(more) => {
-                if let Err(why) = process(proxy, registry) {
-                    return fail(proxy, registry, &why);
+                if let Err(why) = process(link, proxy) {
+                    return fail(link, proxy, registry, &why);
                 }
                 if !more {
                     return;
@@ -367,11 +364,8 @@ fn read(proxy: &mut Proxy, registry: &mio::Registry) {
 }
 
 /// Parses and handles every complete op in the input.
-fn process(proxy: &mut Proxy, registry: &mio::Registry) -> Result<(), String> {
+fn process(link: &mut NatsLink, proxy: &mut Proxy) -> Result<(), String> {
     loop {
-        let Some(link) = proxy.nats.as_mut() else {
-            return Ok(());
-        };
         let limits = link.limits;
         let Phase::Open(o) = &mut link.phase else {
             return Ok(());
@@ -383,16 +377,13 @@ fn process(proxy: &mut Proxy, registry: &mio::Registry) -> Result<(), String> {
         };
         o.inbuf.drain(..used);
         match op {
-            ServerOp::Info(info) => on_info(proxy, info)?,
+            ServerOp::Info(info) => on_info(link, info)?,
             ServerOp::Ping => {
-                if let Some(Phase::Open(o)) = proxy.nats.as_mut().map(|l| &mut l.phase) {
+                if let Some(Phase::Open(o)) = Some(&mut link.phase) {
                     nats::pong(&mut o.out);
                 }
             }
             ServerOp::Pong => {
-                let Some(link) = proxy.nats.as_mut() else {
-                    return Ok(());
-                };
                 let Phase::Open(o) = &mut link.phase else {
                     return Ok(());
                 };
@@ -406,13 +397,15 @@ fn process(proxy: &mut Proxy, registry: &mio::Registry) -> Result<(), String> {
                         .map(|u| u.to_string())
                         .unwrap_or_default();
                     log::info!("NATS: connected to {shown}");
+                    // Nothing asked while the link was down goes out on the new one.
+                    proxy.nats_out.clear();
                     proxy.fed.nats_connected();
                     proxy.apply();
                 }
             }
             ServerOp::Ok => {}
             ServerOp::Err(text) => {
-                let live = proxy.nats.as_ref().is_some_and(|l| l.is_live());
+                let live = link.is_live();
                 let fatal = !live
                     || !(text.to_ascii_lowercase().contains("permissions violation")
                         || text.to_ascii_lowercase().contains("invalid subject"));
@@ -428,14 +421,10 @@ fn process(proxy: &mut Proxy, registry: &mio::Registry) -> Result<(), String> {
                 proxy.apply();
             }
         }
-        let _ = registry;
     }
 }
 
-fn on_info(proxy: &mut Proxy, info: nats::Info) -> Result<(), String> {
-    let Some(link) = proxy.nats.as_mut() else {
-        return Ok(());
-    };
+fn on_info(link: &mut NatsLink, info: nats::Info) -> Result<(), String> {
     // Servers the cluster announces are tried too (after the configured ones).
     let tls_scheme = link.urls.first().is_some_and(|u| u.tls);
     for u in info.connect_urls.iter().take(MAX_URLS) {
@@ -456,7 +445,6 @@ fn on_info(proxy: &mut Proxy, info: nats::Info) -> Result<(), String> {
             }
         }
     }
-    let _ = link.configured;
     let Phase::Open(o) = &mut link.phase else {
         return Ok(());
     };
@@ -497,8 +485,9 @@ fn on_info(proxy: &mut Proxy, info: nats::Info) -> Result<(), String> {
 }
 
 /// Writes owed output until the socket would block.
-pub fn flush(proxy: &mut Proxy, registry: &mio::Registry) {
-    let Some(Phase::Open(o)) = proxy.nats.as_mut().map(|l| &mut l.phase) else {
+pub fn flush(link: &mut NatsLink, proxy: &mut Proxy, registry: &mio::Registry) {
+    link.take(proxy);
+    let Phase::Open(o) = &mut link.phase else {
         return;
     };
     let r: Result<(), String> = (|| {
@@ -545,6 +534,6 @@ pub fn flush(proxy: &mut Proxy, registry: &mio::Registry) {
     let unsent = o.out.len();
     proxy.fed.nats_unsent = unsent;
     if let Err(why) = r {
-        fail(proxy, registry, &why);
+        fail(link, proxy, registry, &why);
     }
 }

@@ -61,8 +61,8 @@ pub struct Proxy {
     pub store: Option<crate::store::state::Store>,
     /// Resource files (`None` only if they could not be opened).
     pub blobs: Option<crate::store::blobs::Blobs>,
-    /// The cluster's NATS connection (§10; `None` for a proxy alone).
-    pub nats: Option<crate::io::nats::NatsLink>,
+    /// What the core asked of the cluster's NATS connection, for the reactor's `nats` module.
+    pub nats_out: Vec<crate::federation::action::NatsOut>,
 }
 
 impl Proxy {
@@ -84,7 +84,7 @@ impl Proxy {
             spare: Vec::new(),
             store: None,
             blobs: None,
-            nats: None,
+            nats_out: Vec::new(),
         }
     }
 
@@ -317,8 +317,8 @@ impl Proxy {
                 }
             }
             Action::Nats(out) => {
-                if let Some(l) = self.nats.as_mut() {
-                    l.send(out);
+                if self.fed.cluster.is_some() {
+                    self.nats_out.push(out);
                 }
             }
             Action::RemoveResources { owner, names } => {
@@ -561,14 +561,10 @@ impl Proxy {
 
     /// The nearest deadline, the connections' and the core's.
     pub fn next_deadline(&self) -> Option<Instant> {
-        [
-            self.timers.next_deadline(),
-            self.fed.next_deadline(),
-            self.nats.as_ref().and_then(|l| l.next_deadline()),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.timers.next_deadline(), self.fed.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A connection's deadline fired.

@@ -49,6 +49,8 @@ pub struct Reactor {
     accept_retry_at: Option<Instant>,
     /// Outbound dialling's lookups and sockets (`dial`).
     dialer: crate::io::dial::Dialer,
+    /// The cluster's NATS connection (§10; `None` for a proxy alone).
+    pub nats: Option<crate::io::nats::NatsLink>,
 }
 
 impl Reactor {
@@ -69,6 +71,7 @@ impl Reactor {
             again: Vec::new(),
             accept_retry_at: None,
             dialer: crate::io::dial::Dialer::new(waker),
+            nats: None,
         })
     }
 
@@ -78,9 +81,14 @@ impl Reactor {
             // A reading for this poll's timeout; the turn's own is taken after the poll.
             proxy.fed.now = Now::read();
             let now = proxy.fed.now.at;
-            let mut timeout = proxy
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(now));
+            let next = [
+                proxy.next_deadline(),
+                self.nats.as_ref().and_then(|l| l.next_deadline()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let mut timeout = next.map(|d| d.saturating_duration_since(now));
             if let Some(at) = self.accept_retry_at {
                 let t = at.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(t, |x| x.min(t)));
@@ -122,9 +130,25 @@ impl Reactor {
                 match token {
                     LISTENER => self.accept(proxy),
                     SIGNALS => self.signals(proxy),
-                    WAKER => self.dialer.on_wake(proxy, self.poll.registry()),
+                    WAKER => {
+                        self.dialer.on_wake(proxy);
+                        let answers = std::mem::take(&mut self.dialer.nats_answers);
+                        if let Some(link) = self.nats.as_mut() {
+                            for (id, result) in answers {
+                                crate::io::nats::on_resolved(
+                                    link,
+                                    proxy,
+                                    self.poll.registry(),
+                                    id,
+                                    result,
+                                );
+                            }
+                        }
+                    }
                     crate::io::nats::NATS => {
-                        crate::io::nats::on_ready(proxy, self.poll.registry(), r);
+                        if let Some(link) = self.nats.as_mut() {
+                            crate::io::nats::on_ready(link, proxy, self.poll.registry(), r);
+                        }
                     }
                     t => {
                         let id = ConnId::from_token(t);
@@ -168,7 +192,14 @@ impl Reactor {
             self.dialer.run(proxy, self.poll.registry());
             // The cluster's link: attempts, deadlines, keep-alive (its output is written at
             // the end of the turn, with the connections').
-            crate::io::nats::turn(proxy, self.poll.registry(), &mut self.dialer);
+            if let Some(link) = self.nats.as_mut() {
+                crate::io::nats::turn(link, proxy, self.poll.registry());
+                if let Some((id, host, port)) = link.resolve.take()
+                    && let Err(e) = self.dialer.resolve(id, host, port)
+                {
+                    crate::io::nats::on_resolved(link, proxy, self.poll.registry(), id, Err(e));
+                }
+            }
             // One fsync for every change of the turn; the answers it promised go out with the
             // flush below (group commit).
             // Tools that changed this turn reach MCP WebSocket clients (§9).
@@ -176,7 +207,9 @@ impl Reactor {
             proxy.apply();
             proxy.commit();
             self.flush(proxy);
-            crate::io::nats::flush(proxy, self.poll.registry());
+            if let Some(link) = self.nats.as_mut() {
+                crate::io::nats::flush(link, proxy, self.poll.registry());
+            }
             proxy.fed.audit.flush();
             if let Some(end) = proxy.fed.draining {
                 if proxy.conns.iter().all(|(_, c)| idle_http(c)) {
