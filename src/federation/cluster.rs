@@ -56,6 +56,10 @@ pub const PULL_EXPIRES: Duration = Duration::from_secs(20);
 /// Bytes unsent on the NATS link over which remote sends are refused `recipient_overloaded`
 /// (the reactor reports the figure in `Federation::nats_unsent` after each flush).
 pub const NATS_SOFT_LIMIT: usize = 8 * 1024 * 1024;
+/// The registry follower's idle heartbeat (JetStream sends one when it has nothing to push);
+/// silent three times as long, the follower is made again (its consumer may be gone with a
+/// NATS node).
+pub const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The most nodes remembered (a bound on a table peers fill).
 pub const MAX_NODES: usize = 256;
 /// Servers per presence snapshot message (a snapshot is sent in parts).
@@ -153,6 +157,8 @@ pub struct Cluster {
     /// A registry record published by the handler now running (its answer waits on it).
     published: Option<u64>,
     tick: Option<TimerId>,
+    /// When the follower's subject last carried anything (a record or an idle heartbeat).
+    follow_heard: Option<Instant>,
 }
 
 impl Cluster {
@@ -170,6 +176,7 @@ impl Cluster {
             feeds: HashMap::new(),
             published: None,
             tick: None,
+            follow_heard: None,
         }
     }
 
@@ -526,14 +533,13 @@ impl Federation {
             return;
         };
         c.link = Link::Joining(step);
-        let (name, node, replicas) = (c.name.clone(), c.node.clone(), c.replicas);
+        let (name, replicas) = (c.name.clone(), c.replicas);
         let max_msg = self.cfg.max_message_bytes * 2 + 65_536;
         match step {
             Step::RegistryStream => {
                 let stream = format!("{name}_REGISTRY");
                 let body = format!(
-                    "{{\"name\":\"{stream}\",\"subjects\":[\"{name}.reg.>\"],\"retention\":\"limits\",\"max_msgs_per_subject\":1,\"max_msgs\":{},\"discard\":\"old\",\"storage\":\"file\",\"num_replicas\":{replicas},\"max_msg_size\":{max_msg}}}",
-                    (self.cfg.max_servers * 2 + self.cfg.max_revocations) as u64
+                    "{{\"name\":\"{stream}\",\"subjects\":[\"{name}.reg.>\"],\"retention\":\"limits\",\"max_msgs_per_subject\":1,\"discard\":\"old\",\"storage\":\"file\",\"num_replicas\":{replicas},\"max_msg_size\":{max_msg}}}"
                 );
                 self.js_api(&format!("STREAM.CREATE.{stream}"), body, Wait::Setup(step));
             }
@@ -546,17 +552,41 @@ impl Federation {
                 self.js_api(&format!("STREAM.CREATE.{stream}"), body, Wait::Setup(step));
             }
             Step::Follow => {
-                let stream = format!("{name}_REGISTRY");
-                let body = format!(
-                    "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{name}.follow.{node}\",\"deliver_policy\":\"all\",\"ack_policy\":\"none\",\"replay_policy\":\"instant\",\"inactive_threshold\":30000000000}}}}"
-                );
-                self.js_api(
-                    &format!("CONSUMER.CREATE.{stream}"),
-                    body,
-                    Wait::Setup(step),
-                );
+                let (api, body) = self.follower_request();
+                self.js_api(&api, body, Wait::Setup(step));
             }
             Step::CatchUp => {}
+        }
+    }
+
+    /// The JetStream API request that makes this node's registry follower: an ephemeral push
+    /// consumer of every record, without acks, with idle heartbeats.
+    fn follower_request(&self) -> (String, String) {
+        let Some(c) = self.cluster.as_ref() else {
+            return (String::new(), String::new());
+        };
+        let (name, node) = (&c.name, &c.node);
+        let stream = format!("{name}_REGISTRY");
+        let body = format!(
+            "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{name}.follow.{node}\",\"deliver_policy\":\"all\",\"ack_policy\":\"none\",\"replay_policy\":\"instant\",\"inactive_threshold\":30000000000,\"idle_heartbeat\":{}}}}}",
+            FOLLOW_HEARTBEAT.as_nanos()
+        );
+        (format!("CONSUMER.CREATE.{stream}"), body)
+    }
+
+    /// Makes the registry follower again (from the start of the stream), staying ready when
+    /// ready: what it brings again is idempotent.
+    fn refollow(&mut self) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        c.follower = None;
+        c.follow_heard = Some(self.now.at);
+        if c.link == Link::Ready {
+            let (api, body) = self.follower_request();
+            self.js_api(&api, body, Wait::Setup(Step::Follow));
+        } else {
+            self.join_step(Step::Follow);
         }
     }
 
@@ -604,7 +634,13 @@ impl Federation {
             SID_HELLO => self.on_hello(text),
             SID_MSG => self.on_node_msg(text, reply),
             SID_BCAST => self.on_bcast(text),
-            SID_FOLLOW => self.on_follow(reply, text),
+            SID_FOLLOW => {
+                let now = self.now.at;
+                if let Some(c) = self.cluster.as_mut() {
+                    c.follow_heard = Some(now);
+                }
+                self.on_follow(reply, text)
+            }
             SID_INBOX => match reply.filter(|r| r.starts_with("$JS.ACK.")) {
                 Some(ack) => self.on_queued_msg(ack, text),
                 None => self.on_inbox(subject, status, text),
@@ -954,6 +990,13 @@ impl Federation {
             return;
         };
         c.tick = Some(self.timers.insert(now + TICK, CoreTimer::ClusterTick));
+        let silent = c.follower.is_some()
+            && c.follow_heard
+                .is_some_and(|t| now.saturating_duration_since(t) > FOLLOW_HEARTBEAT * 3);
+        if silent {
+            log::warn!("cluster: the registry follower went silent; following again");
+            self.refollow();
+        }
         self.heartbeat();
         let dead: Vec<u16> = self
             .cluster
@@ -1247,8 +1290,15 @@ impl Federation {
                         Step::RegistryStream => self.join_step(Step::QueueStream),
                         Step::QueueStream => self.join_step(Step::Follow),
                         Step::Follow => {
+                            let now = self.now.at;
+                            let ready =
+                                self.cluster.as_ref().is_some_and(|c| c.link == Link::Ready);
                             if let Some(c) = self.cluster.as_mut() {
                                 c.follower = name.map(|n| (n, 0));
+                                c.follow_heard = Some(now);
+                                if ready {
+                                    return;
+                                }
                                 c.link = Link::Joining(Step::CatchUp);
                             }
                             if pending.unwrap_or(0) == 0 {
@@ -1525,8 +1575,7 @@ impl Federation {
         if meta.cseq != *last + 1 {
             // A push was lost: follow again from the start (every record is idempotent).
             log::warn!("cluster: the registry follower missed records; following again");
-            c.follower = None;
-            self.join_step(Step::Follow);
+            self.refollow();
             return;
         }
         *last = meta.cseq;
