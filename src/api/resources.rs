@@ -20,7 +20,20 @@ impl Federation {
             .resources
             .list()
             .filter(|(o, _, m)| m.readable_by(o, &claims.server_id, admin))
-            .map(|(o, n, m)| resource_json(o, n, m))
+            .map(|(o, n, m)| {
+                let j = resource_json(o, n, m);
+                match self.cluster.as_ref() {
+                    // In a cluster, each listed resource says where it is (§10).
+                    Some(c) => {
+                        let mut j = j.trim_end_matches('}').to_string();
+                        j.push_str(",\"node\":");
+                        crate::audit::push_json_str(&mut j, &c.node);
+                        j.push('}');
+                        j
+                    }
+                    None => j,
+                }
+            })
             .collect();
         crate::proto::http::response::Resp::json(
             200,
@@ -35,6 +48,7 @@ impl Federation {
         let names = self.resources.names_of(owner);
         for n in &names {
             self.resources.remove(owner, n);
+            self.cluster_resource(owner, n, None);
         }
         if !names.is_empty() {
             self.act(Action::RemoveResources {

@@ -60,6 +60,8 @@ pub const NATS_SOFT_LIMIT: usize = 8 * 1024 * 1024;
 /// silent three times as long, the follower is made again (its consumer may be gone with a
 /// NATS node).
 pub const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Resources of other nodes remembered (beyond, a `GET` of one more is a plain `404`).
+pub const MAX_REMOTE_RESOURCES: usize = 65_536;
 /// The most nodes remembered (a bound on a table peers fill).
 pub const MAX_NODES: usize = 256;
 /// Servers per presence snapshot message (a snapshot is sent in parts).
@@ -159,6 +161,9 @@ pub struct Cluster {
     tick: Option<TimerId>,
     /// When the follower's subject last carried anything (a record or an idle heartbeat).
     follow_heard: Option<Instant>,
+    /// Resources stored on other nodes (§10: a `GET` here is `404 on_other_node`): (owner,
+    /// name) → the node and who may read it. At most [`MAX_REMOTE_RESOURCES`].
+    remote_resources: HashMap<(String, String), (String, crate::federation::resources::Readers)>,
 }
 
 impl Cluster {
@@ -177,6 +182,7 @@ impl Cluster {
             published: None,
             tick: None,
             follow_heard: None,
+            remote_resources: HashMap::new(),
         }
     }
 
@@ -321,6 +327,21 @@ struct RemoteReply<'a> {
     fail: Option<String>,
     #[serde(default, borrow)]
     answer: Option<&'a RawValue>,
+}
+
+/// Where a resource is stored (`node` `None`: it is gone), a record of the registry stream.
+#[derive(Deserialize)]
+struct ResourceRecord {
+    resource: ResourceWhere,
+}
+
+#[derive(Deserialize)]
+struct ResourceWhere {
+    owner: String,
+    name: String,
+    node: Option<String>,
+    #[serde(default)]
+    readers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1581,7 +1602,10 @@ impl Federation {
         *last = meta.cseq;
         match serde_json::from_str::<Op>(text) {
             Ok(op) => self.apply_followed(op),
-            Err(e) => log::warn!("cluster: an unreadable registry record skipped: {e}"),
+            Err(e) => match serde_json::from_str::<ResourceRecord>(text) {
+                Ok(r) => self.apply_resource(r.resource),
+                Err(_) => log::warn!("cluster: an unreadable registry record skipped: {e}"),
+            },
         }
         if meta.pending == 0
             && matches!(
@@ -1895,6 +1919,80 @@ impl Federation {
             String::new(),
             Wait::Ignore,
         );
+    }
+
+    /// A resource was stored here (`Some`) or is gone (`None`): the other nodes are told
+    /// (through the registry stream, so a node that joins later knows too).
+    pub fn cluster_resource(
+        &mut self,
+        owner: &str,
+        name: &str,
+        readers: Option<&crate::federation::resources::Readers>,
+    ) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        if c.link != Link::Ready {
+            return;
+        }
+        let subject = c.subject(&format!("reg.x.{}.{}", token_hex(owner), token_hex(name)));
+        let node = match readers {
+            Some(_) => json_str(&c.node),
+            None => "null".to_string(),
+        };
+        let readers = readers.map_or(
+            "null".to_string(),
+            crate::federation::resources::readers_json,
+        );
+        let body = format!(
+            "{{\"resource\":{{\"owner\":\"{owner}\",\"name\":\"{name}\",\"node\":{node},\"readers\":{readers}}}}}"
+        );
+        self.request(subject, body.into_bytes(), Wait::Ignore, JS_TIMEOUT);
+    }
+
+    fn apply_resource(&mut self, r: ResourceWhere) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if !crate::proto::jwt::valid_server_id(&r.owner)
+            || !crate::federation::resources::valid_name(&r.name)
+        {
+            return;
+        }
+        let key = (r.owner, r.name);
+        match r.node {
+            Some(n) if n != c.node => {
+                if c.remote_resources.len() < MAX_REMOTE_RESOURCES
+                    || c.remote_resources.contains_key(&key)
+                {
+                    c.remote_resources.insert(key, (n, r.readers));
+                }
+            }
+            _ => {
+                c.remote_resources.remove(&key);
+            }
+        }
+    }
+
+    /// The node holding a resource that is not here, when `server_id` may read it.
+    pub fn resource_elsewhere(
+        &self,
+        owner: &str,
+        name: &str,
+        server_id: &str,
+        admin: bool,
+    ) -> Option<&str> {
+        let c = self.cluster.as_ref()?;
+        let (node, readers) = c
+            .remote_resources
+            .get(&(owner.to_string(), name.to_string()))?;
+        let meta = crate::federation::resources::Meta {
+            size: 0,
+            sha256: String::new(),
+            readers: readers.clone(),
+        };
+        meta.readable_by(owner, server_id, admin)
+            .then_some(node.as_str())
     }
 
     /// Where a server's session is, for its registry entry's `"node"`.

@@ -273,6 +273,8 @@ impl Proxy {
         match blobs.finish(u.up, &u.owner, &u.name, u.readers) {
             Ok(meta) => {
                 let body = resource_json(&u.owner, &u.name, &meta);
+                self.fed
+                    .cluster_resource(&u.owner, &u.name, Some(&meta.readers));
                 self.fed.resources.commit(&u.owner, &u.name, meta, size);
                 let mut r = Resp::json(201, body);
                 r.headers
@@ -315,7 +317,19 @@ impl Proxy {
             .get(&owner, &name)
             .is_some_and(|m| m.readable_by(&owner, &claims.server_id, admin));
         if !readable {
-            return Some(not_found());
+            let elsewhere = self
+                .fed
+                .resource_elsewhere(&owner, &name, &claims.server_id, admin)
+                .map(str::to_string);
+            return Some(match elsewhere {
+                // Stored by another proxy of the cluster (§10).
+                Some(node) => Resp::error(
+                    404,
+                    "on_other_node",
+                    &format!("the resource is stored on node {node}"),
+                ),
+                None => not_found(),
+            });
         }
         match head.method {
             Method::Get | Method::Head => self.download(id, head, &owner, &name),
@@ -331,6 +345,7 @@ impl Proxy {
                 match removed {
                     Some(Ok(())) => {
                         self.fed.resources.remove(&owner, &name);
+                        self.fed.cluster_resource(&owner, &name, None);
                         Some(Resp::no_content())
                     }
                     _ => Some(Resp::error(
