@@ -166,12 +166,14 @@ bench:
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-bytes-per-session 8192 --max-idle-kib 4096
 	$(CARGO) bench --bench hostile -- --unauth-max-growth-kib 16384 --flood-max-growth-kib 78976
 	$(CARGO) bench --bench mcp
+	$(CARGO) bench --bench cluster -- --duration 10 --min-rate 10000
 
 bench-smoke:
 	$(CARGO) bench --bench loadgen -- --duration 2 --warmup 0.5 --min-rate 5000 --label smoke
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --sessions 100 --settle 0.2 --max-bytes-per-session 32768 --max-idle-kib 8192 --label smoke
 	$(CARGO) bench --bench hostile -- --sockets 100 --window-secs 0.5 --sends 160 --settle 0.2 --unauth-max-growth-kib 16384 --flood-max-growth-kib 81920
 	$(CARGO) bench --bench mcp -- --calls 300 --label smoke
+	$(CARGO) bench --bench cluster -- --duration 2 --warmup 0.5 --min-rate 2000 --label smoke
 
 # ---- static binary (x86_64 musl) ---------------------------------------------------------
 # ring compiles a little C: for musl it needs musl-gcc (Debian's musl-tools).
