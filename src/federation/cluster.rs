@@ -392,6 +392,14 @@ pub fn ack_meta(reply: &str) -> Option<AckMeta<'_>> {
     })
 }
 
+/// A node id as `FEDMCP_NODE_ID` allows it (a subject token): anything else from the bus is
+/// not believed.
+fn valid_node_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn hex_decode(s: &str) -> Option<String> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -675,7 +683,7 @@ impl Federation {
     fn heard(&mut self, name: &str) -> Option<u16> {
         let now = self.now.at;
         let c = self.cluster.as_mut()?;
-        if name == c.node {
+        if name == c.node || !valid_node_name(name) {
             return None;
         }
         let n = match c.node_ref(name) {
@@ -828,18 +836,26 @@ impl Federation {
 
     /// Announces a local session up (welcome answered) or down.
     pub(crate) fn announce(&mut self, slot: Slot, up: bool) {
-        let Some(c) = self.cluster.as_mut() else {
+        let Some(server) = self.publish_presence(slot, up) else {
             return;
         };
+        if up {
+            self.feed_start(&server);
+        } else if let Some(c) = self.cluster.as_mut() {
+            c.feeds.remove(&server);
+        }
+    }
+
+    /// Publishes a local session's `up` or `down`; the server's id when it was published.
+    fn publish_presence(&mut self, slot: Slot, up: bool) -> Option<String> {
+        let c = self.cluster.as_mut()?;
         if c.link == Link::Down {
-            return;
+            return None;
         }
         c.presence_seq += 1;
         let (seq, node) = (c.presence_seq, c.node.clone());
         let subject = c.subject(&format!("presence.{node}"));
-        let Some(e) = self.registry.get(slot) else {
-            return;
-        };
+        let e = self.registry.get(slot)?;
         let body = if up {
             format!(
                 "{{\"op\":\"up\",\"node\":{},\"seq\":{seq},\"serverId\":\"{}\",\"since\":{},\"capabilities\":{}}}",
@@ -857,11 +873,7 @@ impl Federation {
         };
         let server = e.server_id.clone();
         self.publish(subject, None, body.into_bytes());
-        if up {
-            self.feed_start(&server);
-        } else if let Some(c) = self.cluster.as_mut() {
-            c.feeds.remove(&server);
-        }
+        Some(server)
     }
 
     fn on_presence(&mut self, text: &str) {
@@ -876,7 +888,7 @@ impl Federation {
             .as_ref()
             .and_then(|c| c.nodes.get(n as usize))
             .and_then(|x| x.seq)
-            .map(|s| s + 1);
+            .and_then(|s| s.checked_add(1));
         match p.op {
             "snap" => {
                 if p.part == 0 {
@@ -943,14 +955,33 @@ impl Federation {
             .and_then(|c| c.node_name(n))
             .unwrap_or("")
             .to_string();
-        if let Some(local) = e.presence.session() {
-            let ours = (e.connected_at_ms.unwrap_or(0), me.as_str());
-            if (since, them.as_str()) > ours {
-                // A newer session elsewhere replaces this one (§10).
-                self.close_session(local, 4003, "replaced by a newer session");
-            } else {
-                return;
+        let held = (e.connected_at_ms.unwrap_or(0), e.presence);
+        match held.1 {
+            Presence::Online(local) | Presence::Connecting(local) => {
+                if (since, them.as_str()) > (held.0, me.as_str()) {
+                    // A newer session elsewhere replaces this one (§10).
+                    self.close_session(local, 4003, "replaced by a newer session");
+                } else {
+                    // This one is newer: said again, so the other node closes its own (a
+                    // connecting one is announced when its welcome is answered).
+                    if matches!(held.1, Presence::Online(_)) {
+                        self.publish_presence(slot, true);
+                    }
+                    return;
+                }
             }
+            Presence::Remote(m) if m != n => {
+                let other = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.node_name(m))
+                    .unwrap_or("")
+                    .to_string();
+                if (since, them.as_str()) < (held.0, other.as_str()) {
+                    return; // An older session than the one known: its node will close it.
+                }
+            }
+            _ => {}
         }
         if let Some(e) = self.registry.get_mut(slot) {
             e.presence = Presence::Remote(n);
@@ -1115,10 +1146,7 @@ impl Federation {
                 let Some(message) = m.message else { return };
                 let ok = crate::proto::jwt::valid_server_id(&m.to)
                     && crate::proto::jwt::valid_server_id(&m.from)
-                    && m.msg_id.len() <= 64
-                    && m.msg_id.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
-                    });
+                    && crate::federation::durable::safe_msg_id(&m.msg_id);
                 if !ok {
                     return;
                 }
@@ -1250,10 +1278,7 @@ impl Federation {
         };
         if self.cluster.as_ref().is_some_and(|c| c.node == b.origin)
             || !crate::proto::jwt::valid_server_id(&b.from)
-            || !b
-                .msg_id
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+            || !crate::federation::durable::safe_msg_id(&b.msg_id)
         {
             return;
         }

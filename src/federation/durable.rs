@@ -32,7 +32,7 @@ const MAX_TIME_SECS: i64 = 253_402_300_799;
 const MAX_SEQ: u64 = u64::MAX / 4;
 
 /// A msgId as the proxy makes them (boot prefix, `-`, number): safe inside a JSON string.
-fn safe_msg_id(s: &str) -> bool {
+pub(crate) fn safe_msg_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
