@@ -172,6 +172,18 @@ impl Federation {
                 _ => internal_error(),
             });
         };
+        let changes_registry = matches!(
+            route,
+            Route::Register | Route::RemoveServer(_) | Route::RotateKey(_) | Route::RevokeToken(_)
+        );
+        if changes_registry && !self.cluster_ready() {
+            // A change the cluster's registry cannot take now is not made here either (§10).
+            return Some(Resp::error(
+                503,
+                "cluster_unavailable",
+                "the proxy has not joined the cluster's registry (NATS or JetStream unavailable); try again",
+            ));
+        }
         match route {
             Route::Register => {
                 let r = self.register(body, peer);

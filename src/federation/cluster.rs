@@ -60,6 +60,9 @@ pub const NATS_SOFT_LIMIT: usize = 8 * 1024 * 1024;
 /// silent three times as long, the follower is made again (its consumer may be gone with a
 /// NATS node).
 pub const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
+/// The longest delivery timeout another node may ask for (a day, `FEDMCP_DELIVERY_TIMEOUT_MS`'s
+/// maximum).
+const MAX_REMOTE_TIMEOUT_MS: u64 = 86_400_000;
 /// Resources of other nodes remembered (beyond, a `GET` of one more is a plain `404`).
 pub const MAX_REMOTE_RESOURCES: usize = 65_536;
 /// The most nodes remembered (a bound on a table peers fill).
@@ -133,6 +136,15 @@ struct Waiting {
     timer: TimerId,
 }
 
+/// The registry follower's consumer: its name, the last consumer sequence applied, and
+/// whether a push said nothing was left (caught up).
+#[derive(Debug)]
+struct Follower {
+    name: String,
+    last: u64,
+    caught_up: bool,
+}
+
 /// A local recipient's queue feed.
 #[derive(Debug, Default)]
 struct Feed {
@@ -153,8 +165,8 @@ pub struct Cluster {
     waits: HashMap<u64, Waiting>,
     next_rid: u64,
     presence_seq: u64,
-    /// The registry follower's consumer name and its last consumer sequence.
-    follower: Option<(String, u64)>,
+    /// The registry follower (its consumer), once known.
+    follower: Option<Follower>,
     feeds: HashMap<String, Feed>,
     /// A registry record published by the handler now running (its answer waits on it).
     published: Option<u64>,
@@ -303,6 +315,9 @@ struct NodeMsg<'a> {
     queue: bool,
     #[serde(default, borrow)]
     params: Option<&'a RawValue>,
+    /// The sender's proxy's delivery timeout (§10: it is the one that applies).
+    #[serde(default, rename = "timeoutMs")]
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -319,14 +334,12 @@ struct BcastMsg<'a> {
 
 #[derive(Deserialize)]
 struct RemoteReply<'a> {
+    /// `ok` (the recipient's result), `err` (its error), `answer` (a finished answer, e.g.
+    /// `queued`) or `fail` (the proxy's error, `reason` in `v`).
+    t: &'a str,
+    /// The value; `None` when it was JSON `null` (a recipient may answer `"result": null`).
     #[serde(default, borrow)]
-    ok: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    err: Option<&'a RawValue>,
-    #[serde(default)]
-    fail: Option<String>,
-    #[serde(default, borrow)]
-    answer: Option<&'a RawValue>,
+    v: Option<&'a RawValue>,
 }
 
 /// Where a resource is stored (`node` `None`: it is gone), a record of the registry stream.
@@ -1049,6 +1062,25 @@ impl Federation {
             log::warn!("cluster: the registry follower went silent; following again");
             self.refollow();
         }
+        // A joining step with nothing in flight (its retry lost) is taken again.
+        self.cluster_retry();
+        // Queue feeds with no pull open and nothing delivered (their consumer could not be
+        // made, or a pull failed) are started again.
+        let idle: Vec<String> = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.link == Link::Ready)
+            .map(|c| {
+                c.feeds
+                    .iter()
+                    .filter(|(_, f)| f.pull.is_none() && !f.busy)
+                    .map(|(s, _)| s.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for server in idle {
+            self.feed_start(&server);
+        }
         self.heartbeat();
         let dead: Vec<u16> = self
             .cluster
@@ -1110,7 +1142,8 @@ impl Federation {
         }
         let subject = c.subject(&format!("msg.{node}"));
         let body = format!(
-            "{{\"t\":\"deliver\",\"msgId\":\"{msg_id}\",\"from\":\"{from}\",\"to\":\"{to}\",\"message\":{message},\"sentAt\":{sent_at},\"queue\":{queue}}}"
+            "{{\"t\":\"deliver\",\"msgId\":\"{msg_id}\",\"from\":\"{from}\",\"to\":\"{to}\",\"message\":{message},\"sentAt\":{sent_at},\"queue\":{queue},\"timeoutMs\":{}}}",
+            self.cfg.delivery_timeout.as_millis()
         );
         self.metrics.remote_message("forwarded");
         match reply_to {
@@ -1151,6 +1184,12 @@ impl Federation {
                     return;
                 }
                 self.metrics.remote_message("received");
+                // Past the sender's own deadline (which answers it), this node lets go too.
+                let within = Duration::from_millis(
+                    m.timeout_ms
+                        .unwrap_or(self.cfg.delivery_timeout.as_millis() as u64)
+                        .min(MAX_REMOTE_TIMEOUT_MS),
+                ) + Duration::from_secs(1);
                 let r = self.deliver_here(
                     &m.to,
                     &m.msg_id,
@@ -1159,6 +1198,7 @@ impl Federation {
                     m.sent_at,
                     m.queue,
                     reply_to.clone(),
+                    within,
                 );
                 if let (Err(e), Some(to)) = (r, reply_to) {
                     self.reply(to, Err(e));
@@ -1179,6 +1219,7 @@ impl Federation {
         sent_at: i64,
         queue: bool,
         reply_to: Option<ReplyTo>,
+        within: Duration,
     ) -> Result<(), RpcError> {
         let slot = self.registry.find(to).ok_or(RpcError::ServerOffline)?;
         let session = self.recipient_ready(slot, reply_to.is_some());
@@ -1217,6 +1258,14 @@ impl Federation {
                     requeue,
                 };
                 self.deliver(session, slot, seq, &params, kind);
+                // The sender's deadline, not this proxy's, bounds the wait.
+                let at = self.now.at + within;
+                if let Some(p) = self.pending.get_mut(&seq)
+                    && let Some(t) = p.timer.take()
+                {
+                    self.timers.cancel(t);
+                    p.timer = Some(self.timers.insert(at, CoreTimer::Delivery(seq)));
+                }
             }
         }
         Ok(())
@@ -1339,15 +1388,34 @@ impl Federation {
                             let now = self.now.at;
                             let ready =
                                 self.cluster.as_ref().is_some_and(|c| c.link == Link::Ready);
+                            let mut caught_up = pending.unwrap_or(0) == 0;
                             if let Some(c) = self.cluster.as_mut() {
-                                c.follower = name.map(|n| (n, 0));
                                 c.follow_heard = Some(now);
+                                // Pushes may come before this answer: the follower adopted
+                                // from them is this consumer, or the pushes were another's.
+                                match (&c.follower, name) {
+                                    (Some(f), Some(n)) if f.name == n => caught_up |= f.caught_up,
+                                    (Some(_), _) => {
+                                        log::warn!(
+                                            "cluster: pushes from an unknown follower; following again"
+                                        );
+                                        self.refollow();
+                                        return;
+                                    }
+                                    (None, n) => {
+                                        c.follower = n.map(|name| Follower {
+                                            name,
+                                            last: 0,
+                                            caught_up: false,
+                                        })
+                                    }
+                                }
                                 if ready {
                                     return;
                                 }
                                 c.link = Link::Joining(Step::CatchUp);
                             }
-                            if pending.unwrap_or(0) == 0 {
+                            if caught_up {
                                 self.joined();
                             }
                         }
@@ -1428,12 +1496,9 @@ impl Federation {
                 self.metrics
                     .observe_delivery(self.now.at.saturating_duration_since(started).as_secs_f64());
                 match (r, &reply) {
-                    (Some(r), _) if r.ok.is_some() || r.err.is_some() => {
-                        let outcome = match (r.ok, r.err) {
-                            (Some(ok), _) => Ok(ok.get()),
-                            (None, Some(e)) => Err(e.get()),
-                            _ => return,
-                        };
+                    (Some(r), _) if r.t == "ok" || r.t == "err" => {
+                        let v = r.v.map_or("null", |v| v.get());
+                        let outcome = if r.t == "ok" { Ok(v) } else { Err(v) };
                         self.metrics.remote_message(if outcome.is_ok() {
                             "delivered"
                         } else {
@@ -1441,17 +1506,18 @@ impl Federation {
                         });
                         self.answer_outcome(to, &msg_id, outcome);
                     }
-                    (Some(r), _) if r.answer.is_some() => {
-                        let a = r.answer.map(|a| a.get().to_string()).unwrap_or_default();
+                    (Some(r), _) if r.t == "answer" => {
+                        let a = r.v.map_or("null", |v| v.get()).to_string();
                         self.reply(to, Ok(a));
                     }
                     (Some(r), _) => {
-                        let e = match r.fail.as_deref() {
-                            Some("unknown_server") => RpcError::UnknownServer,
-                            Some("recipient_overloaded") => RpcError::RecipientOverloaded,
-                            Some("queue_full") => RpcError::QueueFull,
-                            Some("delivery_timeout") => RpcError::DeliveryTimeout,
-                            Some("storage_failed") => RpcError::StorageFailed,
+                        let reason = r.v.map_or("", |v| v.get().trim_matches('"'));
+                        let e = match reason {
+                            "unknown_server" => RpcError::UnknownServer,
+                            "recipient_overloaded" => RpcError::RecipientOverloaded,
+                            "queue_full" => RpcError::QueueFull,
+                            "delivery_timeout" => RpcError::DeliveryTimeout,
+                            "storage_failed" => RpcError::StorageFailed,
                             _ => RpcError::ServerOffline,
                         };
                         self.metrics.remote_message("failed");
@@ -1513,8 +1579,8 @@ impl Federation {
     /// A delivery's outcome to another node's wait.
     pub(crate) fn reply_outcome_remote(&mut self, subject: String, outcome: Result<&str, &str>) {
         let body = match outcome {
-            Ok(r) => format!("{{\"ok\":{r}}}"),
-            Err(e) => format!("{{\"err\":{e}}}"),
+            Ok(r) => format!("{{\"t\":\"ok\",\"v\":{r}}}"),
+            Err(e) => format!("{{\"t\":\"err\",\"v\":{e}}}"),
         };
         self.publish(subject, None, body.into_bytes());
     }
@@ -1535,8 +1601,8 @@ impl Federation {
     /// Answers a remote sender's wait (`reply` for `ReplyTo::Remote`).
     pub(crate) fn reply_remote(&mut self, subject: String, r: Result<String, RpcError>) {
         let body = match r {
-            Ok(a) => format!("{{\"answer\":{a}}}"),
-            Err(e) => format!("{{\"fail\":\"{}\"}}", e.reason()),
+            Ok(a) => format!("{{\"t\":\"answer\",\"v\":{a}}}"),
+            Err(e) => format!("{{\"t\":\"fail\",\"v\":\"{}\"}}", e.reason()),
         };
         self.publish(subject, None, body.into_bytes());
     }
@@ -1612,19 +1678,35 @@ impl Federation {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        let Some((consumer, last)) = c.follower.as_mut() else {
+        let asked = c
+            .waits
+            .values()
+            .any(|w| matches!(w.what, Wait::Setup(Step::Follow)));
+        if c.follower.is_none() && asked && meta.cseq == 1 {
+            // The consumer pushes before its creation is answered: adopt it (the answer
+            // checks the name).
+            c.follower = Some(Follower {
+                name: meta.consumer.to_string(),
+                last: 0,
+                caught_up: false,
+            });
+        }
+        let Some(f) = c.follower.as_mut() else {
             return;
         };
-        if meta.consumer != consumer.as_str() {
+        if meta.consumer != f.name {
             return; // An earlier follower's push.
         }
-        if meta.cseq != *last + 1 {
+        if meta.cseq != f.last + 1 {
             // A push was lost: follow again from the start (every record is idempotent).
             log::warn!("cluster: the registry follower missed records; following again");
             self.refollow();
             return;
         }
-        *last = meta.cseq;
+        f.last = meta.cseq;
+        if meta.pending == 0 {
+            f.caught_up = true;
+        }
         match serde_json::from_str::<Op>(text) {
             Ok(op) => self.apply_followed(op),
             Err(e) => match serde_json::from_str::<ResourceRecord>(text) {
