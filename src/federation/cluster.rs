@@ -51,8 +51,10 @@ pub const TICK: Duration = Duration::from_millis(500);
 pub const NODE_TIMEOUT: Duration = Duration::from_millis(3000);
 /// How long a JetStream API request or publish may wait for its answer.
 pub const JS_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one pull request for a queue feed stays open at the server.
-pub const PULL_EXPIRES: Duration = Duration::from_secs(20);
+/// How long one pull request for a queue feed stays open at the server. Short, because a pull
+/// sent while its consumer has no leader (a NATS node just died) is lost without an answer,
+/// and the next one is only sent after this (and 2 s) has passed.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Bytes unsent on the NATS link over which remote sends are refused `recipient_overloaded`
 /// (the reactor reports the figure in `Federation::nats_unsent` after each flush).
 pub const NATS_SOFT_LIMIT: usize = 8 * 1024 * 1024;
