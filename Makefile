@@ -9,6 +9,9 @@
 #   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
 #   make sim        a million seeds of the deterministic simulation (make test runs 4000)
+#   make chaos-cluster  CHAOS_CLUSTER_CYCLES (default 30) cycles of kill -9 of a proxy or of one
+#                   NATS node under queued traffic on a 3-proxy, 3-node JetStream cluster; no
+#                   acknowledged message may be lost (release build; CHAOS_SEED=n replays a run)
 #   make clean      remove .venv, .venv-mcp1 and fedmcp-data (make clean-all also removes target/)
 #
 # Needs only Rust, Python 3.11 and network access to crates.io and PyPI.
@@ -43,7 +46,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos sim
+.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos chaos-cluster sim
 
 all: build
 
@@ -141,6 +144,16 @@ fuzz-smoke: cargo-fuzz
 # a drain that must find every message answered `queued` (tests/chaos.rs).
 chaos:
 	CHAOS_CYCLES=50 $(CARGO) test --release --test chaos -- --nocapture
+
+# Cluster crash chaos (PROTOCOL.md §10, tests/chaos_cluster.rs): three proxies on a three-node
+# JetStream NATS cluster with 3 replicas; a sender queues numbered messages for an offline
+# recipient while, at random moments, a proxy or one NATS node (never two at once) is killed
+# with kill -9 and restarted. The recipient then drains: every message answered `queued` must
+# come out (duplicates are allowed and printed). Prints `chaos-cluster: cycles=... acknowledged=...
+# delivered=... lost=... duplicated=... seed=...`; CHAOS_SEED=<seed> replays a run's choices.
+CHAOS_CLUSTER_CYCLES ?= 30
+chaos-cluster:
+	CHAOS_CLUSTER_CYCLES=$(CHAOS_CLUSTER_CYCLES) $(CARGO) test --release --test chaos_cluster -- --nocapture
 
 # Deterministic simulation (tests/sim.rs, src/sim.rs): `make test` plays the default seeds
 # (SIM_SEEDS=4000, under a minute); this plays a million in a release build. A failing seed

@@ -19,7 +19,8 @@ use fedmcp::config::Config;
 use fedmcp::federation::Federation;
 use fedmcp::federation::action::{Action, NatsOut, SessionId};
 use fedmcp::federation::cluster::{
-    Cluster, Link, SID_BCAST, SID_FOLLOW, SID_HELLO, SID_INBOX, SID_MSG, SID_NODE, SID_PRESENCE,
+    Cluster, Link, SID_BCAST, SID_FOLLOW_BASE, SID_HELLO, SID_INBOX, SID_MSG, SID_NODE,
+    SID_PRESENCE,
 };
 use fedmcp::federation::control::Opening;
 use fedmcp::federation::registry::Presence;
@@ -218,6 +219,7 @@ impl Bus {
             let core = &mut self.cores[i];
             match a {
                 Action::Nats(NatsOut::Subscribe { sid, subject }) => core.subs.push((sid, subject)),
+                Action::Nats(NatsOut::Unsubscribe { sid }) => core.subs.retain(|(s, _)| *s != sid),
                 Action::Nats(NatsOut::Publish {
                     subject,
                     reply,
@@ -1227,7 +1229,7 @@ fn subjects_for(sid: u64, i: usize) -> Vec<String> {
         .iter()
         .map(|r| format!("c.in.{n}.{r}"))
         .collect(),
-        SID_FOLLOW => vec![format!("c.follow.{n}")],
+        s if s == SID_FOLLOW_BASE + 1 => vec![format!("c.follow.{n}.{s}")],
         _ => vec!["c.whatever".into()],
     }
 }
@@ -1254,7 +1256,7 @@ fn garbage_on_every_subscription_never_panics_and_changes_nothing_visible() {
         SID_MSG,
         SID_BCAST,
         SID_INBOX,
-        SID_FOLLOW,
+        SID_FOLLOW_BASE + 1,
         8,
         u64::MAX,
     ];

@@ -74,6 +74,9 @@ pub enum NatsOut {
         sid: u64,
         subject: String,
     },
+    Unsubscribe {
+        sid: u64,
+    },
     Publish {
         subject: String,
         reply: Option<String>,

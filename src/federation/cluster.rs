@@ -43,7 +43,10 @@ pub const SID_HELLO: u64 = 3;
 pub const SID_MSG: u64 = 4;
 pub const SID_BCAST: u64 = 5;
 pub const SID_INBOX: u64 = 6;
-pub const SID_FOLLOW: u64 = 7;
+/// The registry follower's subscriptions: one per follower made, from here up (each follower
+/// has its own deliver subject, so a stale one's pushes and heartbeats are never mistaken for
+/// the current one's).
+pub const SID_FOLLOW_BASE: u64 = 100;
 
 /// How often a node says it is alive (and checks the others).
 pub const TICK: Duration = Duration::from_millis(500);
@@ -67,6 +70,8 @@ pub const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_REMOTE_TIMEOUT_MS: u64 = 86_400_000;
 /// Resources of other nodes remembered (beyond, a `GET` of one more is a plain `404`).
 pub const MAX_REMOTE_RESOURCES: usize = 65_536;
+/// How long catching up with the registry may take before the follower is made again.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 /// The most nodes remembered (a bound on a table peers fill).
 pub const MAX_NODES: usize = 256;
 /// Servers per presence snapshot message (a snapshot is sent in parts).
@@ -175,6 +180,10 @@ pub struct Cluster {
     tick: Option<TimerId>,
     /// When the follower's subject last carried anything (a record or an idle heartbeat).
     follow_heard: Option<Instant>,
+    /// The current follower's subscription id (0: none yet).
+    follow_sid: u64,
+    /// When catching up with the registry began (a catch-up that does not end is begun again).
+    catchup_since: Option<Instant>,
     /// Resources stored on other nodes (§10: a `GET` here is `404 on_other_node`): (owner,
     /// name) → the node and who may read it. At most [`MAX_REMOTE_RESOURCES`].
     remote_resources: HashMap<(String, String), (String, crate::federation::resources::Readers)>,
@@ -196,6 +205,8 @@ impl Cluster {
             published: None,
             tick: None,
             follow_heard: None,
+            follow_sid: 0,
+            catchup_since: None,
             remote_resources: HashMap::new(),
         }
     }
@@ -498,7 +509,6 @@ impl Federation {
             (SID_MSG, format!("{name}.msg.{node}")),
             (SID_BCAST, format!("{name}.bcast")),
             (SID_INBOX, format!("{name}.in.{node}.>")),
-            (SID_FOLLOW, format!("{name}.follow.{node}")),
         ];
         for (sid, subject) in subs {
             self.nats(NatsOut::Subscribe { sid, subject });
@@ -604,15 +614,26 @@ impl Federation {
     }
 
     /// The JetStream API request that makes this node's registry follower: an ephemeral push
-    /// consumer of every record, without acks, with idle heartbeats.
-    fn follower_request(&self) -> (String, String) {
-        let Some(c) = self.cluster.as_ref() else {
+    /// consumer of every record, without acks, with idle heartbeats, delivering to a subject of
+    /// its own (subscribed here; the previous follower's subscription is dropped).
+    fn follower_request(&mut self) -> (String, String) {
+        let Some(c) = self.cluster.as_mut() else {
             return (String::new(), String::new());
         };
-        let (name, node) = (&c.name, &c.node);
+        let old = c.follow_sid;
+        c.follow_sid = old.max(SID_FOLLOW_BASE - 1) + 1;
+        let sid = c.follow_sid;
+        let (name, node) = (c.name.clone(), c.node.clone());
+        if old >= SID_FOLLOW_BASE {
+            self.nats(NatsOut::Unsubscribe { sid: old });
+        }
+        self.nats(NatsOut::Subscribe {
+            sid,
+            subject: format!("{name}.follow.{node}.{sid}"),
+        });
         let stream = format!("{name}_REGISTRY");
         let body = format!(
-            "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{name}.follow.{node}\",\"deliver_policy\":\"all\",\"ack_policy\":\"none\",\"replay_policy\":\"instant\",\"inactive_threshold\":30000000000,\"idle_heartbeat\":{}}}}}",
+            "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{name}.follow.{node}.{sid}\",\"deliver_policy\":\"all\",\"ack_policy\":\"none\",\"replay_policy\":\"instant\",\"inactive_threshold\":30000000000,\"idle_heartbeat\":{}}}}}",
             FOLLOW_HEARTBEAT.as_nanos()
         );
         (format!("CONSUMER.CREATE.{stream}"), body)
@@ -624,7 +645,14 @@ impl Federation {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        c.follower = None;
+        if let Some(f) = c.follower.take() {
+            // The old consumer goes (it would go by itself once nothing listens).
+            let api = format!("CONSUMER.DELETE.{}.{}", c.registry_stream(), f.name);
+            self.js_api(&api, String::new(), Wait::Ignore);
+        }
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
         c.follow_heard = Some(self.now.at);
         if c.link == Link::Ready {
             let (api, body) = self.follower_request();
@@ -678,7 +706,7 @@ impl Federation {
             SID_HELLO => self.on_hello(text),
             SID_MSG => self.on_node_msg(text, reply),
             SID_BCAST => self.on_bcast(text),
-            SID_FOLLOW => {
+            sid if self.cluster.as_ref().is_some_and(|c| c.follow_sid == sid) => {
                 let now = self.now.at;
                 if let Some(c) = self.cluster.as_mut() {
                     c.follow_heard = Some(now);
@@ -1060,8 +1088,18 @@ impl Federation {
         let silent = c.follower.is_some()
             && c.follow_heard
                 .is_some_and(|t| now.saturating_duration_since(t) > FOLLOW_HEARTBEAT * 3);
-        if silent {
-            log::warn!("cluster: the registry follower went silent; following again");
+        let stuck = c.link == Link::Joining(Step::CatchUp)
+            && c.catchup_since
+                .is_some_and(|t| now.saturating_duration_since(t) > CATCH_UP_LIMIT);
+        if silent || stuck {
+            log::warn!(
+                "cluster: the registry follower {}; following again",
+                if silent {
+                    "went silent"
+                } else {
+                    "did not catch up"
+                }
+            );
             self.refollow();
         }
         // A joining step with nothing in flight (its retry lost) is taken again.
@@ -1416,6 +1454,7 @@ impl Federation {
                                     return;
                                 }
                                 c.link = Link::Joining(Step::CatchUp);
+                                c.catchup_since = Some(now);
                             }
                             if caught_up {
                                 self.joined();

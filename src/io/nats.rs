@@ -159,6 +159,7 @@ impl NatsLink {
         }
         match out {
             NatsOut::Subscribe { sid, subject } => nats::subscribe(&mut o.out, &subject, None, sid),
+            NatsOut::Unsubscribe { sid } => nats::unsubscribe(&mut o.out, sid, None),
             NatsOut::Publish {
                 subject,
                 reply,
