@@ -1914,3 +1914,133 @@ fn bad_cluster_settings_end_the_process_and_an_unreachable_nats_does_not() {
     eprintln!("ready {took:?} after NATS came up");
     assert_eq!(metric(&p, "fedmcp_nats_connected"), Some(1.0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// NATS over TLS (§10: `tls://` is verified against FEDMCP_TRUSTED_CA_FILE or the bundled roots)
+// ---------------------------------------------------------------------------------------------
+
+/// A CA and a certificate it signed for 127.0.0.1, made with the `openssl` CLI: (CA, leaf
+/// certificate, leaf key).
+fn ca_and_leaf(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("this test needs the openssl CLI: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&[
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedmcp test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&ca);
+    let mut req = vec!["req"];
+    req.extend_from_slice(&ec);
+    req.extend_from_slice(&[
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "leaf-key.pem",
+        "-out",
+        "leaf.csr",
+    ]);
+    run(&req);
+    std::fs::write(
+        p("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "leaf.pem",
+    ]);
+    (p("ca.pem"), p("leaf.pem"), p("leaf-key.pem"))
+}
+
+#[test]
+fn a_tls_nats_url_is_verified_and_carries_the_cluster() {
+    let dir = scratch_dir("nats-tls");
+    let (ca_file, cert, key) = ca_and_leaf(&dir);
+    let nats = Nats::single_with(&format!(
+        "tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n}}\n"
+    ));
+    let url = nats.url(0).replacen("nats://", "tls://", 1);
+    let cluster = cluster_name();
+    let ca = ca_file.to_string_lossy().to_string();
+    let p1 = start_proxy(&url, &cluster, "n1", &[("FEDMCP_TRUSTED_CA_FILE", &ca)]);
+    let p2 = start_proxy(&url, &cluster, "n2", &[("FEDMCP_TRUSTED_CA_FILE", &ca)]);
+    let _logs = logs_on_panic(&[&p1, &p2]).nats(&nats);
+
+    let (ta, _) = register(&p1, "alice");
+    let (tb, kb) = register(&p1, "bob");
+    let mut a = join(&p1, &ta, json!({}));
+    let mut b = join(&p2, &tb, json!({}));
+    wait_online(&p1, "bob", "n2");
+    a.send(&rpc(
+        json!("t1"),
+        "federation/send",
+        json!({"to": "bob", "message": {"over": "tls"}}),
+    ));
+    let d = recv_deliver(&mut b, WAIT, &kb, "alice");
+    b.answer(&d, json!({"ok": true}));
+    let r = a.recv_id(&json!("t1"));
+    assert_eq!(r["result"]["status"], "delivered", "{r}");
+
+    // A proxy that does not trust the server's certificate never joins, and says why.
+    let p3 = Proxy::start(&[
+        ("FEDMCP_NATS_URL", url.as_str()),
+        ("FEDMCP_CLUSTER", cluster.as_str()),
+        ("FEDMCP_NODE_ID", "n3"),
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = readyz(&p3);
+    assert_eq!(r.status, 503, "{}", r.text());
+    let log = p3.stderr_text();
+    assert!(
+        log.contains("certificate") || log.contains("TLS"),
+        "no TLS error logged:\n{}",
+        tail(&log)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
