@@ -68,6 +68,9 @@ pub const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The longest delivery timeout another node may ask for (a day, `FEDMCP_DELIVERY_TIMEOUT_MS`'s
 /// maximum).
 const MAX_REMOTE_TIMEOUT_MS: u64 = 86_400_000;
+/// Replies awaited from NATS at once (remote deliveries, acknowledgements, API answers):
+/// past it, remote sends are refused `-32004`.
+pub const MAX_WAITS: usize = 65_536;
 /// Resources of other nodes remembered (beyond, a `GET` of one more is a plain `404`).
 pub const MAX_REMOTE_RESOURCES: usize = 65_536;
 /// How long catching up with the registry may take before the follower is made again.
@@ -1172,8 +1175,9 @@ impl Federation {
         let Some(node) = c.node_name(n) else {
             return;
         };
-        if self.nats_unsent > NATS_SOFT_LIMIT {
-            // The NATS link is not keeping up: refused like a slow recipient (§4).
+        if self.nats_unsent > NATS_SOFT_LIMIT || c.waits.len() >= MAX_WAITS {
+            // The NATS link is not keeping up, or too many answers are awaited from other
+            // nodes: refused like a slow recipient (§4).
             self.metrics.remote_message("failed");
             if let Some(r) = reply_to {
                 self.reply(r, Err(RpcError::RecipientOverloaded));
