@@ -1,8 +1,10 @@
 //! The audit trail: one JSON object per line, `{"ts", "event", "serverId"?, "peer"?, "reason"?}`.
 //!
 //! Owns the audit sink: a file opened for append (mode 0600) when `FEDMCP_AUDIT_LOG` is set,
-//! else the `audit` log target on stderr. Lines are buffered and written once per loop turn
-//! (`flush`), so a burst of events costs one write. `ts` is milliseconds since the epoch.
+//! else stderr, each line prefixed `[<UTC time> INFO  audit] ` (the look of a log line of
+//! target `audit`). It never goes through the logger: no `RUST_LOG` filter can turn the audit
+//! trail off. Lines are buffered and written once per loop turn (`flush`), so a burst of
+//! events costs one write. `ts` is milliseconds since the epoch.
 //! It must never receive a token, secret or signature: callers pass only server ids, peer
 //! addresses and fixed reason codes, and strings are JSON-escaped here.
 //!
@@ -54,8 +56,18 @@ const AUDIT_BUFFER_BYTES: usize = 64 * 1024;
 /// `auth_failed` lines written per second at most (contract §8).
 pub const AUTH_FAILED_PER_SEC: u32 = 10;
 
+/// Where audit lines go.
+enum Sink {
+    /// `FEDMCP_AUDIT_LOG`.
+    File(File),
+    /// stderr, each line prefixed.
+    Stderr,
+    /// Nowhere: a core without a process around it (simulation, fuzzing, unit tests).
+    Discard,
+}
+
 pub struct Audit {
-    file: Option<File>,
+    sink: Sink,
     buf: Vec<u8>,
     /// The second (ms / 1000) `auth_failed` lines are being counted in, and how many were
     /// written in it.
@@ -66,9 +78,20 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens the sink; `None` logs to stderr under the `audit` target.
+    /// An audit trail that keeps nothing (for a core driven by a simulation or a test).
+    pub fn discard() -> Audit {
+        Audit {
+            sink: Sink::Discard,
+            buf: Vec::new(),
+            auth_second: i64::MIN,
+            auth_written: 0,
+            auth_suppressed: 0,
+        }
+    }
+
+    /// Opens the sink: the file at `path`, or stderr.
     pub fn open(path: Option<&Path>) -> std::io::Result<Audit> {
-        let file = match path {
+        let sink = match path {
             Some(p) => {
                 let mut o = OpenOptions::new();
                 o.create(true).append(true);
@@ -77,12 +100,12 @@ impl Audit {
                     use std::os::unix::fs::OpenOptionsExt;
                     o.mode(0o600);
                 }
-                Some(o.open(p)?)
+                Sink::File(o.open(p)?)
             }
-            None => None,
+            None => Sink::Stderr,
         };
         Ok(Audit {
-            file,
+            sink,
             buf: Vec::new(),
             auth_second: i64::MIN,
             auth_written: 0,
@@ -135,15 +158,19 @@ impl Audit {
             line.push_str(&suppressed.to_string());
         }
         line.push('}');
-        match self.file {
-            Some(_) => {
-                self.buf.extend_from_slice(line.as_bytes());
-                self.buf.push(b'\n');
-                if self.buf.len() > AUDIT_BUFFER_BYTES {
-                    self.flush();
-                }
-            }
-            None => log::info!(target: "audit", "{line}"),
+        if let Sink::Discard = self.sink {
+            return;
+        }
+        if let Sink::Stderr = self.sink {
+            // On stderr, the line says what it is (and when), like a log line would.
+            self.buf.push(b'[');
+            self.buf.extend_from_slice(utc_seconds(ts_ms).as_bytes());
+            self.buf.extend_from_slice(b" INFO  audit] ");
+        }
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+        if self.buf.len() > AUDIT_BUFFER_BYTES {
+            self.flush();
         }
     }
 
@@ -152,13 +179,38 @@ impl Audit {
         if self.buf.is_empty() {
             return;
         }
-        if let Some(f) = self.file.as_mut()
-            && let Err(e) = f.write_all(&self.buf)
-        {
+        let written = match &mut self.sink {
+            Sink::File(f) => f.write_all(&self.buf),
+            Sink::Stderr => std::io::stderr().lock().write_all(&self.buf),
+            Sink::Discard => Ok(()),
+        };
+        if let Err(e) = written {
             log::error!("audit log write failed: {e}");
         }
         self.buf.clear();
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a time in ms since the epoch (UTC, proleptic Gregorian).
+pub fn utc_seconds(ts_ms: i64) -> String {
+    let secs = ts_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Appends `s` as a JSON string literal.

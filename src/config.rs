@@ -551,6 +551,12 @@ impl Config {
 
         let tls_cert = get(&TLS_CERT);
         let tls_key = get(&TLS_KEY);
+        // An empty value is that variable's mistake, whatever the other one says.
+        for (var, v) in [(&TLS_CERT, &tls_cert), (&TLS_KEY, &tls_key)] {
+            if v.as_deref() == Some("") {
+                return Err(err(var, "the value is empty".to_string()));
+            }
+        }
         let (tls_cert, tls_key) = match (tls_cert, tls_key) {
             (None, None) => (None, None),
             (Some(_), None) => {
@@ -1730,6 +1736,14 @@ mod tests {
                 assert!(e.problem.contains(&format!("{v:?}")), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn an_empty_tls_variable_is_blamed_itself() {
+        let e = bad(&[("FEDMCP_TLS_CERT", "")], "FEDMCP_TLS_CERT");
+        assert!(e.problem.contains("empty"), "{e}");
+        let e = bad(&[("FEDMCP_TLS_KEY", "")], "FEDMCP_TLS_KEY");
+        assert!(e.problem.contains("empty"), "{e}");
     }
 
     // --- cluster mode (§10) ---

@@ -63,7 +63,7 @@ fn open(fed: &mut Federation, server_id: &str) -> Option<SessionId> {
 /// says, with ids from `seed` and messages of at most 4096 bytes.
 fn core(mut cfg: Config, seed: u64) -> Option<Federation> {
     cfg.max_message_bytes = 4096;
-    let audit = Audit::open(None).ok()?;
+    let audit = Audit::discard();
     let start = Now {
         at: std::time::Instant::now(),
         wall_ms: 1_767_225_600_000,

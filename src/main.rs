@@ -62,14 +62,17 @@ fn secret(cfg: &Config) -> Result<Vec<u8>, ExitCode> {
                 eprintln!("FEDMCP_JWT_SECRET: no secret is set and the OS gave no randomness; expected a secret of at least 32 bytes");
                 return Err(ExitCode::from(2));
             }
-            log::warn!("no secret configured and no state dir: tokens will not survive a restart");
             Ok(fedmcp::random::hex(&raw).into_bytes())
         }
     }
 }
 
 fn serve() -> ExitCode {
-    fedmcp::logging::init();
+    // A filter that would silently drop every line is a bad value like any other (§1).
+    if let Err(e) = fedmcp::logging::init() {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
     // A file-size limit (RLIMIT_FSIZE) must fail the write (and be reported, with nothing
     // acknowledged), not kill the process with SIGXFSZ.
     let _ = signal_hook::flag::register(
@@ -226,6 +229,8 @@ fn serve() -> ExitCode {
         }
     };
     let trusted_ca = cfg.trusted_ca_file.clone();
+    // Said once the start can no longer fail (one line per failed start, none of them this).
+    let ephemeral_secret = cfg.jwt_secret.is_none() && cfg.state_dir.is_none();
     let max_message_bytes = cfg.max_message_bytes;
     let mut proxy = Proxy::new(cfg, secret, audit, fedmcp::clock::Now::read());
     if let Some((cc, node)) = cluster {
@@ -263,6 +268,9 @@ fn serve() -> ExitCode {
     }
     proxy.tls = tls;
     proxy.tls_client = tls_client;
+    if ephemeral_secret {
+        log::warn!("no secret configured and no state dir: tokens will not survive a restart");
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {scheme}://{addr}");
