@@ -107,9 +107,12 @@ interop: $(INTEROP_STAMP) $(MCP1_STAMP) test-tools
 	echo "interop: testing $$bin"; \
 	FEDMCP_BIN="$$bin" FEDMCP_MCP1_PYTHON='$(abspath $(VENV_MCP1_PY))' timeout --foreground -k 10 '$(INTEROP_TIMEOUT)' '$(VENV_PY)' tests/interop/run.py $(INTEROP_ARGS)
 
+# The proxy's crate and the fuzz crate (fuzz/, its own workspace) alike.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	cd fuzz && $(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) clippy --all-targets -- -D warnings
 
 # ---- fuzzing (cargo-fuzz, libFuzzer, nightly toolchain) ------------------------------------
 # Seeds are checked in under fuzz/corpus/<target>; what the fuzzer finds goes to a scratch
@@ -120,8 +123,13 @@ FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_TOOLCHAIN ?= +nightly
 
+# cargo-fuzz: the one on PATH, else installed inside the repository (.tools/, ignored by git),
+# never into the user's global cargo bin.
+TOOLS_DIR := $(abspath .tools)
+export PATH := $(TOOLS_DIR)/bin:$(PATH)
+
 cargo-fuzz:
-	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --root '$(TOOLS_DIR)' cargo-fuzz --locked
 
 define run-fuzz
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

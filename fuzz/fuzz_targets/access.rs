@@ -9,9 +9,9 @@
 //! never holds more than its capacity and never forgets a revocation whose tokens can still
 //! be presented; `valid_jti` agrees with the contract's "1 to 64 printable ASCII".
 #![no_main]
-use fedmcp::proto::jwt::{valid_jti, valid_server_id};
 use fedmcp::federation::resources::{MAX_READERS, parse_readers, readers_json};
 use fedmcp::federation::revocations::Revocations;
+use fedmcp::proto::jwt::{valid_jti, valid_server_id};
 use libfuzzer_sys::fuzz_target;
 
 fn readers(data: &[u8]) {
@@ -62,13 +62,12 @@ fn revocations(data: &[u8]) {
                     model.push((jti.clone(), until));
                 }
             }
-            1 => {
-                if table.saw(&jti, t) {
-                    for m in model.iter_mut().filter(|(j, _)| j == &jti) {
-                        m.1 = m.1.max(t);
-                    }
+            1 if table.saw(&jti, t) => {
+                for m in model.iter_mut().filter(|(j, _)| j == &jti) {
+                    m.1 = m.1.max(t);
                 }
             }
+            1 => {}
             2 => {
                 now += i64::from(c);
                 table.prune(now, skew);

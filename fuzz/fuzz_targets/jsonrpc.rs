@@ -5,7 +5,9 @@ use fedmcp::proto::jsonrpc::{Frame, parse_frame, parse_msg};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     match parse_frame(text) {
         Ok(Frame::Single(t)) => {
             if let Err(inv) = parse_msg(t) {

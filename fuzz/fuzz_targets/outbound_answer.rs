@@ -36,11 +36,9 @@ fn check(buf: &[u8]) -> Result<Option<usize>, AnswerError> {
 
 /// A split point in `0..=len` that varies with the input without taking bytes from it.
 fn split_point(data: &[u8]) -> usize {
-    let h = data
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let h = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     (h % (data.len() as u64 + 1)) as usize
 }
 

@@ -32,6 +32,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         flush_owed(&mut ctx, &mut out);
-        assert!(out.len() <= data.len() + 16, "owed output outgrew the input");
+        assert!(
+            out.len() <= data.len() + 16,
+            "owed output outgrew the input"
+        );
     }
 });
