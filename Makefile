@@ -70,7 +70,7 @@ cargo-test: test-tools
 
 # Command-line tools the tests run: curl (tests/tls_startup.rs and the interop suite),
 # openssl (the TLS interop checks make certificates with it) and nats-server (the cluster
-# tests run real NATS servers, PROTOCOL.md §10; Debian's package puts it in /usr/sbin). A
+# tests run real NATS servers, docs/PROTOCOL.md §10; Debian's package puts it in /usr/sbin). A
 # missing one is installed from Debian's packages; the tests fail, never skip, without them.
 TEST_TOOLS := curl openssl nats-server
 
@@ -153,7 +153,7 @@ fuzz-smoke: cargo-fuzz
 chaos:
 	CHAOS_CYCLES=50 $(CARGO) test --release --test chaos -- --nocapture
 
-# Cluster crash chaos (PROTOCOL.md §10, tests/chaos_cluster.rs): three proxies on a three-node
+# Cluster crash chaos (docs/PROTOCOL.md §10, tests/chaos_cluster.rs): three proxies on a three-node
 # JetStream NATS cluster with 3 replicas; a sender queues numbered messages for an offline
 # recipient while, at random moments, a proxy or one NATS node (never two at once) is killed
 # with kill -9 and restarted. The recipient then drains: every message answered `queued` must

@@ -1,4 +1,4 @@
-//! Configuration: every `FEDMCP_*` environment variable (PROTOCOL.md §1 and §6), parsed and
+//! Configuration: every `FEDMCP_*` environment variable (docs/PROTOCOL.md §1 and §6), parsed and
 //! validated once at start into a [`Config`] that the rest of the proxy only reads.
 //!
 //! What this module owns:
@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Shortest accepted JWT secret, in bytes (PROTOCOL.md §1).
+/// Shortest accepted JWT secret, in bytes (docs/PROTOCOL.md §1).
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Largest secret file read, in bytes: a secret is tens of bytes, and a path pointing at the
@@ -99,9 +99,9 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// `FEDMCP_SHUTDOWN_GRACE_MS`.
     pub shutdown_grace: Duration,
-    /// `FEDMCP_REQUIRE_SIGNED` (PROTOCOL.md §6).
+    /// `FEDMCP_REQUIRE_SIGNED` (docs/PROTOCOL.md §6).
     pub require_signed: bool,
-    /// Cluster mode (PROTOCOL.md §10): `Some` exactly when `FEDMCP_NATS_URL` is set.
+    /// Cluster mode (docs/PROTOCOL.md §10): `Some` exactly when `FEDMCP_NATS_URL` is set.
     pub cluster: Option<ClusterConfig>,
 }
 
@@ -229,7 +229,7 @@ fn valid_cluster_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One bad variable. `Display` is the single stderr line of PROTOCOL.md §1.
+/// One bad variable. `Display` is the single stderr line of docs/PROTOCOL.md §1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The variable's name, e.g. `FEDMCP_LISTEN`.

@@ -2,7 +2,7 @@
 //!
 //! Servers register with the proxy (HTTP, admin token), hold a WebSocket control channel to it
 //! (federation token), and send each other JSON-RPC messages that the proxy routes with
-//! delivery confirmation. The wire contract is `PROTOCOL.md`; `docs/ARCHITECTURE.md` maps
+//! delivery confirmation. The wire contract is `docs/PROTOCOL.md`; `docs/ARCHITECTURE.md` maps
 //! each of its sections to the code.
 //!
 //! # Layers

@@ -1,4 +1,4 @@
-//! Hostile HTTP clients against the real binary: the token attack catalogue (PROTOCOL.md §2)
+//! Hostile HTTP clients against the real binary: the token attack catalogue (docs/PROTOCOL.md §2)
 //! on an admin endpoint and on the control upgrade, and WebSocket upgrade requests that break
 //! RFC 6455 (§3, §4). Each case asserts the contract's answer; afterwards the proxy must still
 //! serve a fresh client.

@@ -1,4 +1,4 @@
-//! Hostile control-channel peers against the real binary (PROTOCOL.md §4, §7): frames that
+//! Hostile control-channel peers against the real binary (docs/PROTOCOL.md §4, §7): frames that
 //! break RFC 6455, messages over the limit, floods, and JSON built to hurt a parser. The
 //! attacker is a plain TCP socket after a manual upgrade, writing frames built by hand (masked
 //! unless the test is about masking), so anything can be sent. Each test asserts the

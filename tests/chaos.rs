@@ -1,4 +1,4 @@
-//! Crash chaos (PROTOCOL.md §7): cycles of "start the proxy on one state dir, a sender pushes
+//! Crash chaos (docs/PROTOCOL.md §7): cycles of "start the proxy on one state dir, a sender pushes
 //! `queue: true` messages continuously, `kill -9` at a random moment". After the last cycle
 //! the proxy is started once more and the recipient drains everything. Every message that was
 //! answered `queued` must come out (none lost), and the messages of the one sender must come

@@ -1,4 +1,4 @@
-//! Crash chaos for cluster mode (PROTOCOL.md §4, §10): a three-node JetStream NATS cluster and
+//! Crash chaos for cluster mode (docs/PROTOCOL.md §4, §10): a three-node JetStream NATS cluster and
 //! three proxies (`FEDMCP_NATS_REPLICAS=3`, each with its own state dir). A sender `src`
 //! pushes numbered `federation/send` requests `{"to": "sink", "message": {"n": i}, "queue":
 //! true}` through some live proxy while `sink` is offline; every answer `queued` is an

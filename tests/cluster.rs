@@ -1,4 +1,4 @@
-//! Cluster mode (PROTOCOL.md §10) end to end: several real `fedmcp` processes joined through a
+//! Cluster mode (docs/PROTOCOL.md §10) end to end: several real `fedmcp` processes joined through a
 //! real `nats-server` with JetStream (one node, or a three-node JetStream cluster), with
 //! servers on different proxies sending to each other (§4 answers and errors, §6 signatures),
 //! order per sender and recipient, broadcast once to every online server of the cluster, one

@@ -1,4 +1,4 @@
-//! Cluster mode's core (PROTOCOL.md §10, `src/federation/cluster.rs`) without NATS, sockets or
+//! Cluster mode's core (docs/PROTOCOL.md §10, `src/federation/cluster.rs`) without NATS, sockets or
 //! a clock: several `Federation` cores joined by an in-memory NATS bus.
 //!
 //! The bus plays the reactor's part for each core: it takes the core's actions, keeps its

@@ -1,4 +1,4 @@
-//! The control channel (PROTOCOL.md §4, with §2 for the upgrade's tokens and §6 for `sig`),
+//! The control channel (docs/PROTOCOL.md §4, with §2 for the upgrade's tokens and §6 for `sig`),
 //! end to end against the real binary: upgrade, welcome, send/deliver, queue, JSON-RPC framing,
 //! close codes, heartbeat and rate limit.
 //!

@@ -1,4 +1,4 @@
-//! Durability (PROTOCOL.md §4 queue, `federation/delivered`, `ttlMs`; §7 durability and order)
+//! Durability (docs/PROTOCOL.md §4 queue, `federation/delivered`, `ttlMs`; §7 durability and order)
 //! against the real binary with a state dir that outlives one process: what was acknowledged
 //! (`queued`, `201`/`200`, `204`) survives `kill -9`; a torn or corrupt log tail costs only
 //! the records from the damage on; a failed write acknowledges nothing; group commit keeps

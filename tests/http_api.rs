@@ -1,4 +1,4 @@
-//! The HTTP side of the contract against the real binary: tokens over HTTP (PROTOCOL.md §2),
+//! The HTTP side of the contract against the real binary: tokens over HTTP (docs/PROTOCOL.md §2),
 //! the HTTP data channel (§3) and operations (§8: metrics, audit, signals).
 //!
 //! Every test starts its own proxy on loopback port 0 and every wait is bounded.

@@ -2,7 +2,7 @@
 //! absurd token times, pipelining past the HTTP output bound, DELETE with a pending
 //! `queue: true` delivery, batches answered only when complete, half-close on a control
 //! session, the drain), each against the real binary and each failing on the code before the
-//! fix. Scenarios follow the reviewer's reproductions; the contract is PROTOCOL.md.
+//! fix. Scenarios follow the reviewer's reproductions; the contract is docs/PROTOCOL.md.
 //!
 //! Every wait is bounded: socket reads time out and every loop carries a deadline.
 mod common;

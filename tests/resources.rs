@@ -1,4 +1,4 @@
-//! The resources of the HTTP data channel against the real binary (PROTOCOL.md §3 resources
+//! The resources of the HTTP data channel against the real binary (docs/PROTOCOL.md §3 resources
 //! and their limits, §7 resources durable): streamed uploads by `Content-Length` and chunked,
 //! downloads with `ETag`, ranges and `If-None-Match`, listing and delete rights, cut-off and
 //! refused uploads leaving nothing behind, names that must never become paths, `Expect:

@@ -1,4 +1,4 @@
-//! Security findings and the v1.1 hardening (PROTOCOL.md §1-§8), end to end against the real
+//! Security findings and the v1.1 hardening (docs/PROTOCOL.md §1-§8), end to end against the real
 //! binary. One test per finding that was fixed; each fails against the code before the fix
 //! (commit 1468131: run with `FEDMCP_TEST_BIN=<old fedmcp>`) and passes now:
 //!

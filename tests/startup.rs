@@ -1,4 +1,4 @@
-//! Process-level contract (PROTOCOL.md §1, §2 `fedmcp token`): the ready line, configuration
+//! Process-level contract (docs/PROTOCOL.md §1, §2 `fedmcp token`): the ready line, configuration
 //! errors, the plain-listener guard, the generated secret, and the token command. These spawn
 //! the binary directly where the harness's fixed environment does not fit.
 mod common;

@@ -1,4 +1,4 @@
-//! TLS at start (PROTOCOL.md §1): the `https://` ready line, the one-line exit-2 errors for a
+//! TLS at start (docs/PROTOCOL.md §1): the `https://` ready line, the one-line exit-2 errors for a
 //! missing, junk or mismatched certificate or key, "both or neither", and the plain-listener
 //! guard not applying when TLS is on. Certificates are made with the `openssl` CLI; the
 //! binary is spawned directly with a clean environment, and every wait is bounded.

@@ -1,4 +1,4 @@
-//! HS256 JSON Web Tokens: minting and verifying the proxy's own tokens (PROTOCOL.md §2), and
+//! HS256 JSON Web Tokens: minting and verifying the proxy's own tokens (docs/PROTOCOL.md §2), and
 //! the HMAC-SHA256 primitives that message signing (§6) shares with them.
 //!
 //! What this module owns:
@@ -35,10 +35,10 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Longest token accepted, in bytes (PROTOCOL.md §2). Bounds all parsing work per token.
+/// Longest token accepted, in bytes (docs/PROTOCOL.md §2). Bounds all parsing work per token.
 pub const MAX_TOKEN_BYTES: usize = 4096;
 
-/// Longest `serverId`, in characters (PROTOCOL.md §2).
+/// Longest `serverId`, in characters (docs/PROTOCOL.md §2).
 const MAX_SERVER_ID_CHARS: usize = 64;
 
 /// SHA-256 works on 64-byte blocks; HMAC keys are brought to this size (RFC 2104 §2).
@@ -111,7 +111,7 @@ pub enum JwtError {
 }
 
 impl JwtError {
-    /// The contract's error code for this failure (PROTOCOL.md §2).
+    /// The contract's error code for this failure (docs/PROTOCOL.md §2).
     pub fn code(self) -> &'static str {
         match self {
             JwtError::Malformed => "malformed_token",

@@ -1,4 +1,4 @@
-//! NATS servers for the cluster tests (PROTOCOL.md §10): one `nats-server` with JetStream, or a
+//! NATS servers for the cluster tests (docs/PROTOCOL.md §10): one `nats-server` with JetStream, or a
 //! three-node JetStream cluster, on loopback, each node with its own ports, store dir and log
 //! under a scratch dir. A node can be killed (`kill -9`) and started again on the same ports
 //! and store dir. Every node is killed on drop.
