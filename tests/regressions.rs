@@ -792,3 +792,57 @@ fn a_sender_just_over_its_limit_is_throttled_not_closed() {
     ws.send(&json!({"jsonrpc": "2.0", "id": "after", "method": "federation/servers"}));
     assert!(ws.recv_id(&json!("after"))["result"]["servers"].is_array());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found while writing docs/PROTOCOL.md: a revoked token is `401 revoked` on every endpoint
+// (only a valid token can be of the wrong type, §2), and a `304` is a proper HTTP answer.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_revoked_token_is_revoked_even_where_its_type_is_wrong() {
+    let p = Proxy::start(&[]);
+    let now = now_secs();
+    let token = fedmcp::proto::jwt::sign(
+        SECRET.as_bytes(),
+        &fedmcp::proto::jwt::Claims {
+            server_id: "alice".into(),
+            token_type: fedmcp::proto::jwt::TokenType::Federation,
+            iat: now,
+            exp: now + 600,
+            nbf: None,
+            jti: Some("regress-jti-1".into()),
+        },
+    );
+    let r = p.http(
+        "DELETE",
+        "/v1/tokens/regress-jti-1",
+        Some(&p.admin_token()),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    // An admin endpoint, a federation token: revoked comes first.
+    let r = p.http("GET", "/v1/servers", Some(&token), None);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.code(), "revoked");
+    // A valid federation token there is still 403 wrong_type.
+    let r = p.http("GET", "/v1/servers", Some(&p.federation_token("bob")), None);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.code(), "wrong_type");
+}
+
+#[test]
+fn a_not_modified_answer_has_its_reason_and_no_length() {
+    let p = Proxy::start(&[]);
+    let alice = p.federation_token("alice");
+    let r = p.http("PUT", "/v1/resources/r304", Some(&alice), Some("hello"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let etag = format!("\"{}\"", r.json()["sha256"].as_str().unwrap());
+    let req = format!(
+        "GET /v1/resources/alice/r304 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"
+    );
+    let raw = String::from_utf8_lossy(&p.raw(req.as_bytes())).to_string();
+    assert!(raw.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{raw}");
+    let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("content-length"), "{raw}");
+    assert!(head.contains("etag:"), "{raw}");
+}

@@ -98,6 +98,16 @@ pub enum Want {
     Either,
 }
 
+impl Want {
+    fn takes(self, t: TokenType) -> bool {
+        match self {
+            Want::Federation => t == TokenType::Federation,
+            Want::Admin => t == TokenType::Admin,
+            Want::Either => true,
+        }
+    }
+}
+
 /// The bytes a text frame of `len` bytes takes in a session's output: the WebSocket header
 /// of a server frame (2, 4 or 10 bytes; a dialled session's client frames add a 4-byte mask,
 /// which the reactor's count after the flush corrects).
@@ -502,7 +512,7 @@ impl Federation {
         want: Want,
         peer: SocketAddr,
     ) -> Result<Claims, AuthError> {
-        let r = self.check_token(token, want);
+        let r = self.check_token(token);
         if let Ok(c) = &r
             && let Some(jti) = &c.jti
             && self.revocations.saw(jti, c.exp)
@@ -523,6 +533,8 @@ impl Federation {
             {
                 Err(AuthError::new(401, "revoked"))
             }
+            // Only a valid token can be of the wrong type (§2): revocation is said first.
+            Ok(c) if !want.takes(c.token_type) => Err(AuthError::new(403, "wrong_type")),
             r => r,
         };
         if let Err(e) = &r {
@@ -538,7 +550,8 @@ impl Federation {
         r
     }
 
-    fn check_token(&self, token: Option<&str>, want: Want) -> Result<Claims, AuthError> {
+    /// A token's signature, times and removal: what makes it valid, whatever its type.
+    fn check_token(&self, token: Option<&str>) -> Result<Claims, AuthError> {
         let token = token.ok_or(AuthError::new(401, "missing_token"))?;
         let keys: Vec<&[u8]> = self.secrets.iter().map(|s| s.as_slice()).collect();
         let claims = jwt::verify(
@@ -547,14 +560,6 @@ impl Federation {
             self.now.secs(),
             self.cfg.clock_skew_secs as i64,
         )?;
-        let type_ok = match want {
-            Want::Federation => claims.token_type == TokenType::Federation,
-            Want::Admin => claims.token_type == TokenType::Admin,
-            Want::Either => true,
-        };
-        if !type_ok {
-            return Err(AuthError::new(403, "wrong_type"));
-        }
         if claims.token_type == TokenType::Federation
             && let Some(removed) = self.registry.removed_at(&claims.server_id)
             && claims.iat <= removed

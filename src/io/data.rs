@@ -376,6 +376,8 @@ impl Proxy {
             .header("if-none-match")
             .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
         {
+            // No Content-Length: a 304 has no body, and the header would have to be the
+            // resource's own length (RFC 9110 §8.6).
             let mut r = Resp {
                 status: 304,
                 headers: vec![("ETag", etag)],

@@ -7,7 +7,7 @@
 //! IMF-fixdate format, and the error body `{"error":{"code":…,"message":…}}` of contract §3.
 //!
 //! Invariants:
-//! - A response is framed by `Content-Length`, except 1xx and 204, which never carry
+//! - A response is framed by `Content-Length`, except 1xx, 204 and 304, which never carry
 //!   `Content-Length` or a body (RFC 9110 §8.6, §15.3.5). A HEAD answer keeps the length of
 //!   the body it omits (RFC 9110 §9.3.2).
 //! - Callers put everything else in `extra`, and never `Date`, `Content-Length` or
@@ -77,6 +77,7 @@ pub fn reason(status: u16) -> &'static str {
         202 => "Accepted",
         204 => "No Content",
         206 => "Partial Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -100,9 +101,10 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// 1xx and 204 responses have neither `Content-Length` nor a body.
+/// 1xx, 204 and 304 responses have neither `Content-Length` nor a body (a 304's length would
+/// have to be the resource's, RFC 9110 §8.6: it is left out).
 fn bodiless(status: u16) -> bool {
-    (100..200).contains(&status) || status == 204
+    (100..200).contains(&status) || status == 204 || status == 304
 }
 
 /// Append a complete response to `out`: status line, `Date` (from `unix_secs`),
