@@ -5,7 +5,8 @@
 //! (verified: the bundled roots or `FEDMCP_TRUSTED_CA_FILE`, as outbound sessions are), the
 //! upgrade with a bearer token and a subprotocol, and telling a refused token (`401`/`403`,
 //! final) from anything worth retrying. It is never used by the proxy's loop: it blocks, and
-//! it runs in the `fedmcp mcp-stdio` process or in an example member.
+//! it runs in the `fedmcp mcp-stdio` process, a `fedmcp` client command (`send`, `put`, ...)
+//! or an example member.
 
 use crate::proto::upgrade::ControlUrl;
 use std::io::{self, Read, Write};
@@ -160,6 +161,52 @@ pub fn connect(
     }
 }
 
+/// Opens a connection to the proxy at `url` for an HTTP exchange: every resolved address in
+/// turn, each within [`HANDSHAKE_TIMEOUT`], and the TLS handshake when the URL says so (done
+/// here, so a certificate problem is reported now). Reads and writes time out after
+/// [`HANDSHAKE_TIMEOUT`] (the caller may change that on [`Stream::tcp`]). The TLS client
+/// configuration is made on first use and kept in `tls`, as in [`connect`].
+pub fn open(
+    url: &ControlUrl,
+    tls: &mut Option<Arc<rustls::ClientConfig>>,
+) -> Result<Stream, String> {
+    let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(url.host.as_str(), url.port))
+        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?;
+    let mut last = format!("{} resolves to no address", url.host);
+    let mut sock = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(e) => last = format!("connect to {a}: {e}"),
+        }
+    }
+    let sock = sock.ok_or(last)?;
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|_| sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    if !url.tls {
+        return Ok(Stream::Plain(sock));
+    }
+    if tls.is_none() {
+        let ca = std::env::var_os("FEDMCP_TRUSTED_CA_FILE").map(std::path::PathBuf::from);
+        *tls = Some(crate::io::tls::client_config(ca.as_deref())?);
+    }
+    let cfg = tls.clone().ok_or("no TLS configuration")?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| format!("bad TLS server name: {e}"))?;
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| format!("TLS: {e}"))?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .map_err(|e| format!("TLS with {}: {e}", url.host_header()))?;
+    }
+    Ok(Stream::Tls(Box::new(s)))
+}
+
 /// One HTTP request with a JSON body (or none) and a bearer token, on its own connection:
 /// the status and the body. For small admin calls (registering a server), not for data.
 pub fn http_json(
@@ -170,24 +217,7 @@ pub fn http_json(
     body: Option<&str>,
     tls: &mut Option<Arc<rustls::ClientConfig>>,
 ) -> Result<(u16, String), String> {
-    let sock = TcpStream::connect((url.host.as_str(), url.port))
-        .map_err(|e| format!("connect to {}: {e}", url.host_header()))?;
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .and_then(|_| sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
-        .map_err(|e| e.to_string())?;
-    let mut stream = if url.tls {
-        if tls.is_none() {
-            let ca = std::env::var_os("FEDMCP_TRUSTED_CA_FILE").map(std::path::PathBuf::from);
-            *tls = Some(crate::io::tls::client_config(ca.as_deref())?);
-        }
-        let cfg = tls.clone().ok_or("no TLS configuration")?;
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|e| format!("bad TLS server name: {e}"))?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| format!("TLS: {e}"))?;
-        Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock)))
-    } else {
-        Stream::Plain(sock)
-    };
+    let mut stream = open(url, tls)?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

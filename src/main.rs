@@ -1,9 +1,15 @@
-//! The `fedmcp` binary: configuration → proxy → loop. Nothing else lives here.
+//! The `fedmcp` binary: the command line's dispatch and usage texts, then configuration →
+//! proxy → loop for `serve`. Nothing else lives here.
 //!
 //! `fedmcp` (or `fedmcp serve`) runs the proxy; `fedmcp token --server-id ID [--admin]
 //! [--ttl SECS]` prints a token signed with the configured secret; `fedmcp mcp-stdio` is the
-//! MCP stdio bridge (`bridge`). A bad configuration ends
-//! the process with exit code 2 and one line on stderr.
+//! MCP stdio bridge (`bridge`); `servers`, `send`, `listen`, `put`, `get`, `ls` and `rm` are
+//! the client commands for people (`cli`, with their own exit codes: 0 ok, 1 failed, 2 usage,
+//! 3 unreachable, 4 token refused). `--help` on any command prints its usage on stdout (exit
+//! 0); a bad argument or configuration ends the process with exit code 2 and one line on
+//! stderr, before anything is started.
+
+mod cli;
 
 use fedmcp::audit::Audit;
 use fedmcp::clock::now_secs;
@@ -14,28 +20,139 @@ use fedmcp::proto::jwt::{self, Claims, TokenType};
 use std::io::Write;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fedmcp [serve]\n       fedmcp token --server-id ID [--admin] [--ttl SECS]\n       fedmcp mcp-stdio [--url URL] [--token TOKEN]\n\nConfiguration comes from FEDMCP_* environment variables (see docs/CONFIGURATION.md).";
+const USAGE: &str = "usage: fedmcp [COMMAND] [ARGUMENTS]
+
+The proxy:
+  fedmcp [serve]                      run the proxy (configured by FEDMCP_* variables;
+                                      fedmcp serve --help lists them)
+  fedmcp token --server-id ID [--admin] [--ttl SECS]
+                                      print a token signed with the proxy's secret
+  fedmcp mcp-stdio [--url URL] [--token TOKEN]
+                                      the MCP facade as a stdio MCP server, for MCP hosts
+
+Clients of a running proxy (FEDMCP_URL, default http://127.0.0.1:8443, and FEDMCP_TOKEN,
+or --url URL and --token TOKEN):
+  fedmcp servers add ID [--control URL] [--data URL] [--capabilities JSON] [--print-token]
+  fedmcp servers list [--json] | show ID | remove ID
+                                      the registry (admin token)
+  fedmcp send --to ID|'*' [--queue] [--ttl MS] [--timeout SECS] MESSAGE|-
+                                      send a message and print the result
+  fedmcp listen [--reply JSON | --exec CMD] [--count N] [--capabilities JSON]
+                                      join as a member and print what is delivered
+  fedmcp put NAME [FILE|-] [--readers ID,ID]
+                                      store a resource
+  fedmcp get OWNER/NAME [-o FILE]     fetch a resource
+  fedmcp ls [--json]                  list the resources the token may read
+  fedmcp rm OWNER/NAME                remove a resource
+
+  fedmcp --version                    print the version
+  fedmcp --help | help [COMMAND]      print this text, or a command's
+
+Each command takes --help. The clients exit with 0 on success, 1 when the proxy answered
+that the operation failed, 2 for a bad argument or variable, 3 when the proxy could not be
+reached, 4 when it refused the token. Configuration: docs/CONFIGURATION.md.";
+
+const SERVE_USAGE: &str = "usage: fedmcp [serve]
+
+Runs the proxy in the foreground until SIGTERM or SIGINT (a graceful drain). It takes no
+arguments: its configuration comes from FEDMCP_* environment variables, read once at start;
+a bad value is one line on stderr naming the variable, and exit code 2, before it listens.
+Once listening it prints one line on stdout: listening on http://HOST:PORT (or https://).
+Every variable, with its accepted form and range, is in docs/CONFIGURATION.md; in brief
+(defaults in brackets):
+  listener   FEDMCP_LISTEN [127.0.0.1:8443; port 0 picks one], FEDMCP_TLS_CERT and
+             FEDMCP_TLS_KEY [unset: plain], FEDMCP_ALLOW_PLAINTEXT [0]
+  tokens     FEDMCP_JWT_SECRET or FEDMCP_JWT_SECRET_FILE [made and kept in the state dir],
+             FEDMCP_JWT_PREVIOUS_SECRET, FEDMCP_TOKEN_TTL_SECS [86400],
+             FEDMCP_CLOCK_SKEW_SECS [30], FEDMCP_MAX_REVOCATIONS [65536]
+  state      FEDMCP_STATE_DIR [./fedmcp-data; empty: memory only]
+  limits     FEDMCP_MAX_SERVERS [1024], FEDMCP_MAX_CONNECTIONS [4096],
+             FEDMCP_MAX_MESSAGE_BYTES [1048576], FEDMCP_RATE_LIMIT [1000/s,burst=2000],
+             FEDMCP_QUEUE_MAX_MESSAGES [10000], FEDMCP_QUEUE_MAX_BYTES [67108864]
+  timing     FEDMCP_HANDSHAKE_TIMEOUT_MS [10000], FEDMCP_IDLE_TIMEOUT_MS [60000],
+             FEDMCP_HEARTBEAT_MS [15000], FEDMCP_DELIVERY_TIMEOUT_MS [30000],
+             FEDMCP_SHUTDOWN_GRACE_MS [5000]
+  resources  FEDMCP_RESOURCE_MAX_BYTES [1 GiB], FEDMCP_RESOURCE_QUOTA_BYTES [10 GiB],
+             FEDMCP_RESOURCE_QUOTA_PER_SERVER_BYTES [1 GiB]
+  security   FEDMCP_REQUIRE_SIGNED [0], FEDMCP_TRUSTED_CA_FILE [the bundled web roots]
+  logs       FEDMCP_AUDIT_LOG [stderr], RUST_LOG [info]
+  cluster    FEDMCP_NATS_URL [unset: alone], FEDMCP_CLUSTER [fedmcp], FEDMCP_NODE_ID
+             [made at first start], FEDMCP_NATS_REPLICAS [1]
+Signals: SIGTERM or SIGINT drain and stop; SIGHUP reloads the TLS certificate and key.
+Exit codes: 0 stopped; 1 the event loop failed; 2 a bad argument or configuration.";
+
+const TOKEN_USAGE: &str = "usage: fedmcp token --server-id ID [--admin] [--ttl SECS]
+
+Prints a token (an HS256 JWT with a random jti) for server ID, signed with the proxy's
+secret: FEDMCP_JWT_SECRET, FEDMCP_JWT_SECRET_FILE, or the one kept in FEDMCP_STATE_DIR. It
+talks to no proxy: it is for bootstrapping (an admin token) without the HTTP API.
+  --server-id ID  1 to 64 of A-Z a-z 0-9 . _ : -, starting with a letter or digit, without __
+  --admin         an admin token (default: a federation token)
+  --ttl SECS      its lifetime, 60 to 31536000 and at most FEDMCP_TOKEN_TTL_SECS
+                  (default FEDMCP_TOKEN_TTL_SECS, 86400 unless set)
+  -h, --help      print this text
+Exit codes: 0 printed; 2 a bad argument or variable (one line on stderr).";
+
+/// The range of `fedmcp token --ttl`: that of `FEDMCP_TOKEN_TTL_SECS` (`config.rs`,
+/// `TOKEN_TTL_SECS`: a minute to 365 days).
+const TOKEN_TTL_RANGE: std::ops::RangeInclusive<u64> = 60..=31_536_000;
 
 const MCP_STDIO_USAGE: &str = "usage: fedmcp mcp-stdio [--url URL] [--token TOKEN]\n\nRelays MCP (newline-delimited JSON-RPC) between stdin/stdout and the proxy's /mcp over\nWebSocket, so an MCP host can start the federation as a command. URL is the proxy's\n(http://, https://, ws:// or wss://; default path /mcp), TOKEN a federation or admin token.\nDefaults: FEDMCP_URL, FEDMCP_TOKEN. Exit codes: 0 when stdin ends, 2 for a bad URL or a\ntoken the proxy refuses.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        None | Some("serve") => serve(),
+        None => serve(),
+        Some("serve") => match args.get(1).map(String::as_str) {
+            None => serve(),
+            Some("--help" | "-h") => {
+                println!("{SERVE_USAGE}");
+                ExitCode::SUCCESS
+            }
+            Some(other) => {
+                eprintln!(
+                    "fedmcp serve: unknown argument {other:?}; the proxy takes no arguments, only FEDMCP_* variables (see fedmcp serve --help)"
+                );
+                ExitCode::from(2)
+            }
+        },
         Some("token") => token(&args[1..]),
         Some("mcp-stdio") => mcp_stdio(&args[1..]),
-        Some("--help" | "-h" | "help") => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
+        Some(cmd) if cli::COMMANDS.contains(&cmd) => ExitCode::from(cli::run(cmd, &args[1..])),
+        Some("--help" | "-h" | "help") => match args.get(1).map(String::as_str) {
+            None => {
+                println!("{USAGE}");
+                ExitCode::SUCCESS
+            }
+            Some(cmd) => match command_usage(cmd) {
+                Some(u) => {
+                    println!("{u}");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("fedmcp help: unknown command {cmd:?}; see fedmcp --help");
+                    ExitCode::from(2)
+                }
+            },
+        },
         Some("--version" | "-V") => {
             println!("fedmcp {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         Some(other) => {
-            eprintln!("fedmcp: unknown command {other:?}\n{USAGE}");
+            eprintln!("fedmcp: unknown command {other:?}; see fedmcp --help");
             ExitCode::from(2)
         }
+    }
+}
+
+/// The usage text of any command, for `fedmcp help COMMAND`.
+fn command_usage(cmd: &str) -> Option<&'static str> {
+    match cmd {
+        "serve" => Some(SERVE_USAGE),
+        "token" => Some(TOKEN_USAGE),
+        "mcp-stdio" => Some(MCP_STDIO_USAGE),
+        other => cli::usage(other),
     }
 }
 
@@ -306,7 +423,9 @@ fn mcp_stdio(args: &[String]) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             other => {
-                eprintln!("fedmcp mcp-stdio: unknown argument {other:?}\n{MCP_STDIO_USAGE}");
+                eprintln!(
+                    "fedmcp mcp-stdio: unknown argument {other:?}; see fedmcp mcp-stdio --help"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -332,16 +451,24 @@ fn token(args: &[String]) -> ExitCode {
             "--ttl" => match it
                 .next()
                 .and_then(|v| v.parse::<u64>().ok())
-                .filter(|v| *v > 0)
+                .filter(|v| TOKEN_TTL_RANGE.contains(v))
             {
                 Some(v) => ttl = Some(v),
                 None => {
-                    eprintln!("fedmcp token: --ttl takes a positive number of seconds");
+                    eprintln!(
+                        "fedmcp token: --ttl takes a number of seconds from {} to {} (the range of FEDMCP_TOKEN_TTL_SECS)",
+                        TOKEN_TTL_RANGE.start(),
+                        TOKEN_TTL_RANGE.end()
+                    );
                     return ExitCode::from(2);
                 }
             },
+            "--help" | "-h" => {
+                println!("{TOKEN_USAGE}");
+                return ExitCode::SUCCESS;
+            }
             other => {
-                eprintln!("fedmcp token: unknown argument {other:?}\n{USAGE}");
+                eprintln!("fedmcp token: unknown argument {other:?}; see fedmcp token --help");
                 return ExitCode::from(2);
             }
         }
