@@ -7,6 +7,11 @@
 #   make lint       rustfmt check and clippy with warnings as errors
 #   make bench      the load generator and memory bench (figures: docs/PERFORMANCE.md)
 #   make static     a fully static x86_64 musl release binary (installs the target and musl-tools)
+#   make image      a container image FROM scratch around the static binary: an OCI image layout
+#                   tarball, target/fedmcp-image.oci.tar (deploy/make-image.sh; no daemon, no registry)
+#   make deploy-check  the deployable artifacts of deploy/ (systemd unit, env file, image) checked
+#                   with the dev binary, in seconds (deploy/test.sh; IMAGE_BIN=path builds the test
+#                   image around that binary instead, e.g. the static one)
 #   make fuzz       every fuzz target for FUZZ_SECONDS (default 300); make test runs 10 s each
 #   make sim        a million seeds of the deterministic simulation (make test runs 4000)
 #   make chaos-cluster  CHAOS_CLUSTER_CYCLES (default 30) cycles of kill -9 of a proxy or of one
@@ -46,7 +51,7 @@ INTEROP_TIMEOUT ?= 900
 RUN_LISTEN ?= 127.0.0.1:8443
 RUN_STATE_DIR ?= ./fedmcp-data
 
-.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static clean clean-all chaos chaos-cluster sim
+.PHONY: all build run test cargo-test test-tools interop test-smoke lint fuzz fuzz-smoke cargo-fuzz soak bench bench-smoke static image deploy-check clean clean-all chaos chaos-cluster sim
 
 all: build
 
@@ -84,7 +89,7 @@ test-tools:
 
 # ---- smoke tests: other engineers add their targets here --------------------------------
 # Add each smoke target as a prerequisite of test-smoke (and so of `make test`).
-test-smoke: fuzz-smoke bench-smoke
+test-smoke: fuzz-smoke bench-smoke deploy-check
 	@true
 # ------------------------------------------------------------------------------------------
 
@@ -211,6 +216,31 @@ static:
 	@file '$(STATIC_BIN)' 2>/dev/null || true
 	@ls -l '$(STATIC_BIN)'
 	@echo "static: $(STATIC_BIN)"
+
+# ---- deployable artifacts (deploy/; deploy/README.md says how to install them) -------------
+# image: the static binary at /fedmcp in one layer FROM scratch, written as an OCI image layout
+# in a tar file (`skopeo copy oci-archive:$(IMAGE_OUT):<tag> ...` pushes or loads it).
+# IMAGE_TAG (default: the version in Cargo.toml) names it in index.json.
+IMAGE_OUT ?= $(TARGET_DIR)/fedmcp-image.oci.tar
+IMAGE_TAG ?=
+
+image: static
+	PYTHON='$(PYTHON)' deploy/make-image.sh --bin '$(STATIC_BIN)' --out '$(IMAGE_OUT)' $(if $(IMAGE_TAG),--tag '$(IMAGE_TAG)')
+
+# deploy-check: systemd-analyze verify and security of deploy/fedmcp.service, the env file
+# against docs/CONFIGURATION.md and the unit, the proxy run with the env file under strace
+# against the unit's sandbox, and an image built around the binary (layout, digests, umoci
+# unpack, a run as the image's user). Installs the Debian tools it uses when missing (systemd,
+# strace, umoci, oci-image-tool, openssl, curl).
+# FEDMCP_BIN=/path checks that binary instead of building the dev one; IMAGE_BIN=/path builds
+# the test image around another binary (a static one also runs in a chroot of the image).
+deploy-check:
+	@bin='$(FEDMCP_BIN)'; \
+	if [ -z "$$bin" ]; then \
+	  $(CARGO) build --bin fedmcp; \
+	  bin='$(DEV_BIN)'; \
+	fi; \
+	IMAGE_BIN='$(IMAGE_BIN)' PYTHON='$(PYTHON)' deploy/test.sh "$$bin"
 
 clean:
 	rm -rf '$(VENV)' '$(VENV_MCP1)' fedmcp-data tests/interop/__pycache__
