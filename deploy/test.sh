@@ -208,8 +208,15 @@ env_run() {
   # The proxy is strace's one child: its pid, not strace's, gets the signals (and is killed
   # on the way out if a check fails while it runs: strace's death would only detach it).
   local ppid="" i
-  for ((i = 0; i < 100; i++)); do
-    ppid="$(pgrep -P "$spid" | head -n1)" && [ -n "$ppid" ] && break
+  # (Strace's child is the proxy once it has exec'd it: the pid whose /proc/PID/exe is $bin.)
+  local want cand
+  want="$(readlink -f "$bin")"
+  for ((i = 0; i < 200; i++)); do
+    ppid=""
+    for cand in $(pgrep -P "$spid"); do
+      if [ "$(readlink -f "/proc/$cand/exe" 2>/dev/null)" = "$want" ]; then ppid="$cand"; break; fi
+    done
+    [ -n "$ppid" ] && break
     sleep 0.05
   done
   [ -n "$ppid" ] || fail "no process under strace; stderr: $(tail -3 "$work/run/err")"
@@ -241,6 +248,7 @@ env_run() {
   # SIGHUP (ExecReload=): a new pair moved over the same paths is served to new connections.
   cp "$work/tls2.crt" "$work/run/cert.new"; cp "$work/tls2.key" "$work/run/key.new"
   mv -f "$work/run/key.new" "$work/run/key.pem"; mv -f "$work/run/cert.new" "$work/run/cert.pem"
+  kill -0 "$ppid" 2>/dev/null || fail "the proxy ($ppid) is gone before SIGHUP; stderr: $(tail -5 "$work/run/err")"
   kill -HUP "$ppid"
   local ok=0
   for ((i = 0; i < 100; i++)); do
