@@ -1500,7 +1500,10 @@ fn with_three_nats_nodes_and_three_replicas_losing_one_node_loses_no_queued_mess
     let took = wait_ready(&ps[1], Duration::from_secs(20));
     eprintln!("p2 ready {took:?} after NATS node 0 died");
     let mut c = join(&ps[1], &tc, json!({}));
-    let got = take_queued(&mut c, N, &kc, "alice", Duration::from_secs(20), None);
+    // Generous: after a NATS node dies, JetStream may take a while to elect the leaders the
+    // recipient's consumer needs (seen: over 15 s under load); what is asserted is that
+    // nothing acknowledged is lost, not how fast it comes back.
+    let got = take_queued(&mut c, N, &kc, "alice", Duration::from_secs(60), None);
     assert_eq!(got, sent);
     eprintln!(
         "all {N} queued messages delivered {:?} after the node died",
