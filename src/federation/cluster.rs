@@ -1049,23 +1049,16 @@ impl Federation {
     }
 
     fn heartbeat(&mut self) {
-        let Some(c) = self.cluster.as_ref() else {
-            return;
-        };
-        if c.link == Link::Down {
-            return;
-        }
-        let body = format!(
-            "{{\"node\":{},\"seq\":{}}}",
-            json_str(&c.node),
-            c.presence_seq
-        );
-        let subject = c.subject(&format!("node.{}", c.node));
-        self.publish(subject, None, body.into_bytes());
+        self.say_alive(false);
     }
 
     /// Says goodbye (shutdown): the others forget this node's sessions at once.
     pub fn cluster_bye(&mut self) {
+        self.say_alive(true);
+    }
+
+    /// `C.node.N`: this node's presence sequence number, or (`bye`) that it is leaving.
+    fn say_alive(&mut self, bye: bool) {
         let Some(c) = self.cluster.as_ref() else {
             return;
         };
@@ -1073,9 +1066,10 @@ impl Federation {
             return;
         }
         let body = format!(
-            "{{\"node\":{},\"seq\":{},\"bye\":true}}",
+            "{{\"node\":{},\"seq\":{}{}}}",
             json_str(&c.node),
-            c.presence_seq
+            c.presence_seq,
+            if bye { ",\"bye\":true" } else { "" }
         );
         let subject = c.subject(&format!("node.{}", c.node));
         self.publish(subject, None, body.into_bytes());
