@@ -218,9 +218,10 @@ impl Federation {
         let (slot, online) = (sess.slot, sess.is_online());
         let backlog = online
             && unsent <= bound
-            && self.registry.get(slot).is_some_and(|e| {
-                e.presence.online().is_some() && e.queue.iter().any(|q| q.inflight.is_none())
-            });
+            && self
+                .registry
+                .get(slot)
+                .is_some_and(|e| e.presence.online().is_some() && e.queue.has_waiting());
         if backlog {
             self.pump(slot);
         }

@@ -262,7 +262,7 @@ impl Federation {
         }
         let turn = self.now;
         for e in self.registry.entries() {
-            for q in &e.queue {
+            for q in e.queue.iter() {
                 ops.push(Op::Enqueue {
                     to: e.server_id.clone(),
                     seq: q.seq,

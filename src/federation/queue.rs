@@ -72,9 +72,8 @@ impl Federation {
             return Err(RpcError::UnknownServer);
         };
         e.queue_bytes += q.bytes();
-        // Keep the queue in send order (a requeued message goes back to its place).
-        let pos = e.queue.partition_point(|x| x.seq < q.seq);
-        e.queue.insert(pos, q);
+        // Kept in send order (a requeued message goes back to its place).
+        e.queue.insert(q);
         Ok(())
     }
 
@@ -111,7 +110,7 @@ impl Federation {
             let Some(conn) = entry.presence.online() else {
                 return;
             };
-            let Some(i) = entry.queue.iter().position(|q| q.inflight.is_none()) else {
+            let Some(i) = entry.queue.first_waiting() else {
                 return;
             };
             let Some(sess) = self.session(conn) else {
@@ -132,7 +131,7 @@ impl Federation {
                 let qseq = q.seq;
                 let seq = self.next_seq();
                 if let Some(e) = self.registry.get_mut(slot) {
-                    e.queue[i].inflight = Some(seq);
+                    e.queue.set_inflight(i, Some(seq));
                 }
                 self.deliver(conn, slot, seq, &params, PendingKind::FromQueue { qseq });
             } else {
@@ -200,15 +199,19 @@ impl Federation {
             // later than that time, or this would fire again at once, forever.
             let again = self.now.at + TTL_RECHECK;
             let t = self.timers.insert(again, CoreTimer::Ttl(slot, qseq));
-            if let Some(e) = self.registry.get_mut(slot) {
-                e.queue[i].ttl_timer = Some(t);
+            if let Some(e) = self.registry.get_mut(slot)
+                && let Some(timer) = e.queue.ttl_timer_mut(i)
+            {
+                *timer = Some(t);
             }
             return;
         }
         let Some(e) = self.registry.get_mut(slot) else {
             return;
         };
-        e.queue[i].ttl_timer = None;
+        if let Some(timer) = e.queue.ttl_timer_mut(i) {
+            *timer = None;
+        }
         if e.queue[i].inflight.is_some() {
             return;
         }

@@ -83,6 +83,74 @@ impl Queued {
     }
 }
 
+/// A recipient's queue, in send order (`seq`), with a count of the copies not delivered yet,
+/// so that "is anything waiting?" (asked on every send to the recipient) costs O(1) whatever
+/// the queue's length. Reading goes through `Deref`; every change goes through the methods
+/// here, which keep `waiting` equal to the number of copies whose `inflight` is `None`.
+#[derive(Debug, Default)]
+pub struct Queue {
+    items: VecDeque<Queued>,
+    waiting: usize,
+}
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Queued>;
+    fn deref(&self) -> &VecDeque<Queued> {
+        &self.items
+    }
+}
+
+impl Queue {
+    /// True when a copy waits to be delivered (not in flight).
+    pub fn has_waiting(&self) -> bool {
+        self.waiting > 0
+    }
+
+    /// Puts a copy at its place in send order (at the back for a new send: O(1)).
+    pub fn insert(&mut self, q: Queued) {
+        if q.inflight.is_none() {
+            self.waiting += 1;
+        }
+        let pos = self.items.partition_point(|x| x.seq < q.seq);
+        self.items.insert(pos, q);
+    }
+
+    pub fn remove(&mut self, i: usize) -> Option<Queued> {
+        let q = self.items.remove(i)?;
+        if q.inflight.is_none() {
+            self.waiting -= 1;
+        }
+        Some(q)
+    }
+
+    /// Marks the copy at `i` delivered as `Some(delivery id)`, or waiting again (`None`).
+    pub fn set_inflight(&mut self, i: usize, inflight: Option<u64>) {
+        let Some(q) = self.items.get_mut(i) else {
+            return;
+        };
+        match (q.inflight.is_some(), inflight.is_some()) {
+            (false, true) => self.waiting -= 1,
+            (true, false) => self.waiting += 1,
+            _ => {}
+        }
+        q.inflight = inflight;
+    }
+
+    /// The TTL timer of the copy at `i` (the one field changed in place besides `inflight`).
+    pub fn ttl_timer_mut(&mut self, i: usize) -> Option<&mut Option<TimerId>> {
+        self.items.get_mut(i).map(|q| &mut q.ttl_timer)
+    }
+
+    /// The first copy not in flight: the next to deliver. Copies in flight before it are at
+    /// most the recipient's in-flight bound, so this is O(1) in the queue's length.
+    pub fn first_waiting(&self) -> Option<usize> {
+        if self.waiting == 0 {
+            return None;
+        }
+        self.items.iter().position(|q| q.inflight.is_none())
+    }
+}
+
 /// Where the proxy is with dialling a server that has `endpoints.control` (§5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutPhase {
@@ -140,7 +208,7 @@ pub struct Entry {
     pub outbound: Option<Outbound>,
     pub connected_at_ms: Option<i64>,
     pub last_seen_at_ms: Option<i64>,
-    pub queue: VecDeque<Queued>,
+    pub queue: Queue,
     pub queue_bytes: usize,
     /// Bytes of copies of direct deliveries awaiting this server's answer (`queue: true`
     /// sends keep one to requeue it): with `queue_bytes`, bounded by
@@ -350,7 +418,7 @@ impl Entry {
             outbound: None,
             connected_at_ms: None,
             last_seen_at_ms: None,
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             queue_bytes: 0,
             inflight_bytes: 0,
             bucket: None,
@@ -364,6 +432,53 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queued(seq: u64) -> Queued {
+        Queued {
+            seq,
+            msg_id: format!("m{seq}"),
+            from: "a".into(),
+            message: "{}".into(),
+            sent_at_ms: 0,
+            expires: None,
+            ttl_timer: None,
+            inflight: None,
+            notify_sender: true,
+        }
+    }
+
+    #[test]
+    fn the_queue_counts_what_waits() {
+        let mut q = Queue::default();
+        assert!(!q.has_waiting());
+        assert_eq!(q.first_waiting(), None);
+        for seq in [1, 2, 4] {
+            q.insert(queued(seq));
+        }
+        q.insert(queued(3)); // a requeued copy goes back to its place
+        let seqs: Vec<u64> = q.iter().map(|x| x.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        q.set_inflight(0, Some(10));
+        q.set_inflight(1, Some(11));
+        q.set_inflight(1, Some(12)); // in flight again under another id: no double count
+        assert_eq!(q.first_waiting(), Some(2));
+        q.set_inflight(2, Some(13));
+        q.set_inflight(3, Some(14));
+        assert!(!q.has_waiting());
+        assert_eq!(q.first_waiting(), None);
+        q.set_inflight(1, None); // undelivered: waits again, ahead of later ones in flight
+        assert_eq!(q.first_waiting(), Some(1));
+        assert!(q.remove(1).is_some_and(|x| x.seq == 2));
+        assert!(!q.has_waiting());
+        assert!(q.remove(0).is_some());
+        q.insert(queued(5));
+        assert!(q.has_waiting());
+        assert_eq!(q.first_waiting(), Some(2));
+        assert!(q.remove(9).is_none());
+        q.set_inflight(9, Some(1)); // out of range: nothing changes
+        assert_eq!(q.len(), 3);
+        assert!(q.has_waiting());
+    }
 
     #[test]
     fn fixed_capacity_and_generations() {

@@ -283,7 +283,7 @@ impl Federation {
             return Err(false);
         };
         // Queued messages not yet written go first: a direct send must not overtake them.
-        let backlog = entry.queue.iter().any(|q| q.inflight.is_none());
+        let backlog = entry.queue.has_waiting();
         let full = sess.unsent > self.unsent_bound()
             || (awaits_answer && sess.inflight >= MAX_INFLIGHT_PER_RECIPIENT);
         if backlog || full {
@@ -602,11 +602,11 @@ impl Federation {
                     if let Some(i) = self.find_queued(p.slot, qseq)
                         && let Some(e) = self.registry.get_mut(p.slot)
                     {
-                        let q = &mut e.queue[i];
-                        q.inflight = None;
-                        if let (Some(at), None) = (q.expires, q.ttl_timer) {
-                            q.ttl_timer =
-                                Some(self.timers.insert(at, CoreTimer::Ttl(p.slot, qseq)));
+                        e.queue.set_inflight(i, None);
+                        if let (Some(at), None) = (e.queue[i].expires, e.queue[i].ttl_timer)
+                            && let Some(timer) = e.queue.ttl_timer_mut(i)
+                        {
+                            *timer = Some(self.timers.insert(at, CoreTimer::Ttl(p.slot, qseq)));
                         }
                     }
                 }
