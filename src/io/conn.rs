@@ -154,7 +154,13 @@ pub enum Carries {
 }
 
 pub struct WsConn {
+    /// tungstenite's state for this session; replaced by a fresh one whenever the peer's
+    /// stream is between messages (`frames`), which gives its read buffer back.
     pub ctx: tungstenite::protocol::WebSocketContext,
+    /// Our side's role (server for accepted sessions, client for dialled ones).
+    pub role: tungstenite::protocol::Role,
+    /// Where the peer's frame stream is (counted from the bytes tungstenite consumed).
+    pub frames: crate::proto::ws::Frames,
     /// The session this connection carries.
     pub carries: Carries,
     /// Input read from the socket but not yet processed, because the session's output went
@@ -298,10 +304,13 @@ impl Conn {
     pub fn carry_session(
         &mut self,
         ctx: tungstenite::protocol::WebSocketContext,
+        role: tungstenite::protocol::Role,
         carries: Carries,
     ) -> ConnState {
         let ws = WsConn {
             ctx,
+            role,
+            frames: crate::proto::ws::Frames::default(),
             carries,
             stash: Vec::new(),
         };

@@ -8,7 +8,7 @@
 //! buffer, state enum); [`http`] frames HTTP/1.1 requests and answers on a connection;
 //! [`upgrade`] turns `GET /v1/control` into a session; [`data`] streams resources between
 //! sockets and files; [`dial`] resolves, connects and upgrades for outbound sessions;
-//! [`tls`] loads certificates. Nothing here decides federation semantics: what a message,
+//! [`tls`] loads certificates; [`pool`] lends output buffers to busy connections. Nothing here decides federation semantics: what a message,
 //! a registration or a token means is the core's.
 
 pub mod conn;
@@ -16,6 +16,7 @@ pub mod data;
 pub mod dial;
 pub mod http;
 pub mod nats;
+pub mod pool;
 pub mod proxy;
 pub mod reactor;
 pub mod tls;

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::federation::Federation;
 use crate::federation::action::{Action, Answer, LinkId, RequestId, SessionId};
 use crate::io::conn::{Carries, Conn, ConnId, ConnState};
+use crate::io::pool::{BufPool, out_buf};
 use crate::proto::ws::{Incoming, WsIo};
 use crate::timer::Timers;
 use slab::Slab;
@@ -57,6 +58,8 @@ pub struct Proxy {
     links: Vec<Option<(SessionId, ConnId)>>,
     /// The actions being carried out (kept to reuse its capacity).
     spare: Vec<Action>,
+    /// Output buffers lent to connections while they have output (idle ones hold none).
+    pub out_pool: BufPool,
     /// The state log the core's batches are written to (`None`: memory only).
     pub store: Option<crate::store::state::Store>,
     /// Resource files (`None` only if they could not be opened).
@@ -82,6 +85,7 @@ impl Proxy {
             dial_requests: Vec::new(),
             links: Vec::new(),
             spare: Vec::new(),
+            out_pool: BufPool::new(),
             store: None,
             blobs: None,
             nats_out: Vec::new(),
@@ -229,7 +233,7 @@ impl Proxy {
             self.timers.cancel(t);
         }
         if let Some(conn) = self.conn_mut(id) {
-            conn.carry_session(ctx, Carries::Control(session));
+            conn.carry_session(ctx, role, Carries::Control(session));
         }
         self.link(session, id);
     }
@@ -244,7 +248,7 @@ impl Proxy {
         }
         let ctx = crate::proto::ws::context(tungstenite::protocol::Role::Server, max);
         if let Some(conn) = self.conn_mut(id) {
-            conn.carry_session(ctx, Carries::Mcp(link));
+            conn.carry_session(ctx, tungstenite::protocol::Role::Server, Carries::Mcp(link));
         }
         link
     }
@@ -339,7 +343,7 @@ impl Proxy {
         };
         let mut io = WsIo {
             input: &[],
-            out: &mut conn.out,
+            out: out_buf(&mut self.out_pool, &mut conn.out),
         };
         if let Err(e) = ws.ctx.write(&mut io, m) {
             log::debug!("conn {}: write failed: {e}", id.idx);
@@ -380,7 +384,7 @@ impl Proxy {
         };
         let mut io = WsIo {
             input: &[],
-            out: &mut conn.out,
+            out: out_buf(&mut self.out_pool, &mut conn.out),
         };
         let frame = CloseFrame {
             code: CloseCode::from(code),
@@ -410,7 +414,7 @@ impl Proxy {
         };
         loop {
             let r = {
-                let Some(conn) = self.conn_mut(id) else {
+                let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
                     return;
                 };
                 let ConnState::Ws(ws) = &mut conn.state else {
@@ -424,9 +428,10 @@ impl Proxy {
                 }
                 let mut io = WsIo {
                     input,
-                    out: &mut conn.out,
+                    out: out_buf(&mut self.out_pool, &mut conn.out),
                 };
                 let r = crate::proto::ws::next_message(&mut ws.ctx, &mut io);
+                ws.frames.feed(&input[..input.len() - io.input.len()]);
                 input = io.input;
                 r
             };
@@ -450,12 +455,15 @@ impl Proxy {
         self.flush_ws_replies(id);
     }
 
-    /// Moves tungstenite's owed control frames (pongs, close replies) into the output.
+    /// Moves tungstenite's owed control frames (pongs, close replies) into the output, then
+    /// gives back the session's read memory if its peer is between messages.
     fn flush_ws_replies(&mut self, id: ConnId) {
-        if let Some(conn) = self.conn_mut(id)
+        let max = self.fed.cfg.max_message_bytes;
+        if let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id)
             && let ConnState::Ws(ws) = &mut conn.state
         {
-            crate::proto::ws::flush_owed(&mut ws.ctx, &mut conn.out);
+            crate::proto::ws::flush_owed(&mut ws.ctx, out_buf(&mut self.out_pool, &mut conn.out));
+            crate::proto::ws::release_if_idle(&mut ws.ctx, &ws.frames, ws.role, max);
             if conn.unsent() > 0 {
                 self.dirty.push(id);
             }

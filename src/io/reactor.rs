@@ -402,7 +402,7 @@ impl Reactor {
         dirty.sort_unstable_by_key(|id| (id.idx, id.generation));
         dirty.dedup();
         for id in dirty {
-            let Some(conn) = proxy.conn_mut(id) else {
+            let Some(conn) = proxy.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
                 continue;
             };
             let done = match conn.flush() {
@@ -412,7 +412,11 @@ impl Reactor {
                     continue;
                 }
             };
-            if !done {
+            if done {
+                // Written out: the buffer goes back to the pool (an idle connection holds
+                // none; the next output takes one).
+                proxy.out_pool.put(std::mem::take(&mut conn.out));
+            } else {
                 // A session's output only partly written: the core learns what is left.
                 if let ConnState::Ws(ws) = &conn.state
                     && let crate::io::conn::Carries::Control(session) = ws.carries

@@ -18,12 +18,14 @@
 
 use std::io::{self, Read, Write};
 pub use tungstenite::protocol::Role;
-use tungstenite::protocol::{WebSocketConfig, WebSocketContext};
+use tungstenite::protocol::WebSocketConfig;
+pub use tungstenite::protocol::WebSocketContext;
 use tungstenite::{Error as WsError, Message};
 
-/// Initial read-buffer capacity per session: small, because idle sessions dominate memory;
-/// tungstenite grows it for a large frame.
-pub const WS_READ_BUFFER: usize = 2048;
+/// Initial read-buffer capacity per session: none. tungstenite reserves what each frame
+/// needs as it arrives, and an idle session's context is replaced by a fresh one (see
+/// [`Frames`]), so a session holds read memory only while a message is on its way.
+pub const WS_READ_BUFFER: usize = 0;
 
 /// tungstenite configuration from our limits.
 pub fn config(max_message_bytes: usize) -> WebSocketConfig {
@@ -74,6 +76,23 @@ pub fn context(role: Role, max_message_bytes: usize) -> WebSocketContext {
 /// Moves the frames tungstenite owes (pongs, a close reply) into `out`.
 pub fn flush_owed(ctx: &mut WebSocketContext, out: &mut Vec<u8>) {
     let _ = ctx.flush(&mut WsIo { input: &[], out });
+}
+
+/// Gives back an idle session's read memory: when the peer's stream is between messages
+/// ([`Frames::idle`]) and the session is open both ways with nothing owed (call after
+/// [`flush_owed`]), the context is replaced by a fresh one, which holds no buffer.
+/// Returns whether it was replaced.
+pub fn release_if_idle(
+    ctx: &mut WebSocketContext,
+    frames: &Frames,
+    role: Role,
+    max_message_bytes: usize,
+) -> bool {
+    if !(frames.idle() && ctx.can_read() && ctx.can_write()) {
+        return false;
+    }
+    *ctx = context(role, max_message_bytes);
+    true
 }
 
 /// What one step of reading a session's input gave.
@@ -132,6 +151,79 @@ pub fn next_message(ctx: &mut WebSocketContext, io: &mut WsIo) -> Incoming {
     }
 }
 
+/// Where a peer's frame stream is, from the frame headers alone: inside a header, inside a
+/// payload, or between frames, and whether a fragmented message is under way.
+///
+/// The reactor feeds it exactly the bytes tungstenite consumed. When [`Frames::idle`] holds
+/// (between frames, no fragmented message), tungstenite's context holds nothing of the
+/// peer's stream that a fresh context would not: its read buffer can be given back by
+/// replacing the context (what makes an idle session cost no read buffer). It only counts;
+/// validating frames is tungstenite's job, and after a framing error the session ends, so
+/// the tracker is never consulted again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Frames {
+    /// Header bytes seen of the frame being read (0 = between frames or in a payload).
+    head: [u8; 14],
+    head_len: u8,
+    /// Payload bytes still to come of the current frame.
+    payload_left: u64,
+    /// A text or binary frame without FIN was seen and its final fragment has not been.
+    fragmented: bool,
+}
+
+impl Frames {
+    /// Between frames, with no fragmented message under way.
+    pub fn idle(&self) -> bool {
+        self.head_len == 0 && self.payload_left == 0 && !self.fragmented
+    }
+
+    /// Accounts for `bytes` of the peer's stream, in order.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = (bytes.len() as u64).min(self.payload_left);
+                self.payload_left -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            self.head[self.head_len as usize] = bytes[0];
+            self.head_len += 1;
+            bytes = &bytes[1..];
+            let h = &self.head[..self.head_len as usize];
+            let Some(need) = header_len(h) else {
+                continue;
+            };
+            if h.len() < need {
+                continue;
+            }
+            let (b0, b1) = (h[0], h[1]);
+            let len = match b1 & 0x7f {
+                126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                n => u64::from(n),
+            };
+            let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+            if opcode < 8 {
+                // Data: text/binary start a message, continuation (0) goes on with it.
+                self.fragmented = !fin;
+            }
+            self.head_len = 0;
+            self.payload_left = len;
+        }
+    }
+}
+
+/// A frame header's full length once its first two bytes are known.
+fn header_len(h: &[u8]) -> Option<usize> {
+    let b1 = *h.get(1)?;
+    let ext = match b1 & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    Some(2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 })
+}
+
 /// A masked client frame (`fin` false for a fragment), as a client would send it: for tests,
 /// the fuzz harness and tools; the proxy itself never builds one.
 pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
@@ -158,6 +250,107 @@ mod tests {
     use super::*;
     use tungstenite::Error;
     use tungstenite::protocol::Role;
+
+    /// A deterministic stream of client frames: whole text messages, pings, and messages in
+    /// fragments with pings between them, of sizes that take every header length.
+    fn frame_script(seed: u64, n: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut bytes = Vec::new();
+        let mut boundaries = vec![0];
+        for i in 0..n {
+            let len = match next() % 4 {
+                0 => (next() % 126) as usize,
+                1 => 126 + (next() % 400) as usize,
+                2 => 70_000 + (next() % 1000) as usize,
+                _ => 0,
+            };
+            let text = vec![b'a' + (i % 26) as u8; len];
+            match next() % 3 {
+                0 => bytes.extend(client_frame(0x1, true, &text)),
+                1 => bytes.extend(client_frame(0x9, true, b"p")),
+                _ => {
+                    let (a, b) = text.split_at(len / 2);
+                    bytes.extend(client_frame(0x1, false, a));
+                    bytes.extend(client_frame(0x9, true, b"in between"));
+                    bytes.extend(client_frame(0x0, false, &[]));
+                    bytes.extend(client_frame(0x0, true, b));
+                }
+            }
+            boundaries.push(bytes.len());
+        }
+        (bytes, boundaries)
+    }
+
+    #[test]
+    fn frames_are_idle_exactly_between_messages() {
+        let (bytes, boundaries) = frame_script(7, 60);
+        let mut f = Frames::default();
+        assert!(f.idle());
+        for (i, b) in bytes.iter().enumerate() {
+            f.feed(std::slice::from_ref(b));
+            assert_eq!(f.idle(), boundaries.contains(&(i + 1)), "after byte {i}");
+        }
+        // Fed in one piece: the same end state.
+        let mut g = Frames::default();
+        g.feed(&bytes);
+        assert_eq!(f, g);
+        // A fragment's FIN pending keeps it busy even between frames.
+        let mut h = Frames::default();
+        h.feed(&client_frame(0x1, false, b"ab"));
+        assert!(!h.idle());
+        h.feed(&client_frame(0xA, true, b""));
+        assert!(!h.idle());
+        h.feed(&client_frame(0x0, true, b"cd"));
+        assert!(h.idle());
+    }
+
+    /// Replacing the context whenever the stream is idle changes nothing a peer can see: the
+    /// same messages, the same owed output, for any way the input is cut into reads.
+    #[test]
+    fn a_fresh_context_between_messages_reads_the_same() {
+        for seed in 1..40u64 {
+            let (bytes, _) = frame_script(seed, 25);
+            let read_all = |release: bool, cut: usize| {
+                let mut ctx = context(Role::Server, 100_000);
+                let mut frames = Frames::default();
+                let (mut got, mut out, mut released) = (Vec::new(), Vec::new(), 0);
+                for chunk in bytes.chunks(cut) {
+                    let mut io = WsIo {
+                        input: chunk,
+                        out: &mut out,
+                    };
+                    loop {
+                        let before = io.input;
+                        let r = next_message(&mut ctx, &mut io);
+                        frames.feed(&before[..before.len() - io.input.len()]);
+                        match r {
+                            Incoming::Text(t) => got.push(t.as_str().to_string()),
+                            Incoming::Control => got.push("<control>".into()),
+                            Incoming::More => break,
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    flush_owed(&mut ctx, &mut out);
+                    if release && release_if_idle(&mut ctx, &frames, Role::Server, 100_000) {
+                        released += 1;
+                    }
+                }
+                (got, out, released)
+            };
+            let cut = 1 + (seed as usize * 37) % 900;
+            let (a, a_out, _) = read_all(false, cut);
+            let (b, b_out, released) = read_all(true, cut);
+            assert_eq!(a, b, "seed {seed}");
+            assert_eq!(a_out, b_out, "seed {seed}");
+            assert!(released > 0, "seed {seed}: never idle between reads");
+        }
+    }
 
     #[test]
     fn reads_a_message_split_across_inputs() {
