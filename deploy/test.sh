@@ -242,9 +242,12 @@ env_run() {
   [ "$code" = 201 ] || fail "resource upload: $code"
   c -o "$work/run/blob.back" "$url/v1/resources/bob/blob.bin" -H "Authorization: Bearer $tok"
   cmp -s "$work/run/blob" "$work/run/blob.back" || fail "resource download differs"
-  c -X POST "$url/v1/messages" -H "Authorization: Bearer $btok" -d '{"to":"alice","queue":true,"message":{"n":1}}' \
-    | grep -q '"queued"' || fail "queued send not answered queued"
-  c "$url/metrics" | grep -q '^fedmcp_servers_registered 2' || fail "metrics do not count 2 servers"
+  # Whole answers first, then grep: `curl | grep -q` under pipefail fails when grep exits
+  # at its match before curl has written the rest (curl: (23) Failed writing body).
+  sent="$(c -X POST "$url/v1/messages" -H "Authorization: Bearer $btok" -d '{"to":"alice","queue":true,"message":{"n":1}}')"
+  grep -q '"queued"' <<<"$sent" || fail "queued send not answered queued: $sent"
+  metrics="$(c "$url/metrics")"
+  grep -q '^fedmcp_servers_registered 2' <<<"$metrics" || fail "metrics do not count 2 servers"
   # SIGHUP (ExecReload=): a new pair moved over the same paths is served to new connections.
   cp "$work/tls2.crt" "$work/run/cert.new"; cp "$work/tls2.key" "$work/run/key.new"
   mv -f "$work/run/key.new" "$work/run/key.pem"; mv -f "$work/run/cert.new" "$work/run/cert.pem"
