@@ -71,7 +71,8 @@ fn known_target(t: &str) -> bool {
 }
 
 /// Checks a `RUST_LOG` value: comma-separated directives, each a level, a target, or
-/// `target=level`, optionally followed by `/regex`. `Err` is the one stderr line (§1 form).
+/// `target=level`, optionally followed by `/text` (lines must contain it: env_logger is
+/// built without its regex feature). `Err` is the one stderr line (§1 form).
 pub fn check_filter(spec: &str) -> Result<(), String> {
     let directives = spec.split_once('/').map_or(spec, |(d, _)| d);
     for d in directives
