@@ -186,16 +186,27 @@ soak:
 # The load generator drives two members through the proxy (confirmed forwards/s, latency,
 # CPU of both sides); the memory bench measures idle RSS and RSS per idle session. Each
 # fails (exit 1) under its floor, so the smoke run in `make test` catches a collapse.
-bench:
+# The same load generator also drives nats-server (--mode nats; test-tools installs it) and a
+# raw TCP relay (--mode relay, the floor), closed loop and open loop (--open-loop RATE: a
+# fixed schedule, latency from each request's scheduled time; --runs 3: min/median/max).
+bench: test-tools
 	$(CARGO) bench --bench loadgen -- --min-rate 50000 --label pairs1
 	$(CARGO) bench --bench loadgen -- --pairs 4 --min-rate 50000 --label pairs4
+	$(CARGO) bench --bench loadgen -- --mode nats --min-rate 50000 --label nats-pairs1
+	$(CARGO) bench --bench loadgen -- --mode relay --min-rate 50000 --label relay-pairs1
+	$(CARGO) bench --bench loadgen -- --open-loop 10000 --runs 3 --min-rate 9000 --label open10k
+	$(CARGO) bench --bench loadgen -- --mode nats --open-loop 10000 --runs 3 --min-rate 9000 --label nats-open10k
+	$(CARGO) bench --bench loadgen -- --mode relay --open-loop 10000 --runs 3 --min-rate 9000 --label relay-open10k
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-bytes-per-session 8192 --max-idle-kib 4096
 	$(CARGO) bench --bench hostile -- --unauth-max-growth-kib 16384 --flood-max-growth-kib 78976
 	$(CARGO) bench --bench mcp
 	$(CARGO) bench --bench cluster -- --duration 10 --min-rate 10000
 
-bench-smoke:
+bench-smoke: test-tools
 	$(CARGO) bench --bench loadgen -- --duration 2 --warmup 0.5 --min-rate 5000 --label smoke
+	$(CARGO) bench --bench loadgen -- --mode nats --duration 1 --warmup 0.5 --min-rate 5000 --label smoke-nats
+	$(CARGO) bench --bench loadgen -- --mode relay --duration 1 --warmup 0.5 --min-rate 5000 --label smoke-relay
+	$(CARGO) bench --bench loadgen -- --open-loop 2000 --duration 1 --warmup 0.5 --min-rate 1500 --label smoke-open
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --sessions 100 --settle 0.2 --max-bytes-per-session 32768 --max-idle-kib 8192 --label smoke
 	$(CARGO) bench --bench hostile -- --sockets 100 --window-secs 0.5 --sends 160 --settle 0.2 --unauth-max-growth-kib 16384 --flood-max-growth-kib 81920
 	$(CARGO) bench --bench mcp -- --calls 300 --label smoke
