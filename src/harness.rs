@@ -242,13 +242,13 @@ impl Harness {
 
     /// The turn's commit, as the reactor makes it (to the in-memory disk, or failing).
     fn commit(&mut self) {
-        let Some(bytes) = self.fed.to_commit() else {
+        let Some(bytes) = self.fed.begin_commit() else {
             return;
         };
         let r = if std::mem::take(&mut self.fail_next_commit) {
             Err("harness: the disk is full".to_string())
         } else {
-            self.disk.extend_from_slice(bytes);
+            self.disk.extend_from_slice(&bytes);
             Ok(())
         };
         self.fed.committed(r);

@@ -379,7 +379,10 @@ fn serve() -> ExitCode {
     proxy.fed.resources = blobs.1;
     proxy.blobs = Some(blobs.0);
     if let Some((store, replay)) = store {
-        proxy.attach_store(store);
+        if let Err(e) = proxy.attach_store(store, reactor.waker()) {
+            eprintln!("fedmcp: cannot start the disk thread: {e}");
+            return ExitCode::FAILURE;
+        }
         proxy.fed.restore(replay);
         proxy.apply();
     }
@@ -395,6 +398,8 @@ fn serve() -> ExitCode {
     }
     log::info!("fedmcp {} serving on {addr}", env!("CARGO_PKG_VERSION"));
     let result = reactor.run(&mut proxy);
+    // What the last turns changed reaches the disk before the process ends.
+    proxy.close_disk();
     if private_blobs {
         let _ = std::fs::remove_dir_all(&blob_root);
     }

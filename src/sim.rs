@@ -210,6 +210,11 @@ pub struct Sim {
     store: Option<crate::store::state::Store>,
     /// The next turn's commit fails (a full disk).
     disk_full: bool,
+    /// A slow disk (half the seeds with a state dir): a commit begun by one `commit` call
+    /// lands at the next, and members read, answer and send in between (the reactor's disk
+    /// thread). `in_flight` is the commit being written.
+    slow_disk: bool,
+    in_flight: Option<Vec<u8>>,
     cfg: Config,
     dir: Option<PathBuf>,
     members: Vec<Member>,
@@ -274,6 +279,8 @@ impl Sim {
             p,
             store,
             disk_full: false,
+            slow_disk: durable && (seed / 4) % 2 == 1,
+            in_flight: None,
             cfg,
             dir,
             members: (0..MEMBERS).map(|i| Member::new(format!("m{i}"))).collect(),
@@ -643,17 +650,23 @@ impl Sim {
         self.read_member(m)?;
         let req = RequestId(self.step as u64);
         let r = self.p.remove_server(&id, PEER);
-        let now = self.p.durable_answer(req, r);
-        self.commit();
-        let later = self
-            .carry_out()
-            .into_iter()
-            .find(|(r, _)| *r == req)
-            .and_then(|(_, a)| match a {
-                Answer::Http(r) => Some(r),
-                Answer::Rpc(_) | Answer::Mcp(_) => None,
-            });
-        let status = now.or(later).map(|r| r.status);
+        let mut status = self.p.durable_answer(req, r).map(|r| r.status);
+        // Its answer waits for the commit that writes the removal (on a slow disk, the one
+        // after the commit being written).
+        for _ in 0..2 {
+            if status.is_some() {
+                break;
+            }
+            self.commit();
+            status = self
+                .carry_out()
+                .into_iter()
+                .find(|(r, _)| *r == req)
+                .and_then(|(_, a)| match a {
+                    Answer::Http(r) => Some(r.status),
+                    Answer::Rpc(_) | Answer::Mcp(_) => None,
+                });
+        }
         if status != Some(204) {
             return Err(self.fail(format!("DELETE /v1/servers/{id}: {status:?}")));
         }
@@ -675,8 +688,10 @@ impl Sim {
         let dir = self.dir.clone();
         self.stats.crashes += 1;
         let ids = self.seed ^ ((self.stats.crashes as u64) << 40);
-        // The old log is closed before the new core opens it, as after a real crash.
+        // The old log is closed before the new core opens it, as after a real crash; a
+        // commit being written is lost with it.
         self.store = None;
+        self.in_flight = None;
         let (p, store) = Self::boot(&cfg, dir.as_ref(), now, ids).map_err(|e| self.fail(e))?;
         self.p = p;
         self.store = store;
@@ -686,14 +701,27 @@ impl Sim {
     /// The turn's group commit, as the reactor makes it: the core's batch to the log, then
     /// the core releases what waited on it.
     fn commit(&mut self) {
-        let Some(bytes) = self.p.to_commit() else {
+        if self.slow_disk {
+            // The commit begun at the last call lands now; the next one is begun.
+            if let Some(bytes) = self.in_flight.take() {
+                let r = self.write_log(&bytes);
+                self.p.committed(r);
+            }
+            self.in_flight = self.p.begin_commit();
+            return;
+        }
+        let Some(bytes) = self.p.begin_commit() else {
             return;
         };
-        let r = match self.store.as_mut() {
+        let r = self.write_log(&bytes);
+        self.p.committed(r);
+    }
+
+    fn write_log(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match self.store.as_mut() {
             Some(s) => s.write(bytes).map_err(|e| e.to_string()),
             None => Ok(()),
-        };
-        self.p.committed(r);
+        }
     }
 
     /// Virtual time moves on; due timers fire.
@@ -709,8 +737,8 @@ impl Sim {
 
     /// The end of a loop turn: the commit, then every reading member takes its output.
     fn end_turn(&mut self) -> Result<(), Failure> {
-        // The disk refuses the next turn that has something to commit.
-        if self.disk_full && self.p.to_commit().is_some() {
+        // The disk refuses the next commit: the one being written, else this turn's.
+        if self.disk_full && (self.in_flight.take().is_some() || self.p.begin_commit().is_some()) {
             self.disk_full = false;
             if self.trace {
                 eprintln!("  the commit fails");

@@ -1327,6 +1327,7 @@ impl Federation {
             expires,
             ttl_timer: None,
             inflight: None,
+            commit_gen: 0,
             notify_sender: notify,
         }
     }

@@ -1,11 +1,17 @@
 //! Keeping acknowledged promises (contract §7): what the proxy writes to the state log, the
 //! once-a-turn commit that releases answers, and the restore at start.
 //!
-//! Owns the policy, not the format (`store::state` owns that) and not the file (the reactor
-//! writes it): a change is encoded into the turn's [`crate::store::state::Batch`]; a
-//! registration (`201`/`200`), a removal (`204`) and a `queued` answer are *deferred* until
-//! the turn's records are fsynced (the reactor takes [`Federation::to_commit`] once per loop
-//! turn, before flushing, writes it, and reports with [`Federation::committed`]).
+//! Owns the policy, not the format (`store::state` owns that) and not the file (the
+//! reactor's disk thread writes it): a change is encoded into the
+//! [`crate::store::state::Batch`]; a registration (`201`/`200`), a removal (`204`), a
+//! `queued` answer and the `delivered`/`expired` notice of a queued copy taken out are
+//! *deferred* until the records made before them are fsynced, and a queued copy is not
+//! delivered before its enqueue record is (its `commit_gen`). The reactor begins a commit
+//! once per loop turn ([`Federation::begin_commit`], at most one in flight: records reach the
+//! disk in order, and what is made while one is written goes with the next) and reports it
+//! with [`Federation::committed`] when the disk thread is done; the loop never waits. What
+//! a change makes visible before its answer (a listing, a session it admits) is the state
+//! the proxy will keep unless the write fails, in which case the change is undone.
 //! If the write or fsync fails, nothing deferred is acknowledged: the sender gets
 //! `storage_failed`, the queued copy is taken back out of memory, `readyz` reports the
 //! degradation until a commit succeeds again, and the failure is logged and counted.
@@ -14,7 +20,7 @@
 use crate::federation::Federation;
 use crate::federation::action::Slot;
 use crate::federation::action::{Action, Answer, RequestId};
-use crate::federation::pending::{Deferred, Record};
+use crate::federation::pending::{Committing, Deferred, Record};
 use crate::federation::registry::Queued;
 use crate::proto::http::response::Resp;
 use crate::proto::jsonrpc::RpcError;
@@ -102,9 +108,10 @@ impl Federation {
         self.batch.is_some()
     }
 
-    /// True while a `queued` answer for this copy still waits for the fsync.
+    /// True while a `queued` answer for this copy still waits for an fsync.
     pub fn queued_answer_pending(&self, slot: Slot, qseq: u64) -> bool {
-        self.deferred.iter().any(
+        let waiting = self.committing.iter().flat_map(|c| c.deferred.iter());
+        waiting.chain(self.deferred.iter()).any(
             |d| matches!(d, Deferred::Queued { slot: s, qseq: q, .. } if *s == slot && *q == qseq),
         )
     }
@@ -157,24 +164,58 @@ impl Federation {
         self.persist(op)
     }
 
-    /// What the turn's commit is to write: the records of the turn's changes (possibly none,
-    /// when only answers wait), or `None` when there is nothing to commit (memory only, or
-    /// no change and no answer waiting). The caller writes it with one fsync and reports
-    /// with [`Federation::committed`].
-    pub fn to_commit(&self) -> Option<&[u8]> {
+    /// Starts a commit: the records made since the last one (possibly none, when only
+    /// answers wait), to be written with one fsync and reported with
+    /// [`Federation::committed`]. `None` when there is nothing to commit (memory only, no
+    /// change and no answer waiting) or while the previous commit is still being written:
+    /// one commit at a time keeps records in order on disk, and what is made meanwhile goes
+    /// with the next (group commit across the turns a slow disk takes).
+    pub fn begin_commit(&mut self) -> Option<Vec<u8>> {
+        if self.committing.is_some() {
+            return None;
+        }
         let b = self.batch.as_ref()?;
-        (!b.is_empty() || !self.deferred.is_empty()).then(|| b.bytes())
+        if b.is_empty() && self.deferred.is_empty() {
+            return None;
+        }
+        let bytes = b.bytes().to_vec();
+        self.committing = Some(Committing {
+            len: bytes.len(),
+            deferred: std::mem::take(&mut self.deferred),
+            generation: self.commit_gen,
+            slots: std::mem::take(&mut self.enqueued_slots),
+        });
+        self.commit_gen += 1;
+        Some(bytes)
     }
 
-    /// The turn's batch is on disk (`Ok`), or could not be written (`Err`, the reason): what
-    /// waited on it is released, or fails `storage_failed` and is taken back out of memory
-    /// (its records leave the batch; the rest of the batch is retried by the next commit).
+    /// True while a commit is being written.
+    pub fn commit_in_flight(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// The commit begun last is on disk (`Ok`), or could not be written (`Err`, the reason):
+    /// what waited on it is released, or fails `storage_failed` and is taken back out of
+    /// memory (its records leave the batch; the rest of its records are retried, ahead of
+    /// the changes made since, by the next commit).
     pub fn committed(&mut self, result: Result<(), String>) {
-        let deferred = std::mem::take(&mut self.deferred);
+        let Some(Committing {
+            len,
+            deferred,
+            generation,
+            slots,
+        }) = self.committing.take()
+        else {
+            return;
+        };
         match result {
             Ok(()) => {
+                self.durable_gen = generation;
                 if let Some(b) = self.batch.as_mut() {
-                    b.clear();
+                    b.drain_front(len);
+                }
+                for d in &mut self.deferred {
+                    d.shift_record(len);
                 }
                 if self.degraded.take().is_some() {
                     log::info!("state dir writable again");
@@ -186,26 +227,43 @@ impl Federation {
                             req,
                             resp: Answer::Http(resp),
                         }),
+                        Deferred::Notify { sender, params } => self.notify_sender(&sender, params),
                     }
+                }
+                // Copies that waited for their record go out now, after their `queued`.
+                for slot in slots {
+                    self.pump(slot);
                 }
             }
             Err(e) => {
-                log::error!("state dir write failed: {e}; nothing of this turn is acknowledged");
+                // The records not undone are retried with the next commit: the copies they
+                // queue are pumped after it.
+                let mut retried = slots;
+                retried.append(&mut self.enqueued_slots);
+                self.enqueued_slots = retried;
+                log::error!("state dir write failed: {e}; nothing of this commit is acknowledged");
                 self.metrics.storage_failures_total += 1;
                 self.degraded = Some(e);
-                let undone: Vec<Range<usize>> = deferred
+                let undone: Vec<Range<usize>> =
+                    deferred.iter().filter_map(Deferred::record).collect();
+                // Every undone record lies before the changes made since: theirs move by
+                // what is taken out.
+                let removed: usize = undone
                     .iter()
-                    .filter_map(|d| match d {
-                        Deferred::Queued { record, .. } | Deferred::Http { record, .. } => {
-                            record.clone()
-                        }
-                    })
-                    .collect();
+                    .filter(|r| r.end <= len)
+                    .map(|r| r.end - r.start)
+                    .sum();
+                for d in &mut self.deferred {
+                    d.shift_record(removed);
+                }
                 if let Some(b) = self.batch.as_mut() {
                     b.strip(undone);
                 }
+                let mut retried = Vec::new();
                 for d in deferred {
                     match d {
+                        // Its removal record stays in the batch and is retried: so does it.
+                        Deferred::Notify { .. } => retried.push(d),
                         Deferred::Queued { to, slot, qseq, .. } => {
                             self.unqueue(slot, qseq);
                             self.reply(to, Err(RpcError::StorageFailed));
@@ -223,6 +281,8 @@ impl Federation {
                         }
                     }
                 }
+                retried.append(&mut self.deferred);
+                self.deferred = retried;
             }
         }
     }
@@ -381,6 +441,7 @@ impl Federation {
                         expires: expires_at.map(|ms| self.now.instant_of(ms)),
                         ttl_timer: None,
                         inflight: None,
+                        commit_gen: 0,
                         notify_sender: notify,
                     };
                     if self.enqueue_restored(slot, q) {

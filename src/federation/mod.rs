@@ -143,8 +143,18 @@ pub struct Federation {
     pub draining: Option<Instant>,
     /// The turn's changes not yet on disk (`None`: memory only, nothing is written).
     pub batch: Option<crate::store::state::Batch>,
-    /// Answers waiting for this turn's fsync.
+    /// Answers waiting for the next commit's fsync.
     pub deferred: Vec<crate::federation::pending::Deferred>,
+    /// The commit being written now (by the reactor's disk thread), if any: at most one at
+    /// a time, so records reach the disk in the order they were made.
+    pub committing: Option<crate::federation::pending::Committing>,
+    /// The generation of the commit the batch's new records will go with, and the last
+    /// generation on disk: a queued copy with `commit_gen > durable_gen` is not delivered.
+    pub commit_gen: u64,
+    pub durable_gen: u64,
+    /// Recipients given queued copies since the last commit began (pumped once it is on
+    /// disk).
+    pub enqueued_slots: Vec<crate::federation::action::Slot>,
     /// The resources' index (their files are the reactor's).
     pub resources: crate::federation::resources::Index,
     /// Revoked token ids (`DELETE /v1/tokens/{jti}`).
@@ -194,6 +204,10 @@ impl Federation {
             draining: None,
             batch: None,
             deferred: Vec::new(),
+            committing: None,
+            commit_gen: 1,
+            durable_gen: 0,
+            enqueued_slots: Vec::new(),
             resources: crate::federation::resources::Index::default(),
             revocations,
             overflow_bucket: None,

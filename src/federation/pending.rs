@@ -92,6 +92,18 @@ pub struct Pending {
 /// memory-only proxy): an answer deferred on it can take it back out if the commit fails.
 pub type Record = Option<Range<usize>>;
 
+/// What is being written now: the first `len` bytes of the batch, and the answers that
+/// wait on them (the answers deferred since wait on the commit after it).
+#[derive(Debug, Default)]
+pub struct Committing {
+    pub len: usize,
+    pub deferred: Vec<Deferred>,
+    /// Its generation (`Federation::commit_gen` when it began).
+    pub generation: u64,
+    /// Recipients whose queued copies it makes durable (pumped once it is on disk).
+    pub slots: Vec<crate::federation::action::Slot>,
+}
+
 /// An answer that waits for the turn's fsync.
 #[derive(Debug)]
 pub enum Deferred {
@@ -111,4 +123,30 @@ pub enum Deferred {
         resp: Resp,
         record: Option<Range<usize>>,
     },
+    /// `federation/delivered` to `sender` about a queued copy whose removal is in the batch
+    /// (not undone when a commit fails: the removal is retried, and this waits for it).
+    Notify { sender: String, params: String },
+}
+
+impl Deferred {
+    /// Its record's place in the batch moved `n` bytes towards the front (the bytes before
+    /// it were written or taken out).
+    pub fn shift_record(&mut self, n: usize) {
+        if let Deferred::Queued {
+            record: Some(r), ..
+        }
+        | Deferred::Http {
+            record: Some(r), ..
+        } = self
+        {
+            *r = r.start.saturating_sub(n)..r.end.saturating_sub(n);
+        }
+    }
+
+    pub fn record(&self) -> Option<Range<usize>> {
+        match self {
+            Deferred::Queued { record, .. } | Deferred::Http { record, .. } => record.clone(),
+            Deferred::Notify { .. } => None,
+        }
+    }
 }

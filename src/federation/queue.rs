@@ -29,7 +29,9 @@ impl Federation {
     /// Puts a message in its recipient's queue, in send order, and arms its TTL timer (a
     /// TTL already past fires on the next turn and drops it as `expired`).
     /// Returns the enqueue record (`queued` is answered once it is on disk).
-    pub(crate) fn enqueue(&mut self, slot: Slot, q: Queued) -> Result<Record, RpcError> {
+    /// With a state dir the copy is not delivered before its record is on disk (it carries
+    /// the generation of the commit that writes it; the recipient is pumped after it).
+    pub(crate) fn enqueue(&mut self, slot: Slot, mut q: Queued) -> Result<Record, RpcError> {
         let mut record = None;
         if self.durable()
             && let Some(e) = self.registry.get(slot)
@@ -39,6 +41,12 @@ impl Federation {
                 && e.queue_bytes + e.inflight_bytes + q.bytes() <= self.cfg.queue_max_bytes
             {
                 record = self.persist_enqueue(&to, &q);
+            }
+        }
+        if record.is_some() {
+            q.commit_gen = self.commit_gen;
+            if self.enqueued_slots.last() != Some(&slot) {
+                self.enqueued_slots.push(slot);
             }
         }
         self.insert_queued(slot, q, true).map(|()| record)
@@ -120,6 +128,10 @@ impl Federation {
                 return;
             }
             let q = &entry.queue[i];
+            if q.commit_gen > self.durable_gen {
+                // Its record is not on disk yet: delivered once it is (in order).
+                return;
+            }
             if q.expires.is_some_and(|at| at <= self.now.at) {
                 let qseq = q.seq;
                 self.on_ttl(slot, qseq);
@@ -218,8 +230,8 @@ impl Federation {
         if let Some(q) = self.remove_queued(slot, i) {
             self.metrics.message(MsgResult::Expired);
             if q.notify_sender {
-                self.notify_sender(
-                    &q.from,
+                self.notify_after_commit(
+                    q.from,
                     format!("{{\"msgId\":\"{}\",\"status\":\"expired\"}}", q.msg_id),
                 );
             }

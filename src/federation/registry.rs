@@ -73,6 +73,10 @@ pub struct Queued {
     pub ttl_timer: Option<TimerId>,
     /// The delivery id while delivered and awaiting the recipient's answer.
     pub inflight: Option<u64>,
+    /// The commit that writes its enqueue record (`Federation::commit_gen` when it was
+    /// queued; 0 for a copy restored from disk or held in memory only). It is not delivered
+    /// before that commit is on disk: a delivery must never get ahead of its `queued`.
+    pub commit_gen: u64,
     /// Whether the sender awaits `federation/delivered` (false for queued notifications).
     pub notify_sender: bool,
 }
@@ -443,6 +447,7 @@ mod tests {
             expires: None,
             ttl_timer: None,
             inflight: None,
+            commit_gen: 0,
             notify_sender: true,
         }
     }

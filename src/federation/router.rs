@@ -182,6 +182,7 @@ impl Federation {
             expires,
             ttl_timer: None,
             inflight: None,
+            commit_gen: 0,
             notify_sender: is_request,
         };
         match self.recipient_ready(slot, is_request) {
@@ -449,7 +450,7 @@ impl Federation {
                     && let Some(q) = self.remove_queued(p.slot, i)
                 {
                     let body = outcome_json(&q.msg_id, outcome);
-                    self.notify_sender(&q.from, body);
+                    self.notify_after_commit(q.from, body);
                 }
                 self.pump(p.slot);
             }
@@ -487,6 +488,17 @@ impl Federation {
     }
 
     /// `federation/delivered` to a sender, if it is online (here or on another node).
+    /// `federation/delivered` about a queued copy just taken out of its queue: with a state
+    /// dir, once its removal is on disk (a sender told `delivered` or `expired` is never
+    /// given the same message again after a crash).
+    pub(crate) fn notify_after_commit(&mut self, sender: String, params: String) {
+        if self.durable() {
+            self.deferred.push(Deferred::Notify { sender, params });
+        } else {
+            self.notify_sender(&sender, params);
+        }
+    }
+
     pub(crate) fn notify_sender(&mut self, sender: &str, params: String) {
         let Some(e) = self.registry.by_id(sender) else {
             return;

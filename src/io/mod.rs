@@ -14,6 +14,7 @@
 pub mod conn;
 pub mod data;
 pub mod dial;
+pub mod disk;
 pub mod http;
 pub mod nats;
 pub mod pool;

@@ -60,8 +60,10 @@ pub struct Proxy {
     spare: Vec<Action>,
     /// Output buffers lent to connections while they have output (idle ones hold none).
     pub out_pool: BufPool,
-    /// The state log the core's batches are written to (`None`: memory only).
-    pub store: Option<crate::store::state::Store>,
+    /// The disk thread that writes the core's commits to the state log (`None`: memory
+    /// only), and whether the next commit carries a snapshot (the log has grown).
+    pub disk: Option<crate::io::disk::Disk>,
+    pub compact_next: bool,
     /// Resource files (`None` only if they could not be opened).
     pub blobs: Option<crate::store::blobs::Blobs>,
     /// What the core asked of the cluster's NATS connection, for the reactor's `nats` module.
@@ -86,7 +88,8 @@ impl Proxy {
             links: Vec::new(),
             spare: Vec::new(),
             out_pool: BufPool::new(),
-            store: None,
+            disk: None,
+            compact_next: false,
             blobs: None,
             nats_out: Vec::new(),
         }
@@ -608,40 +611,99 @@ impl Proxy {
         self.apply();
     }
 
-    /// Opens the state dir's log for the core's changes; `replay` is what it held.
-    pub fn attach_store(&mut self, store: crate::store::state::Store) {
-        self.store = Some(store);
+    /// Hands the state dir's log to the disk thread, which writes the core's commits from
+    /// now on (it wakes the loop through `waker` when one is done).
+    pub fn attach_store(
+        &mut self,
+        store: crate::store::state::Store,
+        waker: std::sync::Arc<mio::Waker>,
+    ) -> std::io::Result<()> {
+        self.compact_next = store.wants_compaction();
+        self.disk = Some(crate::io::disk::Disk::start(store, waker)?);
         self.fed.batch = Some(crate::store::state::Batch::default());
+        Ok(())
     }
 
-    /// The turn's group commit: the core's batch is written and fsynced once, then the core
-    /// releases (or fails) the answers that waited on it; a log grown large is compacted
-    /// into a snapshot of the core's state.
+    /// The end of a turn: the records made since the last commit go to the disk thread
+    /// (one fsync for all of them), unless a commit is still being written: then they go
+    /// with the next. The answers that wait on them go out when it is done
+    /// ([`Proxy::disk_done`]). The loop never waits for the disk.
     pub fn commit(&mut self) {
-        let Some(bytes) = self.fed.to_commit() else {
+        let Some(disk) = self.disk.as_ref() else {
+            return; // memory only: nothing is written, no answer waits on a write
+        };
+        let Some(bytes) = self.fed.begin_commit() else {
             return;
         };
-        let r = match self.store.as_mut() {
-            Some(s) => s.write(bytes).map_err(|e| e.to_string()),
-            None => Ok(()),
-        };
-        let ok = r.is_ok();
-        self.fed.committed(r);
-        self.apply();
-        if ok
-            && let Some(s) = self.store.as_mut()
-            && s.wants_compaction()
-        {
-            let ops = self.fed.state_ops();
-            let before = s.log_bytes();
-            match s.compact(&ops) {
-                Ok(()) => log::info!(
-                    "state log compacted: {before} bytes into a snapshot of {} records",
-                    ops.len()
-                ),
-                Err(e) => log::error!("state log compaction failed (the log is kept): {e}"),
-            }
+        // The snapshot is the whole state as of this commit (what is on disk plus its
+        // records), taken here, where nothing can change it; the thread writes it.
+        let snapshot = std::mem::take(&mut self.compact_next).then(|| self.fed.state_ops());
+        if let Err(job) = disk.send(crate::io::disk::Job::Commit { bytes, snapshot }) {
+            // Cannot happen (one commit at a time): say so, and fail it rather than wait.
+            log::error!("disk thread refused a commit ({job:?} dropped)");
+            self.fed
+                .committed(Err("the disk thread is not taking work".into()));
+            self.apply();
         }
+    }
+
+    /// The disk thread woke the loop: finished commits release (or fail) what waited on
+    /// them.
+    pub fn disk_done(&mut self) {
+        let Some(disk) = self.disk.as_ref() else {
+            return;
+        };
+        for done in disk.take_done() {
+            self.on_disk_done(done);
+        }
+    }
+
+    fn on_disk_done(&mut self, done: crate::io::disk::Done) {
+        let crate::io::disk::Done::Committed {
+            result,
+            compacted,
+            wants_compaction,
+        } = done;
+        match compacted {
+            Some(Ok((before, records))) => log::info!(
+                "state log compacted: {before} bytes into a snapshot of {records} records"
+            ),
+            Some(Err(e)) => log::error!("state log compaction failed (the log is kept): {e}"),
+            None => {}
+        }
+        self.compact_next = wants_compaction && result.is_ok();
+        self.fed.committed(result);
+        self.apply();
+    }
+
+    /// At exit: waits for the commit being written, writes what is left with one more, and
+    /// stops the disk thread (the only place the loop's thread waits for the disk).
+    pub fn close_disk(&mut self) {
+        use crate::io::disk::{Done, Job};
+        let Some(disk) = self.disk.take() else {
+            return;
+        };
+        let wait = |disk: &crate::io::disk::Disk| match disk.wait_done() {
+            Some(Done::Committed { result, .. }) => result,
+            None => Err("the disk thread stopped".to_string()),
+        };
+        if self.fed.commit_in_flight() {
+            let r = wait(&disk);
+            self.fed.committed(r);
+            self.apply();
+        }
+        if let Some(bytes) = self.fed.begin_commit() {
+            let r = match disk.send(Job::Commit {
+                bytes,
+                snapshot: None,
+            }) {
+                Ok(()) => wait(&disk),
+                Err(_) => Err("the disk thread is not taking work".to_string()),
+            };
+            self.fed.committed(r);
+            self.apply();
+        }
+        let _ = disk.stop();
     }
 
     /// SIGHUP: reload the certificate and key from the configured paths; a bad pair keeps

@@ -5,8 +5,9 @@
 //! edge-triggered), reads into one scratch buffer with a per-connection budget per wake-up
 //! (a busy peer cannot starve the others; what is left is read on the next turn), hands the
 //! bytes to the connection's protocol state (and through it to the core), fires due
-//! deadlines (the connections' and the core's), has the turn's records committed, and
-//! flushes every connection that has output once per turn. Signals arrive as readiness (signal-hook-mio): SIGTERM and
+//! deadlines (the connections' and the core's), hands the turn's records to the disk thread
+//! (`io::disk`; its wake-up releases the answers that waited on them), and flushes every
+//! connection that has output once per turn. Signals arrive as readiness (signal-hook-mio): SIGTERM and
 //! SIGINT start the drain, SIGHUP asks for a certificate reload.
 //!
 //! It never interprets protocol bytes and never sleeps: the poll timeout is the nearest
@@ -51,9 +52,16 @@ pub struct Reactor {
     dialer: crate::io::dial::Dialer,
     /// The cluster's NATS connection (§10; `None` for a proxy alone).
     pub nats: Option<crate::io::nats::NatsLink>,
+    /// Wakes the loop from the helper threads (the resolver, the disk thread).
+    waker: std::sync::Arc<mio::Waker>,
 }
 
 impl Reactor {
+    /// What a helper thread wakes the loop with.
+    pub fn waker(&self) -> std::sync::Arc<mio::Waker> {
+        self.waker.clone()
+    }
+
     pub fn new(mut listener: TcpListener) -> io::Result<Reactor> {
         let poll = Poll::new()?;
         poll.registry()
@@ -70,7 +78,8 @@ impl Reactor {
             scratch: vec![0; READ_CHUNK],
             again: Vec::new(),
             accept_retry_at: None,
-            dialer: crate::io::dial::Dialer::new(waker),
+            dialer: crate::io::dial::Dialer::new(waker.clone()),
+            waker,
             nats: None,
         })
     }
@@ -131,6 +140,7 @@ impl Reactor {
                     LISTENER => self.accept(proxy),
                     SIGNALS => self.signals(proxy),
                     WAKER => {
+                        proxy.disk_done();
                         self.dialer.on_wake(proxy);
                         let answers = std::mem::take(&mut self.dialer.nats_answers);
                         if let Some(link) = self.nats.as_mut() {
@@ -200,11 +210,11 @@ impl Reactor {
                     crate::io::nats::on_resolved(link, proxy, self.poll.registry(), id, Err(e));
                 }
             }
-            // One fsync for every change of the turn; the answers it promised go out with the
-            // flush below (group commit).
             // Tools that changed this turn reach MCP WebSocket clients (§9).
             proxy.fed.mcp_end_turn();
             proxy.apply();
+            // The records made since the last commit go to the disk thread (one fsync for
+            // all; one commit in flight at a time); the loop does not wait for it.
             proxy.commit();
             self.flush(proxy);
             if let Some(link) = self.nats.as_mut() {

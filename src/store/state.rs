@@ -3,8 +3,8 @@
 //! Owns `<state dir>/state.log` (append-only records, see `log`) and `<state dir>/state.snap`
 //! (a compacted copy of the same records). Changes are [`Op`]s appended to an in-memory
 //! [`Batch`] during a loop turn (by the core, which holds no file); [`Store::write`] writes
-//! the batch and fsyncs once (group commit, by the reactor); only then does the core release
-//! the answers that promised durability.
+//! a commit's records and fsyncs once (group commit, on the reactor's disk thread,
+//! `io::disk`); only then does the core release the answers that promised durability.
 //! Replay applies the snapshot, then the log; every op is idempotent (upsert / remove-if-
 //! present), so a crash between writing a snapshot and truncating the log replays to the
 //! same state. A torn or corrupt tail is detected, logged, and cut off.
@@ -117,6 +117,15 @@ impl Batch {
                 self.bytes.drain(r);
             }
         }
+    }
+
+    /// The first `n` bytes (a commit's records) are on disk: the rest moves to the front.
+    pub fn drain_front(&mut self, n: usize) {
+        self.bytes.drain(..n.min(self.bytes.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,232 @@
+//! The disk thread: the state log's writes, fsyncs and compactions, off the loop.
+//!
+//! Owns the [`Store`] once the proxy serves, and one thread that does what the loop must
+//! never wait for: appending a commit's records and fsyncing them, and compacting the log
+//! into a snapshot. The loop hands it a [`Job`] and goes on; the thread answers with a
+//! [`Done`] and wakes the loop through the reactor's `mio::Waker`.
+//!
+//! Invariants: jobs are done one at a time, in the order given (so records reach the disk
+//! in the order the core made them); the core has at most one commit in flight
+//! (`Federation::begin_commit`), so the queue holds at most [`DISK_JOBS`] jobs and a full
+//! queue is a bug reported as a failed commit, never a wait. A compaction goes with a
+//! commit: its snapshot is the core's whole state at the moment the commit began (what is
+//! on disk plus the commit's records), so once the snapshot is in place the commit's
+//! records are durable too; if the snapshot fails, the records are appended to the log as
+//! usual. This module never decides what is written; it never touches a socket.
+
+use crate::store::state::{Op, Store};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::thread::JoinHandle;
+
+/// Jobs the loop may have handed over and not yet heard back about: one commit (the core
+/// begins the next only when the last is done) and one spare, so a bug shows as a refusal.
+pub const DISK_JOBS: usize = 2;
+
+/// Work for the disk thread.
+#[derive(Debug)]
+pub enum Job {
+    /// Append `bytes` (a commit's records) and fsync; with `snapshot`, first try to replace
+    /// the log by that snapshot (the whole state, the commit's records included).
+    Commit {
+        bytes: Vec<u8>,
+        snapshot: Option<Vec<Op>>,
+    },
+}
+
+/// What the disk thread did.
+#[derive(Debug)]
+pub enum Done {
+    Committed {
+        /// Whether the commit's records are on disk (the reason when not).
+        result: Result<(), String>,
+        /// The compaction tried with it: the log's size before and the snapshot's records,
+        /// or why it failed (the log is kept).
+        compacted: Option<Result<(u64, usize), String>>,
+        /// The log has grown enough for the next commit to carry a snapshot.
+        wants_compaction: bool,
+    },
+}
+
+/// The loop's handle on the disk thread.
+pub struct Disk {
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<Done>,
+    thread: Option<JoinHandle<Store>>,
+}
+
+impl Disk {
+    /// Starts the thread with the opened store; it wakes the loop after every job.
+    pub fn start(store: Store, waker: Arc<mio::Waker>) -> std::io::Result<Disk> {
+        let (jobs, rx) = mpsc::sync_channel::<Job>(DISK_JOBS);
+        let (tx, done) = mpsc::channel::<Done>();
+        let thread = std::thread::Builder::new()
+            .name("fedmcp-disk".into())
+            .spawn(move || run(store, rx, tx, waker))?;
+        Ok(Disk {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a job over without waiting; `Err` gives it back when the queue is full or the
+    /// thread is gone.
+    pub fn send(&self, job: Job) -> Result<(), Job> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(job);
+        };
+        jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
+        })
+    }
+
+    /// What the thread has finished since the last call (never waits).
+    pub fn take_done(&self) -> Vec<Done> {
+        let mut out = Vec::new();
+        loop {
+            match self.done.try_recv() {
+                Ok(d) => out.push(d),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return out,
+            }
+        }
+    }
+
+    /// Waits for the next finished job (at exit only: the loop never calls it).
+    pub fn wait_done(&self) -> Option<Done> {
+        self.done.recv().ok()
+    }
+
+    /// Stops the thread once its queue is done and gives the store back (at exit).
+    pub fn stop(mut self) -> Option<Store> {
+        drop(self.jobs.take());
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+fn run(
+    mut store: Store,
+    jobs: Receiver<Job>,
+    done: mpsc::Sender<Done>,
+    waker: Arc<mio::Waker>,
+) -> Store {
+    for job in jobs {
+        let d = match job {
+            Job::Commit { bytes, snapshot } => commit(&mut store, &bytes, snapshot),
+        };
+        if done.send(d).is_err() {
+            break;
+        }
+        let _ = waker.wake();
+    }
+    store
+}
+
+/// One commit, with its compaction if asked.
+fn commit(store: &mut Store, bytes: &[u8], snapshot: Option<Vec<Op>>) -> Done {
+    let compacted = snapshot.map(|ops| {
+        let before = store.log_bytes();
+        store
+            .compact(&ops)
+            .map(|()| (before, ops.len()))
+            .map_err(|e| e.to_string())
+    });
+    let result = match compacted {
+        // The snapshot holds the commit's records: they are on disk.
+        Some(Ok(_)) => Ok(()),
+        _ => store.write(bytes).map_err(|e| e.to_string()),
+    };
+    Done::Committed {
+        result,
+        compacted,
+        wants_compaction: store.wants_compaction(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::state::Batch;
+
+    fn waker() -> (mio::Poll, Arc<mio::Waker>) {
+        let poll = mio::Poll::new().expect("poll");
+        let w = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).expect("waker"));
+        (poll, w)
+    }
+
+    fn record(id: &str) -> Vec<u8> {
+        let mut b = Batch::default();
+        b.append(&Op::Revoke {
+            jti: id.to_string(),
+            until: 4_000_000_000,
+        });
+        b.bytes().to_vec()
+    }
+
+    #[test]
+    fn commits_are_written_in_order_and_answered() {
+        let dir = std::env::temp_dir().join(format!("fedmcp-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = Store::open(&dir).expect("open");
+        let (mut poll, w) = waker();
+        let disk = Disk::start(store, w).expect("start");
+        disk.send(Job::Commit {
+            bytes: record("a"),
+            snapshot: None,
+        })
+        .expect("queued");
+        let mut events = mio::Events::with_capacity(4);
+        let mut got = Vec::new();
+        while got.is_empty() {
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(5)))
+                .expect("poll");
+            got = disk.take_done();
+        }
+        assert!(matches!(got[0], Done::Committed { result: Ok(()), .. }));
+        // A compaction with the next commit: the snapshot covers its records.
+        let snapshot = vec![
+            Op::Revoke {
+                jti: "a".into(),
+                until: 4_000_000_000,
+            },
+            Op::Revoke {
+                jti: "b".into(),
+                until: 4_000_000_000,
+            },
+        ];
+        disk.send(Job::Commit {
+            bytes: record("b"),
+            snapshot: Some(snapshot),
+        })
+        .expect("queued");
+        let d = disk.wait_done().expect("done");
+        assert!(
+            matches!(
+                d,
+                Done::Committed {
+                    result: Ok(()),
+                    compacted: Some(Ok((_, 2))),
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        let store = disk.stop().expect("store back");
+        assert_eq!(
+            store.log_bytes(),
+            0,
+            "the log was emptied into the snapshot"
+        );
+        let (_, replay) = Store::open(&dir).expect("reopen");
+        let revoked: Vec<String> = replay
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Revoke { jti, .. } => Some(jti.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(revoked, ["a", "b"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
