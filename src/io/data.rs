@@ -14,6 +14,7 @@
 //! quotas are the core's (`federation::resources`).
 
 use crate::api::Resp;
+use crate::federation::resources::Meta;
 use crate::federation::resources::{
     Limits, QuotaError, RangeAnswer, apply_range, parse_readers, resource_json, valid_name,
 };
@@ -23,7 +24,32 @@ use crate::proto::http::chunked::{ChunkedDecoder, Progress};
 use crate::proto::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::proto::http::response;
 use crate::proto::jwt::{Claims, TokenType};
-use crate::store::blobs::{Blobs, READ_CHUNK};
+use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
+
+/// An upload whose bytes are all in, on its way to the disk: the disk thread syncs its file
+/// and sidecar, the loop renames it into place and indexes it, the disk thread syncs the
+/// directory, and the connection is answered `201`.
+pub struct Finishing {
+    conn: ConnId,
+    /// Until published: dropped, it removes the temporary file.
+    up: Upload,
+    owner: String,
+    name: String,
+    meta: Meta,
+    size: u64,
+    keep_alive: bool,
+    side_tmp: std::path::PathBuf,
+    /// Its owner was removed while it was synced: it is not put in place.
+    cancelled: bool,
+}
+
+impl Finishing {
+    pub fn cancel_if_owned_by(&mut self, owner: &str) {
+        if self.owner == owner {
+            self.cancelled = true;
+        }
+    }
+}
 
 /// Bytes of a download put in the output per refill.
 const REFILL_BYTES: usize = 4 * READ_CHUNK;
@@ -270,28 +296,181 @@ impl Proxy {
         let Some(blobs) = self.blobs.as_mut() else {
             return true;
         };
-        match blobs.finish(u.up, &u.owner, &u.name, u.readers) {
-            Ok(meta) => {
-                let body = resource_json(&u.owner, &u.name, &meta);
-                self.fed
-                    .cluster_resource(&u.owner, &u.name, Some(&meta.readers));
-                self.fed.resources.commit(&u.owner, &u.name, meta, size);
-                let mut r = Resp::json(201, body);
-                r.headers
-                    .push(("Location", format!("/v1/resources/{}/{}", u.owner, u.name)));
-                self.answer_upload(id, r, u.keep_alive);
-            }
+        let mut up = u.up;
+        let (meta, sealed) = match blobs.seal(&mut up, u.readers) {
+            Ok(sealed) => sealed,
             Err(e) => {
-                log::error!("resource could not be stored: {e}");
-                self.fed.resources.release(&u.owner, size);
-                self.answer_upload(
-                    id,
-                    Resp::error(503, "storage_failed", "the resource could not be stored"),
-                    u.keep_alive,
-                );
+                drop(up);
+                self.upload_failed(id, &u.owner, size, u.keep_alive, &e.to_string());
+                return true;
+            }
+        };
+        let f = Finishing {
+            conn: id,
+            up,
+            owner: u.owner,
+            name: u.name,
+            meta,
+            size,
+            keep_alive: u.keep_alive,
+            side_tmp: sealed.side_tmp.clone(),
+            cancelled: false,
+        };
+        if self.disk.is_none() {
+            // Memory only: nothing survives a restart, so nothing is synced.
+            if let Err(e) = crate::store::blobs::write_sealed_unsynced(sealed) {
+                let (owner, keep_alive) = (f.owner.clone(), f.keep_alive);
+                drop(f);
+                self.upload_failed(id, &owner, size, keep_alive, &e.to_string());
+                return true;
+            }
+            let _ = self.publish_upload(f);
+            return true;
+        }
+        // The file's fsync (seconds for a large upload) is the disk thread's; the connection
+        // waits for its answer, the loop does not.
+        self.next_finishing += 1;
+        let token = self.next_finishing;
+        let job = crate::io::disk::Job::SyncUpload { token, sealed };
+        match self.disk.as_mut().map(|d| d.send(job)) {
+            Some(Ok(())) => {
+                self.finishing.insert(token, f);
+            }
+            _ => {
+                let _ = std::fs::remove_file(&f.side_tmp);
+                self.upload_failed(id, &f.owner, size, f.keep_alive, "the disk thread is busy");
             }
         }
         true
+    }
+
+    /// `503 storage_failed` for an upload that could not be stored (its reservation freed).
+    fn upload_failed(&mut self, id: ConnId, owner: &str, size: u64, keep_alive: bool, why: &str) {
+        log::error!("resource could not be stored: {why}");
+        self.fed.resources.release(owner, size);
+        self.answer_upload(
+            id,
+            Resp::error(503, "storage_failed", "the resource could not be stored"),
+            keep_alive,
+        );
+    }
+
+    /// Puts a synced upload in place and into the index in one step (readers see the file
+    /// and its metadata change together). Returns the directory to sync, when it was; a
+    /// memory-only proxy answers at once.
+    fn publish_upload(&mut self, f: Finishing) -> Option<(std::path::PathBuf, Finishing)> {
+        let Finishing {
+            conn,
+            up,
+            owner,
+            name,
+            meta,
+            size,
+            keep_alive,
+            side_tmp,
+            ..
+        } = f;
+        let published = match self.blobs.as_mut() {
+            Some(blobs) => blobs.publish(up, &owner, &name, &side_tmp),
+            None => Err(std::io::Error::other("no resource store")),
+        };
+        let dir = match published {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.upload_failed(conn, &owner, size, keep_alive, &e.to_string());
+                return None;
+            }
+        };
+        self.fed
+            .cluster_resource(&owner, &name, Some(&meta.readers));
+        let body = resource_json(&owner, &name, &meta);
+        self.fed.resources.commit(&owner, &name, meta.clone(), size);
+        if self.disk.is_none() {
+            self.answer_created(conn, &owner, &name, body, keep_alive);
+            return None;
+        }
+        let f = Finishing {
+            conn,
+            up: crate::store::blobs::Upload::published(),
+            owner,
+            name,
+            meta,
+            size,
+            keep_alive,
+            side_tmp,
+            cancelled: false,
+        };
+        Some((dir, f))
+    }
+
+    fn answer_created(
+        &mut self,
+        id: ConnId,
+        owner: &str,
+        name: &str,
+        body: String,
+        keep_alive: bool,
+    ) {
+        let mut r = Resp::json(201, body);
+        r.headers
+            .push(("Location", format!("/v1/resources/{owner}/{name}")));
+        self.answer_upload(id, r, keep_alive);
+    }
+
+    /// The disk thread synced an upload's file and sidecar: it is put in place, and its
+    /// directory is synced next.
+    pub fn upload_synced(&mut self, token: u64, result: Result<(), String>) {
+        let Some(f) = self.finishing.remove(&token) else {
+            return;
+        };
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&f.side_tmp);
+            let (conn, owner, size, keep_alive) = (f.conn, f.owner.clone(), f.size, f.keep_alive);
+            drop(f); // removes the temporary file
+            return self.upload_failed(conn, &owner, size, keep_alive, &e);
+        }
+        if f.cancelled {
+            // Its owner was removed while it was synced: its resources are gone with it.
+            let (conn, owner, size, keep_alive) = (f.conn, f.owner.clone(), f.size, f.keep_alive);
+            let _ = std::fs::remove_file(&f.side_tmp);
+            drop(f);
+            return self.upload_failed(conn, &owner, size, keep_alive, "its owner was removed");
+        }
+        let Some((dir, f)) = self.publish_upload(f) else {
+            return;
+        };
+        let job = crate::io::disk::Job::SyncDir { token, dir };
+        match self.disk.as_mut().map(|d| d.send(job)) {
+            Some(Ok(())) => {
+                self.finishing.insert(token, f);
+            }
+            _ => self.upload_dir_synced_with(f, Err("the disk thread is busy".into())),
+        }
+    }
+
+    /// The directory of a put-in-place upload is synced: it is answered.
+    pub fn upload_dir_synced(&mut self, token: u64, result: Result<(), String>) {
+        if let Some(f) = self.finishing.remove(&token) {
+            self.upload_dir_synced_with(f, result);
+        }
+    }
+
+    fn upload_dir_synced_with(&mut self, f: Finishing, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                let body = resource_json(&f.owner, &f.name, &f.meta);
+                self.answer_created(f.conn, &f.owner, &f.name, body, f.keep_alive);
+            }
+            Err(e) => {
+                // In place but perhaps not durable: the client is told it failed, as before.
+                log::error!("resource could not be stored: {e}");
+                self.answer_upload(
+                    f.conn,
+                    Resp::error(503, "storage_failed", "the resource could not be stored"),
+                    f.keep_alive,
+                );
+            }
+        }
     }
 
     /// `GET`/`HEAD`/`DELETE /v1/resources/{owner}/{name}` (the token was checked on the

@@ -1,27 +1,27 @@
 //! The disk thread: the state log's writes, fsyncs and compactions, off the loop.
 //!
 //! Owns the [`Store`] once the proxy serves, and one thread that does what the loop must
-//! never wait for: appending a commit's records and fsyncing them, and compacting the log
-//! into a snapshot. The loop hands it a [`Job`] and goes on; the thread answers with a
-//! [`Done`] and wakes the loop through the reactor's `mio::Waker`.
+//! never wait for: appending a commit's records and fsyncing them, compacting the log into
+//! a snapshot, and the fsyncs that finish a resource upload (its file and sidecar, then its
+//! directory once renamed). The loop hands it a [`Job`] and goes on; the thread answers
+//! with a [`Done`] and wakes the loop through the reactor's `mio::Waker`.
 //!
 //! Invariants: jobs are done one at a time, in the order given (so records reach the disk
 //! in the order the core made them); the core has at most one commit in flight
-//! (`Federation::begin_commit`), so the queue holds at most [`DISK_JOBS`] jobs and a full
-//! queue is a bug reported as a failed commit, never a wait. A compaction goes with a
+//! (`Federation::begin_commit`) and each upload at most one job, so the jobs outstanding are
+//! bounded by the connections; over the bound given at start a job is refused (a failed
+//! commit, a `503` upload), never waited for. A compaction goes with a
 //! commit: its snapshot is the core's whole state at the moment the commit began (what is
 //! on disk plus the commit's records), so once the snapshot is in place the commit's
 //! records are durable too; if the snapshot fails, the records are appended to the log as
 //! usual. This module never decides what is written; it never touches a socket.
 
+use crate::store::blobs::{Sealed, sync_dir, sync_sealed};
 use crate::store::state::{Op, Store};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
-
-/// Jobs the loop may have handed over and not yet heard back about: one commit (the core
-/// begins the next only when the last is done) and one spare, so a bug shows as a refusal.
-pub const DISK_JOBS: usize = 2;
 
 /// Work for the disk thread.
 #[derive(Debug)]
@@ -32,6 +32,10 @@ pub enum Job {
         bytes: Vec<u8>,
         snapshot: Option<Vec<Op>>,
     },
+    /// Sync a sealed upload's file and write its sidecar (`token` names the upload).
+    SyncUpload { token: u64, sealed: Sealed },
+    /// Sync the directory a finished upload was renamed into.
+    SyncDir { token: u64, dir: PathBuf },
 }
 
 /// What the disk thread did.
@@ -46,19 +50,31 @@ pub enum Done {
         /// The log has grown enough for the next commit to carry a snapshot.
         wants_compaction: bool,
     },
+    UploadSynced {
+        token: u64,
+        result: Result<(), String>,
+    },
+    DirSynced {
+        token: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// The loop's handle on the disk thread.
 pub struct Disk {
-    jobs: Option<SyncSender<Job>>,
+    jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     thread: Option<JoinHandle<Store>>,
+    /// Jobs handed over and not yet heard back about, and the most there may be.
+    outstanding: usize,
+    max_jobs: usize,
 }
 
 impl Disk {
-    /// Starts the thread with the opened store; it wakes the loop after every job.
-    pub fn start(store: Store, waker: Arc<mio::Waker>) -> std::io::Result<Disk> {
-        let (jobs, rx) = mpsc::sync_channel::<Job>(DISK_JOBS);
+    /// Starts the thread with the opened store; it wakes the loop after every job. At most
+    /// `max_jobs` may be outstanding (one commit and an upload per connection).
+    pub fn start(store: Store, waker: Arc<mio::Waker>, max_jobs: usize) -> std::io::Result<Disk> {
+        let (jobs, rx) = mpsc::channel::<Job>();
         let (tx, done) = mpsc::channel::<Done>();
         let thread = std::thread::Builder::new()
             .name("fedmcp-disk".into())
@@ -67,34 +83,40 @@ impl Disk {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
+            outstanding: 0,
+            max_jobs: max_jobs.max(1),
         })
     }
 
-    /// Hands a job over without waiting; `Err` gives it back when the queue is full or the
-    /// thread is gone.
-    pub fn send(&self, job: Job) -> Result<(), Job> {
+    /// Hands a job over without waiting; `Err` gives it back when `max_jobs` are
+    /// outstanding or the thread is gone.
+    pub fn send(&mut self, job: Job) -> Result<(), Job> {
         let Some(jobs) = self.jobs.as_ref() else {
             return Err(job);
         };
-        jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
-        })
+        if self.outstanding >= self.max_jobs {
+            return Err(job);
+        }
+        jobs.send(job).map_err(|e| e.0)?;
+        self.outstanding += 1;
+        Ok(())
     }
 
     /// What the thread has finished since the last call (never waits).
-    pub fn take_done(&self) -> Vec<Done> {
+    pub fn take_done(&mut self) -> Vec<Done> {
         let mut out = Vec::new();
-        loop {
-            match self.done.try_recv() {
-                Ok(d) => out.push(d),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return out,
-            }
+        while let Ok(d) = self.done.try_recv() {
+            out.push(d);
         }
+        self.outstanding = self.outstanding.saturating_sub(out.len());
+        out
     }
 
     /// Waits for the next finished job (at exit only: the loop never calls it).
-    pub fn wait_done(&self) -> Option<Done> {
-        self.done.recv().ok()
+    pub fn wait_done(&mut self) -> Option<Done> {
+        let d = self.done.recv().ok()?;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        Some(d)
     }
 
     /// Stops the thread once its queue is done and gives the store back (at exit).
@@ -113,6 +135,14 @@ fn run(
     for job in jobs {
         let d = match job {
             Job::Commit { bytes, snapshot } => commit(&mut store, &bytes, snapshot),
+            Job::SyncUpload { token, sealed } => Done::UploadSynced {
+                token,
+                result: sync_sealed(sealed).map_err(|e| e.to_string()),
+            },
+            Job::SyncDir { token, dir } => Done::DirSynced {
+                token,
+                result: sync_dir(&dir).map_err(|e| e.to_string()),
+            },
         };
         if done.send(d).is_err() {
             break;
@@ -169,7 +199,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (store, _) = Store::open(&dir).expect("open");
         let (mut poll, w) = waker();
-        let disk = Disk::start(store, w).expect("start");
+        let mut disk = Disk::start(store, w, 2).expect("start");
         disk.send(Job::Commit {
             bytes: record("a"),
             snapshot: None,

@@ -64,6 +64,9 @@ pub struct Proxy {
     /// only), and whether the next commit carries a snapshot (the log has grown).
     pub disk: Option<crate::io::disk::Disk>,
     pub compact_next: bool,
+    /// Uploads being synced by the disk thread, by job token.
+    pub finishing: std::collections::HashMap<u64, crate::io::data::Finishing>,
+    pub next_finishing: u64,
     /// Resource files (`None` only if they could not be opened).
     pub blobs: Option<crate::store::blobs::Blobs>,
     /// What the core asked of the cluster's NATS connection, for the reactor's `nats` module.
@@ -90,6 +93,8 @@ impl Proxy {
             out_pool: BufPool::new(),
             disk: None,
             compact_next: false,
+            finishing: std::collections::HashMap::new(),
+            next_finishing: 0,
             blobs: None,
             nats_out: Vec::new(),
         }
@@ -329,6 +334,10 @@ impl Proxy {
                 }
             }
             Action::RemoveResources { owner, names } => {
+                // Uploads of the removed server still being synced are not put in place.
+                for f in self.finishing.values_mut() {
+                    f.cancel_if_owned_by(&owner);
+                }
                 if let Some(Err(e)) = self.blobs.as_mut().map(|b| b.remove_owner(&owner, &names)) {
                     log::error!("resources of a removed server could not all be deleted: {e}");
                 }
@@ -619,7 +628,9 @@ impl Proxy {
         waker: std::sync::Arc<mio::Waker>,
     ) -> std::io::Result<()> {
         self.compact_next = store.wants_compaction();
-        self.disk = Some(crate::io::disk::Disk::start(store, waker)?);
+        // One commit, and one job per connection finishing an upload.
+        let max_jobs = self.fed.cfg.max_connections + 1;
+        self.disk = Some(crate::io::disk::Disk::start(store, waker, max_jobs)?);
         self.fed.batch = Some(crate::store::state::Batch::default());
         Ok(())
     }
@@ -629,16 +640,21 @@ impl Proxy {
     /// with the next. The answers that wait on them go out when it is done
     /// ([`Proxy::disk_done`]). The loop never waits for the disk.
     pub fn commit(&mut self) {
-        let Some(disk) = self.disk.as_ref() else {
+        if self.disk.is_none() {
             return; // memory only: nothing is written, no answer waits on a write
-        };
+        }
         let Some(bytes) = self.fed.begin_commit() else {
             return;
         };
         // The snapshot is the whole state as of this commit (what is on disk plus its
         // records), taken here, where nothing can change it; the thread writes it.
         let snapshot = std::mem::take(&mut self.compact_next).then(|| self.fed.state_ops());
-        if let Err(job) = disk.send(crate::io::disk::Job::Commit { bytes, snapshot }) {
+        let job = crate::io::disk::Job::Commit { bytes, snapshot };
+        let sent = match self.disk.as_mut() {
+            Some(disk) => disk.send(job),
+            None => Err(job),
+        };
+        if let Err(job) = sent {
             // Cannot happen (one commit at a time): say so, and fail it rather than wait.
             log::error!("disk thread refused a commit ({job:?} dropped)");
             self.fed
@@ -650,20 +666,32 @@ impl Proxy {
     /// The disk thread woke the loop: finished commits release (or fail) what waited on
     /// them.
     pub fn disk_done(&mut self) {
-        let Some(disk) = self.disk.as_ref() else {
+        let Some(disk) = self.disk.as_mut() else {
             return;
         };
         for done in disk.take_done() {
-            self.on_disk_done(done);
+            match done {
+                crate::io::disk::Done::Committed {
+                    result,
+                    compacted,
+                    wants_compaction,
+                } => self.on_committed(result, compacted, wants_compaction),
+                crate::io::disk::Done::UploadSynced { token, result } => {
+                    self.upload_synced(token, result)
+                }
+                crate::io::disk::Done::DirSynced { token, result } => {
+                    self.upload_dir_synced(token, result)
+                }
+            }
         }
     }
 
-    fn on_disk_done(&mut self, done: crate::io::disk::Done) {
-        let crate::io::disk::Done::Committed {
-            result,
-            compacted,
-            wants_compaction,
-        } = done;
+    fn on_committed(
+        &mut self,
+        result: Result<(), String>,
+        compacted: Option<Result<(u64, usize), String>>,
+        wants_compaction: bool,
+    ) {
         match compacted {
             Some(Ok((before, records))) => log::info!(
                 "state log compacted: {before} bytes into a snapshot of {records} records"
@@ -680,15 +708,20 @@ impl Proxy {
     /// stops the disk thread (the only place the loop's thread waits for the disk).
     pub fn close_disk(&mut self) {
         use crate::io::disk::{Done, Job};
-        let Some(disk) = self.disk.take() else {
+        let Some(mut disk) = self.disk.take() else {
             return;
         };
-        let wait = |disk: &crate::io::disk::Disk| match disk.wait_done() {
-            Some(Done::Committed { result, .. }) => result,
-            None => Err("the disk thread stopped".to_string()),
+        // The commit's answer, past any upload's (uploads still finishing are not answered:
+        // their connections close with the process, and their files stay temporary).
+        let wait = |disk: &mut crate::io::disk::Disk| loop {
+            match disk.wait_done() {
+                Some(Done::Committed { result, .. }) => return result,
+                Some(Done::UploadSynced { .. } | Done::DirSynced { .. }) => {}
+                None => return Err("the disk thread stopped".to_string()),
+            }
         };
         if self.fed.commit_in_flight() {
-            let r = wait(&disk);
+            let r = wait(&mut disk);
             self.fed.committed(r);
             self.apply();
         }
@@ -697,7 +730,7 @@ impl Proxy {
                 bytes,
                 snapshot: None,
             }) {
-                Ok(()) => wait(&disk),
+                Ok(()) => wait(&mut disk),
                 Err(_) => Err("the disk thread is not taking work".to_string()),
             };
             self.fed.committed(r);

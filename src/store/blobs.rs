@@ -40,6 +40,19 @@ pub struct Upload {
     finished: bool,
 }
 
+impl Upload {
+    /// A stand-in for an upload already renamed into place (dropping it removes nothing).
+    pub fn published() -> Upload {
+        Upload {
+            file: None,
+            tmp: PathBuf::new(),
+            hasher: Sha256::new(),
+            written: 0,
+            finished: true,
+        }
+    }
+}
+
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.finished {
@@ -53,8 +66,42 @@ fn hex(bytes: &[u8]) -> String {
     crate::random::hex(bytes)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Makes a directory's entries (a rename into it) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// A sealed upload: what [`sync_sealed`] makes durable (on the disk thread) before it is
+/// published.
+#[derive(Debug)]
+pub struct Sealed {
+    file: File,
+    /// Where its sidecar is written before it is renamed into place.
+    pub side_tmp: PathBuf,
+    side: Vec<u8>,
+}
+
+/// A sealed upload's sidecar written without any fsync (a memory-only proxy: nothing it
+/// stores survives a restart, so nothing is synced).
+pub fn write_sealed_unsynced(s: Sealed) -> io::Result<()> {
+    drop(s.file);
+    let r = super::create_new_private(&s.side_tmp).and_then(|mut f| f.write_all(&s.side));
+    if r.is_err() {
+        let _ = fs::remove_file(&s.side_tmp);
+    }
+    r
+}
+
+/// An upload's bytes and its sidecar reach the disk (the long fsync of a large upload:
+/// never on the loop). A sidecar left by a failure is removed.
+pub fn sync_sealed(s: Sealed) -> io::Result<()> {
+    s.file.sync_all()?;
+    drop(s.file);
+    if let Err(e) = super::write_new_private(&s.side_tmp, &s.side) {
+        let _ = fs::remove_file(&s.side_tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 impl Blobs {
@@ -124,7 +171,8 @@ impl Blobs {
         })
     }
 
-    /// Completes an upload: fsync, sidecar, rename into place, fsync the directory.
+    /// Completes an upload in one go: [`Blobs::seal`], [`sync_sealed`], [`Blobs::publish`],
+    /// [`sync_dir`]. The proxy runs the two syncs on its disk thread instead.
     pub fn finish(
         &mut self,
         mut up: Upload,
@@ -132,36 +180,61 @@ impl Blobs {
         name: &str,
         readers: Readers,
     ) -> io::Result<Meta> {
+        let (meta, sealed) = self.seal(&mut up, readers)?;
+        let side_tmp = sealed.side_tmp.clone();
+        sync_sealed(sealed)?;
+        let dir = self.publish(up, owner, name, &side_tmp)?;
+        sync_dir(&dir)?;
+        Ok(meta)
+    }
+
+    /// All of an upload's bytes are in: its metadata, and what must reach the disk before
+    /// it is published ([`sync_sealed`]: the file, and its sidecar under a temporary name).
+    /// Nothing is visible yet; the upload stays with the caller.
+    pub fn seal(&mut self, up: &mut Upload, readers: Readers) -> io::Result<(Meta, Sealed)> {
         let file = up
             .file
             .take()
             .ok_or_else(|| io::Error::other("upload already closed"))?;
-        file.sync_all()?;
-        drop(file);
-        let dir = self.root.join(owner);
-        super::create_dir_private(&dir)?;
         let meta = Meta {
             size: up.written,
             sha256: hex(&up.hasher.clone().finalize()),
             readers,
         };
-        let side_tmp = self.tmp_path();
         let side = format!(
             "{} {} {}\n",
             meta.size,
             meta.sha256,
             sidecar_readers(&meta.readers)
         );
-        if let Err(e) = super::write_new_private(&side_tmp, side.as_bytes())
-            .and_then(|_| fs::rename(&side_tmp, dir.join(format!(".{name}.meta"))))
-        {
-            let _ = fs::remove_file(&side_tmp);
+        let sealed = Sealed {
+            file,
+            side_tmp: self.tmp_path(),
+            side: side.into_bytes(),
+        };
+        Ok((meta, sealed))
+    }
+
+    /// Puts a synced upload in place: its sidecar, then its file, renamed under the owner's
+    /// directory (atomic; the caller updates the index in the same loop step, so readers see
+    /// the file and its metadata change together). Returns the directory whose fsync makes
+    /// the renames durable ([`sync_dir`]).
+    pub fn publish(
+        &mut self,
+        mut up: Upload,
+        owner: &str,
+        name: &str,
+        side_tmp: &Path,
+    ) -> io::Result<PathBuf> {
+        let dir = self.root.join(owner);
+        super::create_dir_private(&dir)?;
+        if let Err(e) = fs::rename(side_tmp, dir.join(format!(".{name}.meta"))) {
+            let _ = fs::remove_file(side_tmp);
             return Err(e);
         }
         fs::rename(&up.tmp, dir.join(name))?;
         up.finished = true;
-        sync_dir(&dir)?;
-        Ok(meta)
+        Ok(dir)
     }
 
     /// Abandons an upload: nothing is left behind.
