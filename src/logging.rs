@@ -8,8 +8,9 @@
 //!
 //! Our own log lines never carry them. Dependencies can: tungstenite's debug/trace lines print
 //! whole frames (which carry tokens in `federation/refresh` answers and `sig` values in
-//! deliveries), and rustls' trace lines print handshake details. So records from those crates
-//! are passed only at `info` and above, whatever `RUST_LOG` asks for.
+//! deliveries), and rustls' trace lines print handshake details (rustls is built without its
+//! `logging` feature, so it logs nothing today; the guard stays). So records from those
+//! crates are passed only at `info` and above, whatever `RUST_LOG` asks for.
 
 use log::{Level, Log, Metadata, Record};
 
