@@ -154,9 +154,11 @@ pub enum Carries {
 }
 
 pub struct WsConn {
-    /// tungstenite's state for this session; replaced by a fresh one whenever the peer's
-    /// stream is between messages (`frames`), which gives its read buffer back.
-    pub ctx: tungstenite::protocol::WebSocketContext,
+    /// tungstenite's state for this session while it is busy: given back to the pool
+    /// (`io::pool::CtxPool`) whenever the peer's stream is between messages (`frames`) and
+    /// nothing is owed, and taken again when a frame comes or goes, so an idle session holds
+    /// neither the context nor its read buffer.
+    pub ctx: Option<Box<tungstenite::protocol::WebSocketContext>>,
     /// Our side's role (server for accepted sessions, client for dialled ones).
     pub role: tungstenite::protocol::Role,
     /// Where the peer's frame stream is (counted from the bytes tungstenite consumed).
@@ -201,7 +203,7 @@ impl From<Closing> for ConnState {
 }
 
 pub enum ConnState {
-    Http(HttpConn),
+    Http(Box<HttpConn>),
     /// An outbound connection on its way to a session: TCP connect, TLS, upgrade (§5).
     Dialing(Box<Dialing>),
     Ws(Box<WsConn>),
@@ -303,12 +305,11 @@ impl Conn {
     /// `carries` from now on. Returns the state it left.
     pub fn carry_session(
         &mut self,
-        ctx: tungstenite::protocol::WebSocketContext,
         role: tungstenite::protocol::Role,
         carries: Carries,
     ) -> ConnState {
         let ws = WsConn {
-            ctx,
+            ctx: None,
             role,
             frames: crate::proto::ws::Frames::default(),
             carries,

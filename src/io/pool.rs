@@ -1,6 +1,8 @@
-//! Output buffers lent to connections while they have something to write.
+//! Output buffers and WebSocket contexts lent to connections while they are busy.
 //!
-//! Owns a bounded free list of byte buffers. A connection takes one when it has output to
+//! Owns a bounded free list of byte buffers, and one of fresh tungstenite contexts
+//! ([`CtxPool`]: a session takes one when a frame comes or goes and gives it back, reset,
+//! when its peer is between messages). Byte buffers: A connection takes one when it has output to
 //! write and no buffer ([`out_buf`]), and the reactor gives it back once the connection's
 //! output is written out ([`BufPool::put`]), so an idle connection holds no output buffer
 //! (the idle-memory budget of a session) while a busy one does not call the allocator per
@@ -58,6 +60,67 @@ impl BufPool {
     }
 }
 
+/// Fresh server-role contexts kept for reuse (boxes, so an idle session holds 8 bytes).
+pub const POOL_CONTEXTS: usize = 256;
+
+/// Fresh WebSocket contexts for busy sessions, all with the proxy's message limit.
+#[derive(Default)]
+pub struct CtxPool {
+    /// Boxes, not contexts: a session holds the box it is lent, so lending is a move of a
+    /// pointer, not an allocation.
+    #[allow(clippy::vec_box, reason = "the boxes themselves are what is lent")]
+    free: Vec<Box<WebSocketContext>>,
+    max_message_bytes: usize,
+}
+
+impl CtxPool {
+    pub fn new(max_message_bytes: usize) -> CtxPool {
+        CtxPool {
+            free: Vec::with_capacity(POOL_CONTEXTS),
+            max_message_bytes,
+        }
+    }
+
+    /// A fresh context in `role`.
+    pub fn take(&mut self, role: Role) -> Box<WebSocketContext> {
+        match (role, self.free.pop()) {
+            (Role::Server, Some(ctx)) => ctx,
+            (_, spare) => {
+                if let Some(s) = spare {
+                    self.free.push(s);
+                }
+                Box::new(ws::context(role, self.max_message_bytes))
+            }
+        }
+    }
+
+    /// Takes a context back: reset to a fresh one (its buffers freed) and kept for reuse.
+    pub fn put(&mut self, mut ctx: Box<WebSocketContext>, role: Role) {
+        if role == Role::Server && self.free.len() < POOL_CONTEXTS {
+            *ctx = ws::context(Role::Server, self.max_message_bytes);
+            self.free.push(ctx);
+        }
+    }
+
+    /// Contexts held for reuse now.
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
+    }
+}
+
+/// The session's context, taken from the pool if it has none (an idle session's state).
+pub fn ctx_of<'a>(
+    pool: &mut CtxPool,
+    ctx: &'a mut Option<Box<WebSocketContext>>,
+    role: Role,
+) -> &'a mut WebSocketContext {
+    ctx.get_or_insert_with(|| pool.take(role))
+}
+
 /// `out`, given a pooled buffer first if it has none (an idle connection's state).
 pub fn out_buf<'a>(pool: &mut BufPool, out: &'a mut Vec<u8>) -> &'a mut Vec<u8> {
     if out.capacity() == 0 {
@@ -66,9 +129,33 @@ pub fn out_buf<'a>(pool: &mut BufPool, out: &'a mut Vec<u8>) -> &'a mut Vec<u8> 
     out
 }
 
+use crate::proto::ws::{self, Role, WebSocketContext};
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contexts_are_lent_fresh_and_taken_back() {
+        let mut pool = CtxPool::new(1024);
+        let mut slot = None;
+        let ctx = ctx_of(&mut pool, &mut slot, Role::Server);
+        assert!(ctx.can_read() && ctx.can_write());
+        let taken = slot.take().expect("lent");
+        pool.put(taken, Role::Server);
+        assert_eq!(pool.len(), 1);
+        let again = ctx_of(&mut pool, &mut slot, Role::Server);
+        assert!(again.can_read());
+        assert!(pool.is_empty());
+        // Client-role contexts are not pooled (the pool holds server ones only).
+        pool.put(Box::new(ws::context(Role::Client, 1024)), Role::Client);
+        assert!(pool.is_empty());
+        let _client = pool.take(Role::Client);
+        for _ in 0..POOL_CONTEXTS + 3 {
+            pool.put(Box::new(ws::context(Role::Server, 1024)), Role::Server);
+        }
+        assert_eq!(pool.len(), POOL_CONTEXTS);
+    }
 
     #[test]
     fn buffers_are_lent_and_taken_back_within_bounds() {

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::federation::Federation;
 use crate::federation::action::{Action, Answer, LinkId, RequestId, SessionId};
 use crate::io::conn::{Carries, Conn, ConnId, ConnState};
-use crate::io::pool::{BufPool, out_buf};
+use crate::io::pool::{BufPool, CtxPool, ctx_of, out_buf};
 use crate::proto::ws::{Incoming, WsIo};
 use crate::timer::Timers;
 use slab::Slab;
@@ -60,6 +60,8 @@ pub struct Proxy {
     spare: Vec<Action>,
     /// Output buffers lent to connections while they have output (idle ones hold none).
     pub out_pool: BufPool,
+    /// WebSocket contexts lent to sessions while a frame is under way (idle ones hold none).
+    pub ctx_pool: CtxPool,
     /// The disk thread that writes the core's commits to the state log (`None`: memory
     /// only), and whether the next commit carries a snapshot (the log has grown).
     pub disk: Option<crate::io::disk::Disk>,
@@ -77,6 +79,7 @@ impl Proxy {
     /// A proxy whose first turn is at `now` (the reactor moves it on every turn after).
     pub fn new(cfg: Config, secret: Vec<u8>, audit: Audit, now: crate::clock::Now) -> Proxy {
         let conns = Slab::with_capacity(cfg.max_connections);
+        let cfg_max_message_bytes = cfg.max_message_bytes;
         Proxy {
             fed: Federation::new(cfg, secret, audit, now),
             conns,
@@ -91,6 +94,7 @@ impl Proxy {
             links: Vec::new(),
             spare: Vec::new(),
             out_pool: BufPool::new(),
+            ctx_pool: CtxPool::new(cfg_max_message_bytes),
             disk: None,
             compact_next: false,
             finishing: std::collections::HashMap::new(),
@@ -232,16 +236,14 @@ impl Proxy {
     /// Turns an upgraded connection into the carrier of `session`: WebSocket framing in
     /// `role`, no input held back.
     pub fn attach(&mut self, id: ConnId, session: SessionId, role: tungstenite::protocol::Role) {
-        let max = self.fed.cfg.max_message_bytes;
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        let ctx = crate::proto::ws::context(role, max);
         if let Some(t) = conn.timer.take() {
             self.timers.cancel(t);
         }
         if let Some(conn) = self.conn_mut(id) {
-            conn.carry_session(ctx, role, Carries::Control(session));
+            conn.carry_session(role, Carries::Control(session));
         }
         self.link(session, id);
     }
@@ -249,14 +251,12 @@ impl Proxy {
     /// Turns an upgraded `GET /mcp` into an MCP client's session (§9), named to the core by
     /// the connection's link id.
     pub fn attach_mcp(&mut self, id: ConnId) -> LinkId {
-        let max = self.fed.cfg.max_message_bytes;
         let link = Self::link_id(id);
         if let Some(t) = self.conn_mut(id).and_then(|c| c.timer.take()) {
             self.timers.cancel(t);
         }
-        let ctx = crate::proto::ws::context(tungstenite::protocol::Role::Server, max);
         if let Some(conn) = self.conn_mut(id) {
-            conn.carry_session(ctx, tungstenite::protocol::Role::Server, Carries::Mcp(link));
+            conn.carry_session(tungstenite::protocol::Role::Server, Carries::Mcp(link));
         }
         link
     }
@@ -357,7 +357,16 @@ impl Proxy {
             input: &[],
             out: out_buf(&mut self.out_pool, &mut conn.out),
         };
-        if let Err(e) = ws.ctx.write(&mut io, m) {
+        let ctx = ctx_of(&mut self.ctx_pool, &mut ws.ctx, ws.role);
+        let written = ctx.write(&mut io, m);
+        // Its write buffer would keep the largest frame written: back to the pool at once
+        // when the peer is between messages.
+        if crate::proto::ws::at_rest(ctx, &ws.frames)
+            && let Some(ctx) = ws.ctx.take()
+        {
+            self.ctx_pool.put(ctx, ws.role);
+        }
+        if let Err(e) = written {
             log::debug!("conn {}: write failed: {e}", id.idx);
             return;
         }
@@ -402,7 +411,9 @@ impl Proxy {
             code: CloseCode::from(code),
             reason: reason.to_string().into(),
         };
-        let _ = ws.ctx.close(&mut io, Some(frame));
+        let mut ctx = ws.ctx.take().unwrap_or_else(|| self.ctx_pool.take(ws.role));
+        let _ = ctx.close(&mut io, Some(frame));
+        self.ctx_pool.put(ctx, ws.role);
         self.dirty.push(id);
         self.rearm(id);
     }
@@ -442,7 +453,8 @@ impl Proxy {
                     input,
                     out: out_buf(&mut self.out_pool, &mut conn.out),
                 };
-                let r = crate::proto::ws::next_message(&mut ws.ctx, &mut io);
+                let ctx = ctx_of(&mut self.ctx_pool, &mut ws.ctx, ws.role);
+                let r = crate::proto::ws::next_message(ctx, &mut io);
                 ws.frames.feed(&input[..input.len() - io.input.len()]);
                 input = io.input;
                 r
@@ -470,12 +482,17 @@ impl Proxy {
     /// Moves tungstenite's owed control frames (pongs, close replies) into the output, then
     /// gives back the session's read memory if its peer is between messages.
     fn flush_ws_replies(&mut self, id: ConnId) {
-        let max = self.fed.cfg.max_message_bytes;
         if let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id)
             && let ConnState::Ws(ws) = &mut conn.state
         {
-            crate::proto::ws::flush_owed(&mut ws.ctx, out_buf(&mut self.out_pool, &mut conn.out));
-            crate::proto::ws::release_if_idle(&mut ws.ctx, &ws.frames, ws.role, max);
+            if let Some(ctx) = ws.ctx.as_mut() {
+                crate::proto::ws::flush_owed(ctx, out_buf(&mut self.out_pool, &mut conn.out));
+                if crate::proto::ws::at_rest(ctx, &ws.frames)
+                    && let Some(ctx) = ws.ctx.take()
+                {
+                    self.ctx_pool.put(ctx, ws.role);
+                }
+            }
             if conn.unsent() > 0 {
                 self.dirty.push(id);
             }

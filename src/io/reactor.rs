@@ -262,7 +262,12 @@ impl Reactor {
             let _ = sock.set_nodelay(true);
             let deadline = proxy.fed.now.at + proxy.fed.cfg.handshake_timeout;
             let id = proxy.insert_conn(|id| {
-                Conn::new(id, sock, peer, ConnState::Http(HttpConn::new(deadline)))
+                Conn::new(
+                    id,
+                    sock,
+                    peer,
+                    ConnState::Http(Box::new(HttpConn::new(deadline))),
+                )
             });
             let Some(id) = id else { continue };
             proxy.fed.metrics.accepted_total += 1;

@@ -88,11 +88,17 @@ pub fn release_if_idle(
     role: Role,
     max_message_bytes: usize,
 ) -> bool {
-    if !(frames.idle() && ctx.can_read() && ctx.can_write()) {
+    if !at_rest(ctx, frames) {
         return false;
     }
     *ctx = context(role, max_message_bytes);
     true
+}
+
+/// The context holds nothing a fresh one would not: the peer's stream is between messages,
+/// the session is open both ways and nothing is owed (call after [`flush_owed`]).
+pub fn at_rest(ctx: &WebSocketContext, frames: &Frames) -> bool {
+    frames.idle() && ctx.can_read() && ctx.can_write()
 }
 
 /// What one step of reading a session's input gave.
