@@ -206,7 +206,7 @@ pub enum ConnState {
     Http(Box<HttpConn>),
     /// An outbound connection on its way to a session: TCP connect, TLS, upgrade (§5).
     Dialing(Box<Dialing>),
-    Ws(Box<WsConn>),
+    Ws(WsConn),
     Closing(Closing),
 }
 
@@ -291,7 +291,7 @@ impl Conn {
     /// A session connection's session is over: `Closing`, flushing what is owed until
     /// `deadline`. Returns what the session connection carried; `None` (and no change) when
     /// the connection carries no session.
-    pub fn end_session(&mut self, deadline: Instant) -> Option<Box<WsConn>> {
+    pub fn end_session(&mut self, deadline: Instant) -> Option<WsConn> {
         if !matches!(self.state, ConnState::Ws(_)) {
             return None;
         }
@@ -315,7 +315,7 @@ impl Conn {
             carries,
             stash: Vec::new(),
         };
-        std::mem::replace(&mut self.state, ConnState::Ws(Box::new(ws)))
+        std::mem::replace(&mut self.state, ConnState::Ws(ws))
     }
 
     /// The connection's last answer is queued: `Closing`, flushing it until `deadline`.
