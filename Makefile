@@ -189,6 +189,14 @@ soak:
 # The same load generator also drives nats-server (--mode nats; test-tools installs it) and a
 # raw TCP relay (--mode relay, the floor), closed loop and open loop (--open-loop RATE: a
 # fixed schedule, latency from each request's scheduled time; --runs 3: min/median/max).
+# Costs that grow: the same 4 pairs (the proxy is the bottleneck, so a per-message cost
+# shows) with nothing else, with 10,000 more idle online sessions, with 10,000 messages queued
+# for an offline server, and with 10,000 queued for the recipient and drained first, back to
+# back (the idle sessions need ~10,100 file descriptors). Disk stalls: the proxy with a state
+# dir in BENCH_STATE_DIR (on a disk, not tmpfs), 10,000 forwards/s open loop, while nothing
+# (baseline), a 1 GiB upload or a state-log compaction runs, interleaved, three times each.
+BENCH_STATE_DIR ?= $(TARGET_DIR)
+
 bench: test-tools
 	$(CARGO) bench --bench loadgen -- --min-rate 50000 --label pairs1
 	$(CARGO) bench --bench loadgen -- --pairs 4 --min-rate 50000 --label pairs4
@@ -197,7 +205,13 @@ bench: test-tools
 	$(CARGO) bench --bench loadgen -- --open-loop 10000 --runs 3 --min-rate 9000 --label open10k
 	$(CARGO) bench --bench loadgen -- --mode nats --open-loop 10000 --runs 3 --min-rate 9000 --label nats-open10k
 	$(CARGO) bench --bench loadgen -- --mode relay --open-loop 10000 --runs 3 --min-rate 9000 --label relay-open10k
-	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-bytes-per-session 8192 --max-idle-kib 4096
+	$(CARGO) bench --bench loadgen -- --pairs 4 --runs 3 --min-rate 50000 --label growth-empty
+	ulimit -n 16384 || true; $(CARGO) bench --bench loadgen -- --pairs 4 --runs 3 --idle-sessions 10000 --min-rate 50000 --label growth-idle10k
+	$(CARGO) bench --bench loadgen -- --pairs 4 --runs 3 --queued 10000 --min-rate 50000 --label growth-queued10k
+	$(CARGO) bench --bench loadgen -- --pairs 4 --runs 3 --recipient-queued 10000 --min-rate 50000 --label growth-rqueued10k
+	mkdir -p '$(BENCH_STATE_DIR)'; $(CARGO) bench --bench loadgen -- --state-dir '$(BENCH_STATE_DIR)' --open-loop 10000 --duration 15 --runs 3 --background none,upload:1073741824,compaction --min-rate 9000 --label disk
+	ulimit -n 16384 || true; $(CARGO) bench --bench memory -- --sessions 10000 --max-bytes-per-session 1024 --max-idle-kib 10240
+	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --max-idle-kib 4608
 	$(CARGO) bench --bench hostile -- --unauth-max-growth-kib 16384 --flood-max-growth-kib 78976
 	$(CARGO) bench --bench mcp
 	$(CARGO) bench --bench cluster -- --duration 10 --min-rate 10000
@@ -207,6 +221,8 @@ bench-smoke: test-tools
 	$(CARGO) bench --bench loadgen -- --mode nats --duration 1 --warmup 0.5 --min-rate 5000 --label smoke-nats
 	$(CARGO) bench --bench loadgen -- --mode relay --duration 1 --warmup 0.5 --min-rate 5000 --label smoke-relay
 	$(CARGO) bench --bench loadgen -- --open-loop 2000 --duration 1 --warmup 0.5 --min-rate 1500 --label smoke-open
+	$(CARGO) bench --bench loadgen -- --duration 1 --warmup 0.5 --idle-sessions 100 --queued 100 --recipient-queued 100 --min-rate 5000 --label smoke-growth
+	mkdir -p '$(BENCH_STATE_DIR)'; $(CARGO) bench --bench loadgen -- --state-dir '$(BENCH_STATE_DIR)' --open-loop 2000 --duration 1.5 --warmup 0.5 --background none,upload:33554432,compaction --min-rate 1500 --label smoke-disk
 	ulimit -n 4096 || true; $(CARGO) bench --bench memory -- --sessions 100 --settle 0.2 --max-bytes-per-session 32768 --max-idle-kib 8192 --label smoke
 	$(CARGO) bench --bench hostile -- --sockets 100 --window-secs 0.5 --sends 160 --settle 0.2 --unauth-max-growth-kib 16384 --flood-max-growth-kib 81920
 	$(CARGO) bench --bench mcp -- --calls 300 --label smoke
