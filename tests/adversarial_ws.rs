@@ -1286,3 +1286,40 @@ fn a_session_cannot_answer_forge_or_redirect_another_sessions_deliveries() {
     assert_eq!(m["id"], "quiet", "bob was sent something: {m}");
     assert_serving(&p, &mut bob, "after-forgery");
 }
+
+/// Tiny frames in one write: tungstenite reads ahead of the message it returns, so a
+/// context in use may hold a whole frame not yet returned. Nothing of it may be lost or
+/// overtaken when the session answers in between (its answers are written without the
+/// context) or when the context is given back, nor by the proxy's own read of plain text
+/// frames: every ping is answered, every request answered, in order.
+#[test]
+fn frames_read_ahead_are_neither_lost_nor_overtaken() {
+    let (p, mut by) = start_with_bystander(&[]);
+    let mut a = RawWs::online(&p, &p.federation_token("ahead"));
+    for round in 0..20 {
+        let mut burst = Vec::new();
+        for i in 0..3 {
+            burst.extend(masked(true, PING, b""));
+            burst.extend(text(servers_req(&format!("r{round}-{i}")).as_bytes()));
+            burst.extend(masked(true, PING, b"p"));
+        }
+        a.write(&burst);
+        let (mut pongs, mut answers) = (0, Vec::new());
+        while answers.len() < 3 || pongs < 6 {
+            match a.next() {
+                Frame::Pong(_) => pongs += 1,
+                Frame::Text(t) => {
+                    let m: Value = serde_json::from_str(&t).expect("JSON");
+                    answers.push(m["id"].as_str().unwrap_or_default().to_string());
+                }
+                Frame::Ping => {}
+                f => panic!("round {round}: {f:?}"),
+            }
+        }
+        let want: Vec<String> = (0..3).map(|i| format!("r{round}-{i}")).collect();
+        assert_eq!(answers, want, "round {round}: answers in request order");
+        assert_eq!(pongs, 6, "round {round}: every ping answered once");
+    }
+    a.round_trip("after");
+    assert_serving(&p, &mut by, "after-read-ahead");
+}

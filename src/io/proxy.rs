@@ -62,6 +62,9 @@ pub struct Proxy {
     pub out_pool: BufPool,
     /// WebSocket contexts lent to sessions while a frame is under way (idle ones hold none).
     pub ctx_pool: CtxPool,
+    /// The unmasked text of a frame read without tungstenite (`ws::simple_text`), kept
+    /// between calls (capacity at most one message; freed when over 64 KiB).
+    ws_text: Vec<u8>,
     /// The disk thread that writes the core's commits to the state log (`None`: memory
     /// only), and whether the next commit carries a snapshot (the log has grown).
     pub disk: Option<crate::io::disk::Disk>,
@@ -95,6 +98,7 @@ impl Proxy {
             spare: Vec::new(),
             out_pool: BufPool::new(),
             ctx_pool: CtxPool::new(cfg_max_message_bytes),
+            ws_text: Vec::new(),
             disk: None,
             compact_next: false,
             finishing: std::collections::HashMap::new(),
@@ -279,12 +283,12 @@ impl Proxy {
                 // The core counted the frame (`Federation::ws_send`); the count is set to
                 // the connection's after each flush.
                 if let Some(id) = self.conn_of(session) {
-                    self.ws_write(id, Message::text(text));
+                    self.ws_send_frame(id, 0x1, text);
                 }
             }
             Action::Ping { session } => {
                 if let Some(id) = self.conn_of(session) {
-                    self.ws_write(id, Message::Ping(Default::default()));
+                    self.ws_send_frame(id, 0x9, String::new());
                 }
             }
             Action::Close {
@@ -325,7 +329,7 @@ impl Proxy {
                     // An MCP client that does not read its answers (§9 bounds as §4's).
                     self.mcp_close(id, 1008, "output over its bound: the peer does not read");
                 } else {
-                    self.ws_write(id, Message::text(text));
+                    self.ws_send_frame(id, 0x1, text);
                 }
             }
             Action::Nats(out) => {
@@ -345,7 +349,31 @@ impl Proxy {
         }
     }
 
-    /// Writes a WebSocket message into a session connection's output.
+    /// Writes a text (0x1) or ping (0x9) frame into a session connection's output: an
+    /// accepted session's (server role, unmasked) straight into the buffer, a dialled one's
+    /// (client role, masked) through tungstenite.
+    fn ws_send_frame(&mut self, id: ConnId, opcode: u8, text: String) {
+        let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+            return;
+        };
+        let ConnState::Ws(ws) = &mut conn.state else {
+            return;
+        };
+        if ws.role == tungstenite::protocol::Role::Server {
+            let out = out_buf(&mut self.out_pool, &mut conn.out);
+            crate::proto::ws::server_frame(out, opcode, text.as_bytes());
+            self.dirty.push(id);
+            return;
+        }
+        let m = if opcode == 0x9 {
+            Message::Ping(Default::default())
+        } else {
+            Message::text(text)
+        };
+        self.ws_write(id, m);
+    }
+
+    /// Writes a WebSocket message into a session connection's output through tungstenite.
     fn ws_write(&mut self, id: ConnId, m: Message) {
         let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
             return;
@@ -357,15 +385,10 @@ impl Proxy {
             input: &[],
             out: out_buf(&mut self.out_pool, &mut conn.out),
         };
+        // The context stays lent until the session's input is read to `More` (it may hold
+        // a frame it read ahead): `flush_ws_replies` gives it back.
         let ctx = ctx_of(&mut self.ctx_pool, &mut ws.ctx, ws.role);
         let written = ctx.write(&mut io, m);
-        // Its write buffer would keep the largest frame written: back to the pool at once
-        // when the peer is between messages.
-        if crate::proto::ws::at_rest(ctx, &ws.frames)
-            && let Some(ctx) = ws.ctx.take()
-        {
-            self.ctx_pool.put(ctx, ws.role);
-        }
         if let Err(e) = written {
             log::debug!("conn {}: write failed: {e}", id.idx);
             return;
@@ -428,6 +451,7 @@ impl Proxy {
             self.fed.session_heard(session);
         }
         let bound = self.fed.unsent_bound();
+        let max = self.fed.cfg.max_message_bytes;
         let fail = |p: &mut Proxy, code: u16, why: &str| match carries {
             Carries::Control(session) => {
                 p.fed.close_session(session, code, why);
@@ -435,7 +459,49 @@ impl Proxy {
             }
             Carries::Mcp(_) => p.mcp_close(id, code, why),
         };
+        // Unmasked text of the frames read without tungstenite (reused within the call).
+        let mut text_buf = std::mem::take(&mut self.ws_text);
         loop {
+            // The common frame (whole, unfragmented, masked, valid text) while the stream is
+            // between messages: read here, with no context and no allocation.
+            let fast = {
+                let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
+                    return;
+                };
+                let ConnState::Ws(ws) = &mut conn.state else {
+                    return;
+                };
+                // Only with no context lent: one in use may hold a whole frame it read ahead
+                // and has not returned yet, which must come first.
+                let at_rest = ws.frames.idle() && ws.ctx.is_none();
+                let within = conn.out.len() - conn.out_pos <= bound;
+                match at_rest && within && ws.role == tungstenite::protocol::Role::Server {
+                    true => crate::proto::ws::simple_text(input, max, &mut text_buf),
+                    false => None,
+                }
+                .map(|(text, used)| {
+                    ws.frames.feed(&input[..used]);
+                    (text, used)
+                })
+            };
+            if let Some((text, used)) = fast {
+                input = &input[used..];
+                match carries {
+                    Carries::Control(session) => self.fed.on_text(session, text),
+                    Carries::Mcp(link) => self.fed.mcp_ws_text(link, text),
+                }
+                self.apply();
+                continue;
+            }
+            // Nothing left to read and no context lent (one in use may still hold a whole
+            // frame it read ahead: it is asked until it says `More`).
+            if input.is_empty()
+                && self
+                    .conn(id)
+                    .is_some_and(|c| matches!(&c.state, ConnState::Ws(ws) if ws.ctx.is_none()))
+            {
+                break;
+            }
             let r = {
                 let Some(conn) = self.conns.get_mut(id.idx as usize).filter(|c| c.id == id) else {
                     return;
@@ -475,6 +541,9 @@ impl Proxy {
                 }
                 Incoming::Fail { code, why } => return fail(self, code, why),
             }
+        }
+        if text_buf.capacity() <= 64 * 1024 {
+            self.ws_text = text_buf;
         }
         self.flush_ws_replies(id);
     }

@@ -230,6 +230,67 @@ fn header_len(h: &[u8]) -> Option<usize> {
     Some(2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 })
 }
 
+/// The common case read without tungstenite: `input` starts with one whole, unfragmented,
+/// masked text frame (FIN, no RSV bit) of at most `max_message_bytes` whose payload is valid
+/// UTF-8. Its payload is unmasked into `buf` and returned with the bytes the frame took.
+/// Anything else (a partial frame, a control frame, a fragment, a frame tungstenite would
+/// refuse) is `None`, and the caller hands the input to tungstenite, which reads it exactly
+/// as before. Only valid when the stream is between messages ([`Frames::idle`]) and no
+/// context is in use (tungstenite reads ahead: a context that returned a message may hold
+/// the next whole frame); then tungstenite would return this very text.
+pub fn simple_text<'b>(
+    input: &[u8],
+    max_message_bytes: usize,
+    buf: &'b mut Vec<u8>,
+) -> Option<(&'b str, usize)> {
+    let (&b0, &b1) = (input.first()?, input.get(1)?);
+    if b0 != 0x81 || b1 & 0x80 == 0 {
+        return None;
+    }
+    let (len, at) = match b1 & 0x7f {
+        126 => (
+            u64::from(u16::from_be_bytes([*input.get(2)?, *input.get(3)?])),
+            4,
+        ),
+        127 => {
+            let b: [u8; 8] = input.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= max_message_bytes)?;
+    let mask: [u8; 4] = input.get(at..at + 4)?.try_into().ok()?;
+    let payload = input.get(at + 4..at + 4 + len)?;
+    buf.clear();
+    buf.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    let text = std::str::from_utf8(buf).ok()?;
+    Some((text, at + 4 + len))
+}
+
+/// Writes one whole unmasked frame, as a server sends it (RFC 6455 §5.2: FIN set, the
+/// payload length in 7, 16 or 64 bits), straight into `out`: the same bytes tungstenite
+/// writes for a server's message, without its context, its write buffer or a copy.
+/// `opcode` is 0x1 (text), 0x9 (ping) or 0xA (pong); a control frame's payload must be at
+/// most 125 bytes (ours are empty).
+pub fn server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.reserve(payload.len() + 10);
+    out.push(0x80 | (opcode & 0x0f));
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n < 65536 => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
 /// A masked client frame (`fin` false for a fragment), as a client would send it: for tests,
 /// the fuzz harness and tools; the proxy itself never builds one.
 pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
@@ -291,6 +352,85 @@ mod tests {
             boundaries.push(bytes.len());
         }
         (bytes, boundaries)
+    }
+
+    /// The fast read gives exactly what tungstenite gives for the frames it takes, and
+    /// declines everything else.
+    #[test]
+    fn simple_text_reads_what_tungstenite_reads() {
+        let mut buf = Vec::new();
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let mut frame = client_frame(0x1, true, text.as_bytes());
+            frame.extend_from_slice(b"tail");
+            let (got, used) = simple_text(&frame, 1 << 20, &mut buf).expect("taken");
+            assert_eq!(got, text);
+            assert_eq!(used, frame.len() - 4);
+            let mut ctx = context(Role::Server, 1 << 20);
+            let mut io = WsIo {
+                input: &frame[..used],
+                out: &mut Vec::new(),
+            };
+            assert!(
+                matches!(next_message(&mut ctx, &mut io), Incoming::Text(t) if t.as_str() == text)
+            );
+        }
+        let whole = client_frame(0x1, true, b"{\"a\":1}");
+        for cut in 0..whole.len() {
+            assert!(
+                simple_text(&whole[..cut], 1024, &mut buf).is_none(),
+                "partial at {cut}"
+            );
+        }
+        assert!(simple_text(&whole, 3, &mut buf).is_none(), "over the limit");
+        for declined in [
+            client_frame(0x1, false, b"frag"),
+            client_frame(0x2, true, b"bin"),
+            client_frame(0x9, true, b"ping"),
+            client_frame(0x1, true, &[0xff, 0xfe]),
+        ] {
+            assert!(simple_text(&declined, 1024, &mut buf).is_none());
+        }
+        let mut rsv = whole.clone();
+        rsv[0] |= 0x40;
+        assert!(simple_text(&rsv, 1024, &mut buf).is_none(), "RSV bit");
+        let mut unmasked = vec![0x81, 3];
+        unmasked.extend_from_slice(b"abc");
+        assert!(simple_text(&unmasked, 1024, &mut buf).is_none(), "unmasked");
+    }
+
+    /// Our server frames are byte for byte what tungstenite writes for the same message.
+    #[test]
+    fn server_frames_match_tungstenite() {
+        for len in [0usize, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let text = "x".repeat(len);
+            let mut ours = Vec::new();
+            server_frame(&mut ours, 0x1, text.as_bytes());
+            let mut theirs = Vec::new();
+            let mut ctx = context(Role::Server, 1 << 20);
+            ctx.write(
+                &mut WsIo {
+                    input: &[],
+                    out: &mut theirs,
+                },
+                Message::text(text),
+            )
+            .unwrap();
+            assert_eq!(ours, theirs, "text of {len} bytes");
+        }
+        let mut ours = Vec::new();
+        server_frame(&mut ours, 0x9, b"");
+        let mut theirs = Vec::new();
+        let mut ctx = context(Role::Server, 1024);
+        ctx.write(
+            &mut WsIo {
+                input: &[],
+                out: &mut theirs,
+            },
+            Message::Ping(Default::default()),
+        )
+        .unwrap();
+        assert_eq!(ours, theirs, "ping");
     }
 
     #[test]
