@@ -48,7 +48,7 @@ rules = [
     ("HMAC-SHA256 signing of deliveries", r"sha2|sha256|hmac|keyed_mac|Hmac|digest|block_buffer"),
     ("base64 (signature encoding)", r"base64"),
     ("JSON: parse and validate frames (serde_json, too_deep)", r"serde_json|serde_core|serde::|jsonrpc::parse|too_deep|parse_frame|parse_msg|Envelope|present|SendParams|from_utf8|Deserialize|IgnoredAny"),
-    ("WebSocket framing (tungstenite, unmasking)", r"tungstenite|bytes::|BytesMut|apply_mask|ws_input|ws_send|WsIo"),
+    ("WebSocket framing (tungstenite, unmasking)", r"tungstenite|bytes::|BytesMut|apply_mask|ws_input|ws_send|WsIo|proto::ws::"),
     ("allocation (malloc/free/realloc)", r"malloc|free|realloc|_int_|unlink_chunk|tcache|consolidate|RawVec|finish_grow|alloc::alloc|__rust_alloc|__rust_dealloc|do_reserve"),
     ("memcpy/memmove/memcmp", r"mem(move|cpy|cmp|set|chr)"),
     ("string formatting (format!, to_string)", r"fmt|format|Display|write_str|to_string|pad"),
