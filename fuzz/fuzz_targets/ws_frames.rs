@@ -44,13 +44,15 @@ impl Reader {
     fn read(&mut self, mut input: &[u8], release: bool, fast: bool) {
         let mut buf = Vec::new();
         while !self.ended {
-            if fast && !self.lent && self.frames.idle() {
-                if let Some((text, used)) = simple_text(input, MAX, &mut buf) {
-                    self.events.push(format!("text {text}"));
-                    self.frames.feed(&input[..used]);
-                    input = &input[used..];
-                    continue;
-                }
+            if fast
+                && !self.lent
+                && self.frames.idle()
+                && let Some((text, used)) = simple_text(input, MAX, &mut buf)
+            {
+                self.events.push(format!("text {text}"));
+                self.frames.feed(&input[..used]);
+                input = &input[used..];
+                continue;
             }
             if fast && input.is_empty() && !self.lent {
                 break;
