@@ -14,42 +14,17 @@
 //! quotas are the core's (`federation::resources`).
 
 use crate::api::Resp;
-use crate::federation::resources::Meta;
 use crate::federation::resources::{
     Limits, QuotaError, RangeAnswer, apply_range, parse_readers, resource_json, valid_name,
 };
 use crate::io::conn::{ConnId, ConnState, HttpPhase, Sending, Uploading};
+use crate::io::disk::Finishing;
 use crate::io::proxy::Proxy;
 use crate::proto::http::chunked::{ChunkedDecoder, Progress};
 use crate::proto::http::parse::{self, BodyKind, Method, RequestHead};
 use crate::proto::http::response;
 use crate::proto::jwt::{Claims, TokenType};
-use crate::store::blobs::{Blobs, READ_CHUNK, Upload};
-
-/// An upload whose bytes are all in, on its way to the disk: the disk thread syncs its file
-/// and sidecar, the loop renames it into place and indexes it, the disk thread syncs the
-/// directory, and the connection is answered `201`.
-pub struct Finishing {
-    conn: ConnId,
-    /// Until published: dropped, it removes the temporary file.
-    up: Upload,
-    owner: String,
-    name: String,
-    meta: Meta,
-    size: u64,
-    keep_alive: bool,
-    side_tmp: std::path::PathBuf,
-    /// Its owner was removed while it was synced: it is not put in place.
-    cancelled: bool,
-}
-
-impl Finishing {
-    pub fn cancel_if_owned_by(&mut self, owner: &str) {
-        if self.owner == owner {
-            self.cancelled = true;
-        }
-    }
-}
+use crate::store::blobs::{Blobs, READ_CHUNK};
 
 /// Bytes of a download put in the output per refill.
 const REFILL_BYTES: usize = 4 * READ_CHUNK;

@@ -60,6 +60,31 @@ pub enum Done {
     },
 }
 
+/// An upload whose bytes are all in, on its way to the disk (`io::data` drives it): the
+/// disk thread syncs its file and sidecar, the loop renames it into place and indexes it,
+/// the disk thread syncs the directory, and the connection is answered `201`.
+pub struct Finishing {
+    pub(crate) conn: crate::io::conn::ConnId,
+    /// Until published: dropped, it removes the temporary file.
+    pub(crate) up: crate::store::blobs::Upload,
+    pub(crate) owner: String,
+    pub(crate) name: String,
+    pub(crate) meta: crate::federation::resources::Meta,
+    pub(crate) size: u64,
+    pub(crate) keep_alive: bool,
+    pub(crate) side_tmp: PathBuf,
+    /// Its owner was removed while it was synced: it is not put in place.
+    pub(crate) cancelled: bool,
+}
+
+impl Finishing {
+    pub fn cancel_if_owned_by(&mut self, owner: &str) {
+        if self.owner == owner {
+            self.cancelled = true;
+        }
+    }
+}
+
 /// The loop's handle on the disk thread.
 pub struct Disk {
     jobs: Option<Sender<Job>>,

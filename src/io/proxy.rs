@@ -70,7 +70,7 @@ pub struct Proxy {
     pub disk: Option<crate::io::disk::Disk>,
     pub compact_next: bool,
     /// Uploads being synced by the disk thread, by job token.
-    pub finishing: std::collections::HashMap<u64, crate::io::data::Finishing>,
+    pub finishing: std::collections::HashMap<u64, crate::io::disk::Finishing>,
     pub next_finishing: u64,
     /// Resource files (`None` only if they could not be opened).
     pub blobs: Option<crate::store::blobs::Blobs>,
