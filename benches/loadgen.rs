@@ -155,13 +155,12 @@ use common::*;
 use fedmcp::proto::nats::{self, Limits, ServerOp};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// One message in this many is fully parsed and checked (sender answers and deliveries).
@@ -1838,13 +1837,7 @@ fn spawn_relay() -> Spawned {
     let Some(stdout) = child.stdout.take() else {
         panic!("the relay's stdout is not piped");
     };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(SETUP_WAIT).unwrap_or_default();
+    let line = first_line(stdout, SETUP_WAIT);
     let addr = line
         .trim()
         .strip_prefix("relay listening on ")

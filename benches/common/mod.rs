@@ -121,13 +121,7 @@ impl ProxyProc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(SETUP_WAIT).unwrap_or_default();
+        let line = first_line(stdout, SETUP_WAIT);
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
@@ -619,4 +613,15 @@ pub fn loadavg1() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(-1.0)
+}
+
+/// The first line a child process prints on `stdout` (its address), or "" after `within`.
+pub fn first_line(stdout: std::process::ChildStdout, within: Duration) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(within).unwrap_or_default()
 }

@@ -333,48 +333,29 @@ impl Proxy {
     /// Puts a synced upload in place and into the index in one step (readers see the file
     /// and its metadata change together). Returns the directory to sync, when it was; a
     /// memory-only proxy answers at once.
-    fn publish_upload(&mut self, f: Finishing) -> Option<(std::path::PathBuf, Finishing)> {
-        let Finishing {
-            conn,
-            up,
-            owner,
-            name,
-            meta,
-            size,
-            keep_alive,
-            side_tmp,
-            ..
-        } = f;
+    fn publish_upload(&mut self, mut f: Finishing) -> Option<(std::path::PathBuf, Finishing)> {
+        let up = std::mem::replace(&mut f.up, crate::store::blobs::Upload::published());
         let published = match self.blobs.as_mut() {
-            Some(blobs) => blobs.publish(up, &owner, &name, &side_tmp),
+            Some(blobs) => blobs.publish(up, &f.owner, &f.name, &f.side_tmp),
             None => Err(std::io::Error::other("no resource store")),
         };
         let dir = match published {
             Ok(dir) => dir,
             Err(e) => {
-                self.upload_failed(conn, &owner, size, keep_alive, &e.to_string());
+                self.upload_failed(f.conn, &f.owner, f.size, f.keep_alive, &e.to_string());
                 return None;
             }
         };
         self.fed
-            .cluster_resource(&owner, &name, Some(&meta.readers));
-        let body = resource_json(&owner, &name, &meta);
-        self.fed.resources.commit(&owner, &name, meta.clone(), size);
+            .cluster_resource(&f.owner, &f.name, Some(&f.meta.readers));
+        let body = resource_json(&f.owner, &f.name, &f.meta);
+        self.fed
+            .resources
+            .commit(&f.owner, &f.name, f.meta.clone(), f.size);
         if self.disk.is_none() {
-            self.answer_created(conn, &owner, &name, body, keep_alive);
+            self.answer_created(f.conn, &f.owner, &f.name, body, f.keep_alive);
             return None;
         }
-        let f = Finishing {
-            conn,
-            up: crate::store::blobs::Upload::published(),
-            owner,
-            name,
-            meta,
-            size,
-            keep_alive,
-            side_tmp,
-            cancelled: false,
-        };
         Some((dir, f))
     }
 
